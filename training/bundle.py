@@ -1,0 +1,234 @@
+"""The model bundle: the one module that knows its layout. It writes bundles atomically and loads them verified.
+
+Layout of a bundle directory (format 1)::
+
+    manifest.json          version id, creation time, data/schema hashes, library versions, metrics, file hashes
+    features.json          feature schema, order and preprocessing stats (FeatureSchema.to_dict)
+    threshold.json         decision threshold and how it was chosen
+    score_histogram.json   normal-score distribution at training time (drift reference)
+    saved_model/           TensorFlow SavedModel with the `serving_default` scoring signature
+    report/                report.html and PNG plots (informational)
+
+Every file except the manifest is listed in the manifest with its SHA-256; loading refuses a bundle
+whose files, schema hash or format version do not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from training.errors import BundleError
+from training.features import FeatureSchema
+from training.threshold import ScoreHistogram, Threshold
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+FEATURES = "features.json"
+THRESHOLD = "threshold.json"
+HISTOGRAM = "score_histogram.json"
+SAVED_MODEL = "saved_model"
+REPORT = "report"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a bundle is: identity, provenance and integrity."""
+
+    model_version: str
+    created_at: str
+    data_sha256: str
+    schema_sha256: str
+    files: dict[str, str]
+    libraries: dict[str, str] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    columns: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version, "model_version": self.model_version,
+            "created_at": self.created_at, "data_sha256": self.data_sha256, "schema_sha256": self.schema_sha256,
+            "libraries": self.libraries, "training": self.training, "metrics": self.metrics,
+            "columns": self.columns, "files": self.files,
+        }
+
+
+@dataclass(frozen=True)
+class BundleContents:
+    """Everything training hands over to be written."""
+
+    schema: FeatureSchema
+    threshold: Threshold
+    histogram: ScoreHistogram
+    data_sha256: str
+    write_saved_model: Callable[[Path], object]
+    write_report: Callable[[Path], None] | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    columns: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Bundle:
+    """A loaded, verified bundle. `scorer` loads the SavedModel on first use."""
+
+    path: Path
+    manifest: Manifest
+    schema: FeatureSchema
+    threshold: Threshold
+    histogram: ScoreHistogram
+    _scorer: Any = None
+
+    @property
+    def version(self) -> str:
+        return self.manifest.model_version
+
+    @property
+    def scorer(self) -> Any:
+        if self._scorer is None:
+            from training.scoring import Scorer
+
+            self._scorer = Scorer(self.path / SAVED_MODEL, self.schema)
+        return self._scorer
+
+    @property
+    def passthrough_columns(self) -> list[str]:
+        """Columns the training file had besides features (label, dropped): allowed in files to score."""
+        return [str(c) for c in self.manifest.columns.get("ignored", [])]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_hashes(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): _sha256(p)
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def _libraries() -> dict[str, str]:
+    import numpy
+    import tensorflow
+
+    from training import __version__
+
+    return {"python": platform.python_version(), "tensorflow": tensorflow.__version__,
+            "numpy": numpy.__version__, "streaming-anomaly": __version__}
+
+
+def write_bundle(out_dir: Path, contents: BundleContents) -> Manifest:
+    """Write a bundle atomically.
+
+    1. Write every file into a temporary sibling directory.
+    2. Hash the files and write the manifest last.
+    3. Rename the temporary directory onto `out_dir` (an existing bundle there is replaced; the old one
+       is removed only after the rename). A failure before step 3 leaves `out_dir` untouched.
+    """
+    out_dir = out_dir.resolve()
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
+        raise BundleError(f"{out_dir} exists and is not a model bundle; choose an empty or new directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        _write_json(tmp / FEATURES, contents.schema.to_dict())
+        _write_json(tmp / THRESHOLD, contents.threshold.to_dict())
+        _write_json(tmp / HISTOGRAM, contents.histogram.to_dict())
+        contents.write_saved_model(tmp / SAVED_MODEL)
+        if contents.write_report is not None:
+            (tmp / REPORT).mkdir()
+            contents.write_report(tmp / REPORT)
+        created = datetime.now(UTC)
+        schema_sha = contents.schema.schema_hash()
+        files = _file_hashes(tmp)
+        identity = hashlib.sha256(json.dumps([contents.data_sha256, files], sort_keys=True).encode()).hexdigest()
+        manifest = Manifest(
+            model_version=f"{created:%Y%m%dT%H%M%SZ}-{identity[:8]}", created_at=created.isoformat(),
+            data_sha256=contents.data_sha256, schema_sha256=schema_sha, files=files, libraries=_libraries(),
+            training=contents.training, metrics=contents.metrics, columns=contents.columns)
+        _write_json(tmp / MANIFEST, manifest.to_dict())
+        old = None
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return manifest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise BundleError(f"{path} is missing; the bundle is incomplete, retrain the model") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON ({exc}); the bundle is corrupt, retrain the model") from exc
+    if not isinstance(data, dict):
+        raise BundleError(f"{path} must hold a JSON object; the bundle is corrupt, retrain the model")
+    return data
+
+
+def load_manifest(path: Path) -> Manifest:
+    data = _read_json(path / MANIFEST)
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{path}: bundle format {version!r} is not supported by this version "
+                          f"(expects {FORMAT_VERSION}); retrain with the matching anomaly-train")
+    try:
+        return Manifest(
+            model_version=str(data["model_version"]), created_at=str(data["created_at"]),
+            data_sha256=str(data["data_sha256"]), schema_sha256=str(data["schema_sha256"]),
+            files={str(k): str(v) for k, v in data["files"].items()}, libraries=dict(data.get("libraries", {})),
+            training=dict(data.get("training", {})), metrics=dict(data.get("metrics", {})),
+            columns=dict(data.get("columns", {})))
+    except (KeyError, AttributeError, TypeError) as exc:
+        raise BundleError(f"{path}/{MANIFEST} lacks {exc}; the bundle is corrupt, retrain the model") from exc
+
+
+def load_bundle(path: Path, expected_schema_sha256: str | None = None) -> Bundle:
+    """Load and verify a bundle: format version, every file's hash, and the schema hash."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"{path}: no model bundle here; train one with anomaly-train --out {path}")
+    manifest = load_manifest(path)
+    actual = _file_hashes(path)
+    for name, digest in manifest.files.items():
+        if name not in actual:
+            raise BundleError(f"{path}: file {name} listed in the manifest is missing; the bundle is incomplete, "
+                              f"copy it again or retrain")
+        if actual[name] != digest:
+            raise BundleError(f"{path}: file {name} does not match its hash in the manifest (modified or "
+                              f"corrupt); copy the bundle again or retrain")
+    schema = FeatureSchema.from_dict(_read_json(path / FEATURES))
+    if schema.schema_hash() != manifest.schema_sha256:
+        raise BundleError(f"{path}: features.json does not match the manifest's schema hash; retrain the model")
+    if expected_schema_sha256 is not None and manifest.schema_sha256 != expected_schema_sha256:
+        raise BundleError(f"{path}: schema hash {manifest.schema_sha256[:12]} differs from the expected "
+                          f"{expected_schema_sha256[:12]}: events shaped for the old model would be mis-scored. "
+                          f"Deploy a bundle trained on the same schema, or update the expected hash")
+    threshold = Threshold.from_dict(_read_json(path / THRESHOLD))
+    histogram = ScoreHistogram.from_dict(_read_json(path / HISTOGRAM))
+    return Bundle(path=path, manifest=manifest, schema=schema, threshold=threshold, histogram=histogram)

@@ -1,0 +1,191 @@
+"""Console scripts: anomaly-train, anomaly-score, anomaly-evaluate. User errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from training.errors import AnomalyError
+
+
+def _run(prog: str, body: Callable[[], int]) -> int:
+    try:
+        return body()
+    except AnomalyError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _hidden(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 64,16, got {text!r}") from exc
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"hidden sizes must be positive, got {text!r}")
+    return sizes
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="anomaly-train", description="Train an autoencoder bundle from an event file.")
+    p.add_argument("--data", type=Path, required=True, help="CSV (with header), JSON Lines or Parquet file")
+    p.add_argument("--out", type=Path, required=True, help="bundle directory to write (replaced atomically)")
+    p.add_argument("--label-column", help="column that labels rows; only normal rows are trained on")
+    p.add_argument("--normal-value", help="label value of normal rows (required with --label-column)")
+    p.add_argument("--drop", nargs="+", default=[], metavar="COL", help="columns to ignore (ids, timestamps)")
+    p.add_argument("--categorical", nargs="+", default=[], metavar="COL",
+                   help="columns to one-hot encode (default: columns that are mostly non-numeric text)")
+    p.add_argument("--epochs", type=int, default=60, help="maximum epochs (early stopping usually ends sooner)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden", type=_hidden, help="encoder layer sizes, e.g. 64,16 (default: from input width)")
+    p.add_argument("--weighting", choices=["normalized", "none"], default="normalized",
+                   help="weight each input's error by 1/its typical error on normal rows (default) or not")
+    t = p.add_mutually_exclusive_group()
+    t.add_argument("--target-fpr", type=float, help="threshold for this false-positive rate on normal rows "
+                                                    "(default 0.01)")
+    t.add_argument("--threshold-quantile", type=float, help="threshold at this quantile of normal scores")
+    t.add_argument("--threshold", type=float, help="use this score as the threshold")
+    return p
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    args = train_parser().parse_args(argv)
+
+    def body() -> int:
+        from training.data import Labels
+        from training.errors import ConfigError
+        from training.model import FitConfig
+        from training.threshold import ThresholdConfig
+        from training.train import TrainConfig, train_file
+
+        if (args.label_column is None) != (args.normal_value is None):
+            raise ConfigError("--label-column and --normal-value go together")
+        config = TrainConfig(
+            fit=FitConfig(hidden=args.hidden, epochs=args.epochs, batch_size=args.batch_size,
+                          learning_rate=args.learning_rate, seed=args.seed),
+            threshold=ThresholdConfig(target_fpr=args.target_fpr, quantile=args.threshold_quantile,
+                                      manual=args.threshold),
+            categorical=tuple(args.categorical), drop=tuple(args.drop), weighting=args.weighting,
+            labels=Labels(args.label_column, args.normal_value) if args.label_column else None)
+        result = train_file(args.data, args.out, config, log=lambda line: print(line, flush=True))
+        m = result.manifest
+        print(f"\nmodel {m.model_version} written to {result.out_dir} in {result.seconds:.1f} s")
+        print(f"  epochs run {m.training['epochs_run']} (best {m.training['best_epoch']}), "
+              f"hidden {m.training['hidden']}, threshold {load_threshold(result.out_dir):.6g}")
+        if result.evaluation is not None:
+            e = result.evaluation
+            print(f"  test: ROC-AUC {e.roc_auc:.4f}  PR-AUC {e.pr_auc:.4f}  precision {e.precision:.3f}  "
+                  f"recall {e.recall:.3f}  F1 {e.f1:.3f}  (F1-optimal threshold {e.f1_optimal_threshold:.6g} "
+                  f"gives F1 {e.f1_optimal:.3f})")
+        print(f"  report: {result.out_dir / 'report' / 'report.html'}")
+        return 0
+
+    return _run("anomaly-train", body)
+
+
+def load_threshold(path: Path) -> float:
+    from training.bundle import load_bundle
+
+    return load_bundle(path).threshold.value
+
+
+def score_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="anomaly-score", description="Score every row of a file with a bundle.")
+    p.add_argument("--model", type=Path, required=True, help="bundle directory written by anomaly-train")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="CSV to write: one row per input row, same order")
+    p.add_argument("--passthrough", nargs="+", default=[], metavar="COL",
+                   help="extra input columns (e.g. an id) to allow and copy to the output")
+    p.add_argument("--chunk-rows", type=int, default=50_000, help="rows read and scored at a time")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        from training.bundle import load_bundle
+        from training.data import check_columns, iter_frames
+        from training.train import encode_frame
+
+        bundle = load_bundle(args.model)
+        scorer = bundle.scorer
+        allowed = [*bundle.passthrough_columns, *args.passthrough]
+        started, rows, anomalies = time.perf_counter(), 0, 0
+        tmp = args.out.with_name(args.out.name + ".partial")
+        with tmp.open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow([*args.passthrough, "score", "is_anomaly", "top_feature", "top_feature_share"])
+            for first_row, chunk in iter_frames(args.data, args.chunk_rows):
+                check_columns(chunk, bundle.schema, allowed, args.data)
+                scores = scorer.score(encode_frame(bundle.schema, chunk, args.data, first_row))
+                flags = scores.score > bundle.threshold.value
+                totals = np.maximum(scores.field_errors.sum(axis=1), 1e-30)
+                shares = scores.field_errors.max(axis=1) / totals
+                extra = [chunk[c].tolist() for c in args.passthrough]
+                for i, (s, f, top, share) in enumerate(zip(scores.score, flags, scorer.top_fields(scores), shares,
+                                                           strict=True)):
+                    writer.writerow([*(col[i] for col in extra), f"{s:.9g}", int(f), top, f"{share:.4f}"])
+                rows += len(chunk)
+                anomalies += int(flags.sum())
+        tmp.replace(args.out)
+        seconds = time.perf_counter() - started
+        print(f"scored {rows} rows in {seconds:.1f} s ({rows / max(seconds, 1e-9):,.0f} rows/s): "
+              f"{anomalies} anomalies ({anomalies / max(rows, 1):.2%}) above threshold "
+              f"{bundle.threshold.value:.6g}; model {bundle.version}; wrote {args.out}")
+        return 0
+
+    return _run("anomaly-score", body)
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="anomaly-evaluate", description="Evaluate a bundle on a labelled file.")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--label-column", required=True)
+    p.add_argument("--normal-value", required=True)
+    p.add_argument("--report-dir", type=Path, help="where to write plots and report.html "
+                                                   "(default: evaluation-<data name> beside the data)")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        from training import report
+        from training.bundle import load_bundle
+        from training.data import Labels, check_columns, read_frame
+        from training.errors import DataError
+        from training.evaluate import evaluate
+        from training.train import encode_frame
+
+        bundle = load_bundle(args.model)
+        frame = read_frame(args.data)
+        normal = Labels(args.label_column, args.normal_value).is_normal(frame, args.data)
+        if normal.all():
+            raise DataError(f"{args.data}: every row is normal; evaluation needs anomalous rows too")
+        check_columns(frame, bundle.schema, [*bundle.passthrough_columns, args.label_column], args.data)
+        scores = bundle.scorer.score(encode_frame(bundle.schema, frame, args.data)).score
+        e = evaluate(scores, ~normal, bundle.threshold.value)
+        out = args.report_dir or args.data.parent / f"evaluation-{args.data.stem}"
+        out.mkdir(parents=True, exist_ok=True)
+        report.score_histogram(out / "scores.png", scores[normal], scores[~normal], bundle.threshold.value)
+        report.roc_pr_curves(out / "roc.png", out / "pr.png", scores, ~normal, e.roc_auc, e.pr_auc)
+        report.confusion(out / "confusion.png", e.tp, e.fp, e.tn, e.fn)
+        report.write_html(out / "report.html", f"Evaluation of {bundle.version} on {args.data.name}",
+                          {"model": bundle.version, "data": str(args.data), **e.to_dict()},
+                          ["scores.png", "roc.png", "pr.png", "confusion.png"])
+        print(f"{args.data}: {e.rows} rows, {e.anomalies} anomalous; model {bundle.version}")
+        print(f"  ROC-AUC {e.roc_auc:.4f}  PR-AUC {e.pr_auc:.4f}")
+        print(f"  at threshold {e.threshold:.6g}: precision {e.precision:.3f}  recall {e.recall:.3f}  "
+              f"F1 {e.f1:.3f}  false-positive rate {e.false_positive_rate:.4f}  "
+              f"(tp {e.tp}, fp {e.fp}, tn {e.tn}, fn {e.fn})")
+        print(f"  F1-optimal threshold {e.f1_optimal_threshold:.6g} gives F1 {e.f1_optimal:.3f}")
+        print(f"  report: {out / 'report.html'}")
+        return 0
+
+    return _run("anomaly-evaluate", body)

@@ -1,0 +1,334 @@
+"""Feature schema: learned once from training rows, then used unchanged by training, batch scoring and the worker.
+
+Columns arrive as *raw columns*: a mapping from field name to a 1-D array, float64 with NaN for a
+missing numeric value, object (str or None) for a categorical value. `FeatureSchema.encode` turns
+raw columns into the model's float32 matrix; `FeatureSchema.decode_numeric` maps a reconstruction
+back to original units for explanations. The rules for heavy tails, constants and missing values
+are documented in docs/preprocessing.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from training.errors import BundleError, ConfigError
+
+NUMERIC = "numeric"
+CATEGORICAL = "categorical"
+
+#: A numeric column whose sample skewness exceeds this is compressed with signed log1p before scaling.
+SKEW_FOR_LOG = 2.0
+#: Categories kept per field (most frequent first); the rest share the "unknown" bucket.
+MAX_CATEGORIES = 64
+#: A category must be seen this many times in training to get its own one-hot column.
+MIN_CATEGORY_COUNT = 2
+#: Scaled values are clipped to +-CLIP so one absurd value cannot overflow float32 squared error.
+CLIP = 1.0e4
+UNKNOWN = "<unknown>"
+
+
+def signed_log1p(x: np.ndarray) -> np.ndarray:
+    """sign(x) * log(1 + |x|): compresses heavy tails, keeps zero at zero and the sign."""
+    return np.sign(x) * np.log1p(np.abs(x))
+
+
+def signed_expm1(x: np.ndarray) -> np.ndarray:
+    """Inverse of `signed_log1p`."""
+    return np.sign(x) * np.expm1(np.abs(x))
+
+
+@dataclass(frozen=True)
+class NumericField:
+    """A numeric column: optional signed log1p, then z-score; missing values take the training median."""
+
+    name: str
+    log: bool
+    center: float
+    scale: float
+    impute: float
+    constant: bool = False
+    kind: str = field(default=NUMERIC, init=False)
+
+    @property
+    def width(self) -> int:
+        return 1
+
+    @property
+    def encoded_names(self) -> list[str]:
+        return [self.name]
+
+    def encode(self, raw: np.ndarray) -> tuple[np.ndarray, int]:
+        """Return (scaled column, number of missing values imputed)."""
+        values = np.asarray(raw, dtype=np.float64)
+        missing = np.isnan(values)
+        n_missing = int(missing.sum())
+        if n_missing:
+            values = np.where(missing, self.impute, values)
+        if self.log:
+            values = signed_log1p(values)
+        scaled = (values - self.center) / self.scale
+        return np.clip(scaled, -CLIP, CLIP), n_missing
+
+    def decode(self, scaled: np.ndarray) -> np.ndarray:
+        """Map scaled values back to original units."""
+        values = np.asarray(scaled, dtype=np.float64) * self.scale + self.center
+        return signed_expm1(values) if self.log else values
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "kind": NUMERIC, "log": self.log, "center": self.center,
+            "scale": self.scale, "impute": self.impute, "constant": self.constant,
+        }
+
+
+@dataclass(frozen=True)
+class CategoricalField:
+    """A categorical column: one-hot over a vocabulary plus an unknown bucket; missing takes the mode."""
+
+    name: str
+    vocabulary: tuple[str, ...]
+    impute: str
+    kind: str = field(default=CATEGORICAL, init=False)
+
+    @property
+    def width(self) -> int:
+        return len(self.vocabulary) + 1
+
+    @property
+    def encoded_names(self) -> list[str]:
+        return [f"{self.name}={v}" for v in self.vocabulary] + [f"{self.name}={UNKNOWN}"]
+
+    def encode(self, raw: np.ndarray) -> tuple[np.ndarray, int]:
+        """Return (one-hot block, number of missing values imputed)."""
+        index = {v: i for i, v in enumerate(self.vocabulary)}
+        unknown = len(self.vocabulary)
+        out = np.zeros((len(raw), self.width), dtype=np.float64)
+        n_missing = 0
+        for row, value in enumerate(raw):
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                n_missing += 1
+                value = self.impute
+            out[row, index.get(str(value), unknown)] = 1.0
+        return out, n_missing
+
+    def decode(self, block: np.ndarray) -> list[str]:
+        """The category each reconstructed one-hot block points at (argmax)."""
+        labels = [*self.vocabulary, UNKNOWN]
+        return [labels[i] for i in np.argmax(np.atleast_2d(block), axis=1)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": CATEGORICAL, "vocabulary": list(self.vocabulary), "impute": self.impute}
+
+
+Field = NumericField | CategoricalField
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """The model's input matrix plus how many values of each field were imputed."""
+
+    matrix: np.ndarray
+    missing: dict[str, int]
+
+
+@dataclass(frozen=True)
+class FeatureSchema:
+    """Ordered fields with their learned preprocessing; the single definition of the model's input."""
+
+    fields: tuple[Field, ...]
+
+    def __post_init__(self) -> None:
+        names = [f.name for f in self.fields]
+        if not names:
+            raise ConfigError("a feature schema needs at least one field")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"duplicate field names in schema: {names}")
+
+    @property
+    def names(self) -> list[str]:
+        return [f.name for f in self.fields]
+
+    @property
+    def numeric_names(self) -> list[str]:
+        return [f.name for f in self.fields if isinstance(f, NumericField)]
+
+    @property
+    def categorical_names(self) -> list[str]:
+        return [f.name for f in self.fields if isinstance(f, CategoricalField)]
+
+    @property
+    def width(self) -> int:
+        return sum(f.width for f in self.fields)
+
+    @property
+    def encoded_names(self) -> list[str]:
+        return [name for f in self.fields for name in f.encoded_names]
+
+    def slices(self) -> list[slice]:
+        """The encoded columns of each field, in field order."""
+        out, start = [], 0
+        for f in self.fields:
+            out.append(slice(start, start + f.width))
+            start += f.width
+        return out
+
+    def fold_matrix(self) -> np.ndarray:
+        """A (width x fields) 0/1 matrix summing encoded-column errors into per-field errors."""
+        fold = np.zeros((self.width, len(self.fields)), dtype=np.float32)
+        for j, s in enumerate(self.slices()):
+            fold[s, j] = 1.0
+        return fold
+
+    def encode(self, columns: Mapping[str, np.ndarray | Sequence[Any]]) -> Encoded:
+        """Raw columns -> float32 model input. Every schema field must be present as a column."""
+        blocks: list[np.ndarray] = []
+        missing: dict[str, int] = {}
+        n_rows: int | None = None
+        for f in self.fields:
+            if f.name not in columns:
+                raise ConfigError(f"column {f.name!r} is required by the model schema but absent")
+            raw = np.asarray(columns[f.name], dtype=np.float64 if isinstance(f, NumericField) else object)
+            if n_rows is None:
+                n_rows = len(raw)
+            elif len(raw) != n_rows:
+                raise ConfigError(f"column {f.name!r} has {len(raw)} rows, expected {n_rows}")
+            block, n_missing = f.encode(raw)
+            blocks.append(block.reshape(len(raw), f.width))
+            missing[f.name] = n_missing
+        matrix = np.concatenate(blocks, axis=1).astype(np.float32)
+        return Encoded(matrix=matrix, missing=missing)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fields": [f.to_dict() for f in self.fields], "encoded_columns": self.encoded_names}
+
+    def schema_hash(self) -> str:
+        """Hash of what an event must look like: field names, kinds, order and vocabularies (not the stats)."""
+        shape = [
+            {"name": f.name, "kind": f.kind, **({"vocabulary": list(f.vocabulary)}
+                                                if isinstance(f, CategoricalField) else {})}
+            for f in self.fields
+        ]
+        return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FeatureSchema:
+        try:
+            fields: list[Field] = []
+            for item in data["fields"]:
+                if item["kind"] == NUMERIC:
+                    fields.append(NumericField(
+                        name=item["name"], log=bool(item["log"]), center=float(item["center"]),
+                        scale=float(item["scale"]), impute=float(item["impute"]),
+                        constant=bool(item.get("constant", False))))
+                elif item["kind"] == CATEGORICAL:
+                    fields.append(CategoricalField(
+                        name=item["name"], vocabulary=tuple(str(v) for v in item["vocabulary"]),
+                        impute=str(item["impute"])))
+                else:
+                    raise BundleError(f"unknown field kind {item['kind']!r} for field {item.get('name')!r}")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"feature schema is malformed ({exc!r}); retrain the model") from exc
+        return cls(fields=tuple(fields))
+
+
+def fit_numeric(name: str, values: np.ndarray) -> NumericField:
+    """Learn log/center/scale/impute for one numeric column from its training values (NaN = missing)."""
+    present = values[~np.isnan(values)]
+    if present.size == 0:
+        return NumericField(name=name, log=False, center=0.0, scale=1.0, impute=0.0, constant=True)
+    median = float(np.median(present))
+    std = float(np.std(present))
+    if std == 0.0:
+        # A constant column: scale 1 in log space, so a new value is an anomaly of bounded size.
+        return NumericField(name=name, log=True, center=float(signed_log1p(np.array(median))),
+                            scale=1.0, impute=median, constant=True)
+    skew = float(np.mean(((present - present.mean()) / std) ** 3))
+    log = skew > SKEW_FOR_LOG
+    transformed = signed_log1p(present) if log else present
+    center = float(np.mean(transformed))
+    scale = float(np.std(transformed)) or 1.0
+    return NumericField(name=name, log=log, center=center, scale=scale, impute=median)
+
+
+def fit_categorical(name: str, values: np.ndarray) -> CategoricalField:
+    """Learn the vocabulary (frequent categories) and the imputation value (mode) for one column."""
+    present = [str(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    counts: dict[str, int] = {}
+    for v in present:
+        counts[v] = counts.get(v, 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    vocabulary = tuple(v for v, c in ranked[:MAX_CATEGORIES] if c >= MIN_CATEGORY_COUNT)
+    impute = ranked[0][0] if ranked else UNKNOWN
+    return CategoricalField(name=name, vocabulary=vocabulary, impute=impute)
+
+
+def fit_schema(columns: Mapping[str, np.ndarray], categorical: Sequence[str]) -> FeatureSchema:
+    """Learn a schema from raw training columns; `categorical` names the one-hot fields, the rest are numeric."""
+    fields: list[Field] = []
+    for name, values in columns.items():
+        if name in categorical:
+            fields.append(fit_categorical(name, np.asarray(values, dtype=object)))
+        else:
+            fields.append(fit_numeric(name, np.asarray(values, dtype=np.float64)))
+    return FeatureSchema(fields=tuple(fields))
+
+
+# --- events (the worker's input) -------------------------------------------------------------
+
+#: Reason codes for events that cannot be scored; the worker's dead letters carry one of these.
+NO_FEATURES = "no_features"
+WRONG_TYPE = "wrong_type"
+NON_FINITE = "non_finite"
+
+
+@dataclass(frozen=True)
+class Invalid:
+    """Why one event cannot be scored: a reason code and a message that names the field."""
+
+    reason: str
+    message: str
+
+
+def validate_event(event: Mapping[str, Any], schema: FeatureSchema) -> Invalid | None:
+    """Check one decoded event against the schema; None means it can be scored (absent/null = missing)."""
+    present = 0
+    for f in schema.fields:
+        if f.name not in event:
+            continue
+        present += 1
+        value = event[f.name]
+        if value is None:
+            continue
+        if isinstance(f, NumericField):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                return Invalid(WRONG_TYPE, f"field {f.name!r} must be a number, got {type(value).__name__}")
+            if isinstance(value, float) and not math.isfinite(value):
+                return Invalid(NON_FINITE, f"field {f.name!r} is {value}, numbers must be finite")
+        elif isinstance(value, bool) or not isinstance(value, str | int):
+            return Invalid(WRONG_TYPE, f"field {f.name!r} must be a string, got {type(value).__name__}")
+    if present == 0:
+        return Invalid(NO_FEATURES, f"none of the model's {len(schema.fields)} fields is present "
+                                    f"(expected e.g. {', '.join(schema.names[:3])})")
+    return None
+
+
+def events_to_columns(events: Sequence[Mapping[str, Any]], schema: FeatureSchema) -> dict[str, np.ndarray]:
+    """Valid events -> raw columns (absent or null fields become missing values)."""
+    columns: dict[str, np.ndarray] = {}
+    for f in schema.fields:
+        if isinstance(f, NumericField):
+            col = np.fromiter(
+                (np.nan if (v := e.get(f.name)) is None else float(v) for e in events),
+                dtype=np.float64, count=len(events))
+        else:
+            col = np.empty(len(events), dtype=object)
+            col[:] = [None if (v := e.get(f.name)) is None else str(v) for e in events]
+        columns[f.name] = col
+    return columns

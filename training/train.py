@@ -1,0 +1,198 @@
+"""A training run: data -> schema -> splits -> autoencoder -> calibrated threshold -> bundle with report.
+
+Splits of the normal rows (shuffled with the seed): with labels, 60 % train, 10 % validation (early
+stopping, feature weights), 10 % calibration (threshold), 20 % test; the labelled anomalies join the
+test split for the evaluation metrics. Without labels: 70 / 15 / 15, no test split.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from training import report
+from training.bundle import BundleContents, Manifest, write_bundle
+from training.data import Labels, file_sha256, infer_kinds, raw_columns, read_frame
+from training.errors import ConfigError, DataError
+from training.evaluate import Evaluation, evaluate
+from training.features import CATEGORICAL, FeatureSchema, fit_schema
+from training.model import FitConfig, export_saved_model, fit
+from training.scoring import Scorer
+from training.threshold import ThresholdConfig, calibrate, score_histogram
+
+WEIGHTINGS = ("none", "normalized")
+MIN_NORMAL_ROWS = 20
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs besides the data."""
+
+    fit: FitConfig = field(default_factory=FitConfig)
+    threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
+    categorical: tuple[str, ...] = ()
+    drop: tuple[str, ...] = ()
+    labels: Labels | None = None
+    weighting: str = "normalized"
+
+    def __post_init__(self) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(f"score weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    manifest: Manifest
+    evaluation: Evaluation | None
+    out_dir: Path
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: np.ndarray
+    validation: np.ndarray
+    calibration: np.ndarray
+    test_normal: np.ndarray
+
+
+def split_normals(n: int, seed: int, with_test: bool) -> Splits:
+    """Shuffle normal row indices and cut them into train/validation/calibration(/test)."""
+    if n < MIN_NORMAL_ROWS:
+        raise DataError(f"only {n} normal rows; at least {MIN_NORMAL_ROWS} are needed to train and calibrate")
+    order = np.random.default_rng(seed).permutation(n)
+    cuts = (0.6, 0.7, 0.8) if with_test else (0.7, 0.85, 1.0)
+    a, b, c = (int(round(n * f)) for f in cuts)
+    return Splits(order[:a], order[a:b], order[b:c], order[c:])
+
+
+def feature_weights(errors: np.ndarray, weighting: str) -> np.ndarray:
+    """Per-column weights from validation errors: 'normalized' divides by each column's typical error."""
+    if weighting == "none":
+        return np.ones(errors.shape[1], dtype=np.float32)
+    typical = errors.mean(axis=0)
+    weights = 1.0 / (typical + 0.01 * float(typical.mean()) + 1e-12)
+    return (weights / weights.mean()).astype(np.float32)
+
+
+def train_frame(frame: pd.DataFrame, out_dir: Path, config: TrainConfig, data_sha256: str,
+                source: Path = Path("<data>"), log: Callable[[str], None] = print) -> TrainResult:
+    """Train a bundle from an in-memory frame (the CLI and the benchmarks both come through here)."""
+    started = time.perf_counter()
+    unknown = [c for c in (*config.drop, *config.categorical) if c not in frame.columns]
+    if unknown:
+        raise DataError(f"{source}: column(s) named in --drop/--categorical not found: {', '.join(unknown)}")
+    label_col = [config.labels.column] if config.labels else []
+    normal_mask = config.labels.is_normal(frame, source) if config.labels else np.ones(len(frame), dtype=bool)
+    features = frame.drop(columns=[*config.drop, *label_col])
+    if features.shape[1] == 0:
+        raise DataError(f"{source}: no feature columns left after dropping {', '.join([*config.drop, *label_col])}")
+    kinds = infer_kinds(features, config.categorical)
+    columns = raw_columns(features, kinds, source)
+
+    normal_idx = np.flatnonzero(normal_mask)
+    splits = split_normals(normal_idx.size, config.fit.seed, with_test=config.labels is not None)
+    train_rows = normal_idx[splits.train]
+    schema = fit_schema({k: v[train_rows] for k, v in columns.items()},
+                        [k for k, kind in kinds.items() if kind == CATEGORICAL])
+    matrix = schema.encode(columns).matrix
+    log(f"{source}: {len(frame)} rows, {normal_idx.size} normal; {len(schema.fields)} fields "
+        f"({len(schema.categorical_names)} categorical) -> {schema.width} model inputs")
+    log(f"splits of normal rows: train {splits.train.size}, validation {splits.validation.size}, "
+        f"calibration {splits.calibration.size}, test {splits.test_normal.size}")
+
+    def on_epoch(epoch: int, loss: float, val_loss: float) -> None:
+        log(f"epoch {epoch:3d}/{config.fit.epochs}  loss {loss:.5f}  val_loss {val_loss:.5f}")
+
+    fitted = fit(matrix[train_rows], matrix[normal_idx[splits.validation]], config.fit, on_epoch)
+
+    with tempfile.TemporaryDirectory(prefix="anomaly-train-") as tmp:
+        # Calibrate through the exported signature itself, so the threshold matches what serving computes.
+        unweighted = Path(tmp) / "unweighted"
+        export_saved_model(fitted.model, np.ones(schema.width, dtype=np.float32), unweighted)
+        val_matrix = matrix[normal_idx[splits.validation]]
+        recon = Scorer(unweighted, schema).score(val_matrix).reconstruction
+        weights = feature_weights((val_matrix - recon) ** 2, config.weighting)
+        final = Path(tmp) / "saved_model"
+        export_saved_model(fitted.model, weights, final)
+        scorer = Scorer(final, schema)
+        calib_scores = scorer.score(matrix[normal_idx[splits.calibration]]).score
+        threshold = calibrate(calib_scores, config.threshold)
+        reference = np.concatenate([scorer.score(val_matrix).score, calib_scores])
+        evaluation = None
+        test_scores = anomaly_scores = None
+        if config.labels is not None:
+            test_scores = scorer.score(matrix[normal_idx[splits.test_normal]]).score
+            anomaly_scores = scorer.score(matrix[~normal_mask]).score if (~normal_mask).any() else np.array([])
+            if anomaly_scores.size:
+                evaluation = evaluate(np.concatenate([test_scores, anomaly_scores]),
+                                      np.r_[np.zeros(test_scores.size, bool), np.ones(anomaly_scores.size, bool)],
+                                      threshold.value)
+        seconds = time.perf_counter() - started
+        training_facts: dict[str, Any] = {
+            "rows": int(len(frame)), "normal_rows": int(normal_idx.size), "train_rows": int(splits.train.size),
+            "validation_rows": int(splits.validation.size), "calibration_rows": int(splits.calibration.size),
+            "test_normal_rows": int(splits.test_normal.size), "hidden": list(fitted.hidden),
+            "epochs_run": len(fitted.loss), "best_epoch": fitted.best_epoch,
+            "best_val_loss": float(min(fitted.val_loss)), "seed": config.fit.seed,
+            "batch_size": config.fit.batch_size, "learning_rate": config.fit.learning_rate,
+            "weighting": config.weighting, "feature_weights": [round(float(w), 6) for w in weights],
+            "seconds": round(seconds, 2),
+        }
+
+        def write_report(directory: Path) -> None:
+            images = ["loss.png", "scores.png"]
+            report.loss_curve(directory / "loss.png", fitted.loss, fitted.val_loss, fitted.best_epoch)
+            report.score_histogram(directory / "scores.png",
+                                   test_scores if test_scores is not None else calib_scores,
+                                   anomaly_scores if anomaly_scores is not None and anomaly_scores.size else None,
+                                   threshold.value)
+            if evaluation is not None and test_scores is not None and anomaly_scores is not None:
+                both = np.concatenate([test_scores, anomaly_scores])
+                y = np.r_[np.zeros(test_scores.size, bool), np.ones(anomaly_scores.size, bool)]
+                report.roc_pr_curves(directory / "roc.png", directory / "pr.png", both, y,
+                                     evaluation.roc_auc, evaluation.pr_auc)
+                report.confusion(directory / "confusion.png", evaluation.tp, evaluation.fp, evaluation.tn,
+                                 evaluation.fn)
+                images += ["roc.png", "pr.png", "confusion.png"]
+            facts: dict[str, Any] = {"data": str(source), "threshold": threshold.value,
+                                     "threshold method": f"{threshold.method} {threshold.parameter:g}",
+                                     "calibration false-positive rate": threshold.calibration_fpr,
+                                     **{k: v for k, v in training_facts.items() if k != "feature_weights"}}
+            if evaluation is not None:
+                facts.update({f"test {k}": v for k, v in evaluation.to_dict().items()})
+            report.write_html(directory / "report.html", "Anomaly model training report", facts, images)
+
+        manifest = write_bundle(out_dir, BundleContents(
+            schema=schema, threshold=threshold, histogram=score_histogram(reference), data_sha256=data_sha256,
+            write_saved_model=lambda path: shutil.copytree(final, path), write_report=write_report,
+            training=training_facts, metrics=evaluation.to_dict() if evaluation else {},
+            columns={"ignored": [*config.drop, *label_col], "label": config.labels.column if config.labels else None,
+                     "normal_value": config.labels.normal_value if config.labels else None}))
+    return TrainResult(manifest=manifest, evaluation=evaluation, out_dir=out_dir,
+                       seconds=time.perf_counter() - started)
+
+
+def train_file(data: Path, out_dir: Path, config: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
+    """Train from a CSV/JSONL/Parquet file."""
+    frame = read_frame(data)
+    return train_frame(frame, out_dir, config, file_sha256(data), source=data, log=log)
+
+
+def encode_frame(schema: FeatureSchema, frame: pd.DataFrame, source: Path, first_row: int = 1) -> np.ndarray:
+    """Encode a frame already checked to carry the schema's columns."""
+    from training.data import schema_kinds
+
+    return schema.encode(raw_columns(frame, schema_kinds(schema), source, first_row)).matrix
+
+
+def names(values: Sequence[str] | None) -> tuple[str, ...]:
+    return tuple(values or ())
