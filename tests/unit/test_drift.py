@@ -1,0 +1,81 @@
+"""ScoreDrift: PSI small for the training distribution, large for a shifted one, bounded window."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from worker.drift import ScoreDrift
+
+
+@pytest.fixture()
+def train() -> tuple[np.ndarray, np.ndarray]:
+    scores = np.random.default_rng(0).gamma(shape=2.0, scale=1.0, size=50_000)
+    counts, edges = np.histogram(scores, bins=20)
+    return edges, counts
+
+
+def sample(seed: int, n: int, shift: float = 0.0) -> np.ndarray:
+    return np.random.default_rng(seed).gamma(shape=2.0, scale=1.0, size=n) + shift
+
+
+def test_same_distribution_has_small_psi(train: tuple[np.ndarray, np.ndarray]) -> None:
+    drift = ScoreDrift(*train, window=10_000)
+    drift.update(sample(1, 10_000))
+    assert drift.psi() < 0.05
+
+
+def test_shifted_distribution_has_large_psi(train: tuple[np.ndarray, np.ndarray]) -> None:
+    drift = ScoreDrift(*train, window=10_000)
+    drift.update(sample(1, 10_000, shift=2.0))
+    assert drift.psi() > 0.5
+
+
+def test_window_forgets_old_scores(train: tuple[np.ndarray, np.ndarray]) -> None:
+    drift = ScoreDrift(*train, window=5_000)
+    drift.update(sample(1, 5_000, shift=3.0))
+    assert drift.psi() > 0.5
+    for chunk in np.array_split(sample(2, 5_000), 7):  # uneven chunks exercise ring wrap-around
+        drift.update(chunk)
+    assert drift.count == 5_000
+    assert drift.psi() < 0.05
+
+
+def test_counts_match_a_histogram_of_the_last_window_scores() -> None:
+    edges = [0.0, 1.0, 2.0, 3.0]
+    drift = ScoreDrift(edges, [1, 1, 1], window=4)
+    drift.update([0.5, 1.5])
+    drift.update([2.5, -10.0, 99.0])  # out-of-range values go to the end bins; 0.5 is evicted
+    assert drift.count == 4
+    assert drift.live_counts().tolist() == [1, 1, 2]  # -10 | 1.5 | 2.5, 99
+    drift.update(iter([0.1, 0.2, 0.3, 0.4, 2.9]))  # more than the window at once keeps the newest 4
+    assert drift.live_counts().tolist() == [3, 0, 1]
+
+
+def test_empty_bins_stay_finite_and_nan_is_ignored() -> None:
+    drift = ScoreDrift([0.0, 1.0, 2.0], [100, 0], window=10)
+    assert math.isnan(drift.psi())
+    drift.update([math.nan])
+    assert drift.count == 0
+    drift.update([1.5] * 10)  # all live scores land where training had none
+    psi = drift.psi()
+    assert math.isfinite(psi) and psi > 5
+    drift.reset()
+    assert drift.count == 0 and math.isnan(drift.psi())
+
+
+@pytest.mark.parametrize(
+    ("edges", "counts", "window", "match"),
+    [
+        ([0.0], [], 10, "at least 2"),
+        ([0.0, 0.0, 1.0], [1, 1], 10, "strictly increasing"),
+        ([0.0, 1.0, 2.0], [1], 10, "len\\(edges\\) - 1 = 2"),
+        ([0.0, 1.0], [0], 10, "not all zero"),
+        ([0.0, 1.0], [1], 0, "window must be >= 1"),
+    ],
+)
+def test_invalid_arguments_are_rejected(edges: list[float], counts: list[int], window: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ScoreDrift(edges, counts, window=window)

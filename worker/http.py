@@ -1,0 +1,204 @@
+"""HTTP side channel: `/metrics`, `/healthz` (liveness) and `/readyz` (readiness).
+
+Runs the standard library's ThreadingHTTPServer in a daemon thread so a slow scrape never blocks
+the consume loop; the loop only touches `HealthState`, which is thread-safe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import socket
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+log = logging.getLogger(__name__)
+
+
+class HealthState:
+    """What the probes report, set by the worker loop and read by HTTP threads.
+
+    Liveness: the loop called `heartbeat()` within `stale_after_seconds` (the clock starts at
+    construction, so startup gets one full period). Readiness: model loaded, at least one
+    partition assigned and the broker reachable.
+    """
+
+    def __init__(
+        self, stale_after_seconds: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if not (math.isfinite(stale_after_seconds) and stale_after_seconds > 0):
+            raise ValueError(f"stale_after_seconds must be a positive number, got {stale_after_seconds}")
+        self._lock = threading.Lock()
+        self._clock = clock
+        self._stale_after = stale_after_seconds
+        self._last_heartbeat = clock()
+        self._model_loaded = False
+        self._assigned_partitions = 0
+        self._broker_ok = False
+
+    @property
+    def model_loaded(self) -> bool:
+        """Whether a verified model bundle is loaded."""
+        with self._lock:
+            return self._model_loaded
+
+    @model_loaded.setter
+    def model_loaded(self, value: bool) -> None:
+        with self._lock:
+            self._model_loaded = bool(value)
+
+    @property
+    def assigned_partitions(self) -> int:
+        """Number of input partitions currently assigned to this consumer."""
+        with self._lock:
+            return self._assigned_partitions
+
+    @assigned_partitions.setter
+    def assigned_partitions(self, value: int) -> None:
+        if value < 0:
+            raise ValueError(f"assigned_partitions must be >= 0, got {value}")
+        with self._lock:
+            self._assigned_partitions = int(value)
+
+    @property
+    def broker_ok(self) -> bool:
+        """Whether the last broker interaction succeeded."""
+        with self._lock:
+            return self._broker_ok
+
+    @broker_ok.setter
+    def broker_ok(self, value: bool) -> None:
+        with self._lock:
+            self._broker_ok = bool(value)
+
+    def heartbeat(self) -> None:
+        """Record that the loop made progress (call once per poll iteration)."""
+        now = self._clock()
+        with self._lock:
+            self._last_heartbeat = now
+
+    def heartbeat_age_seconds(self) -> float:
+        """Seconds since the last heartbeat (or since construction)."""
+        now = self._clock()
+        with self._lock:
+            return max(0.0, now - self._last_heartbeat)
+
+    def is_alive(self) -> bool:
+        """True while the last heartbeat is younger than the staleness limit."""
+        return self.heartbeat_age_seconds() <= self._stale_after
+
+    def failing_readiness(self) -> list[str]:
+        """Names of the readiness conditions that do not hold; empty when ready."""
+        with self._lock:
+            checks = {
+                "model_loaded": self._model_loaded,
+                "partitions_assigned": self._assigned_partitions > 0,
+                "broker_ok": self._broker_ok,
+            }
+        return [name for name, ok in checks.items() if not ok]
+
+    def is_ready(self) -> bool:
+        """True when every readiness condition holds."""
+        return not self.failing_readiness()
+
+
+class MetricsServer:
+    """A running probe/metrics server; `port` is the bound port (useful when asked for port 0)."""
+
+    def __init__(self, httpd: ThreadingHTTPServer, thread: threading.Thread) -> None:
+        self._httpd = httpd
+        self._thread = thread
+        address = httpd.server_address
+        self.host: str = str(address[0])
+        self.port: int = int(address[1])
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. `http://127.0.0.1:8000`."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop serving, close the socket and join the server thread."""
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    registry: CollectorRegistry
+    health: HealthState
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802 - name fixed by BaseHTTPRequestHandler
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+            self._send(200, content_type, encoder(self.server.registry))
+        elif path == "/healthz":
+            health = self.server.health
+            age = round(health.heartbeat_age_seconds(), 3)
+            if health.is_alive():
+                self._send_json(200, {"status": "ok", "heartbeat_age_seconds": age})
+            else:
+                self._send_json(503, {"status": "stale", "heartbeat_age_seconds": age})
+        elif path == "/readyz":
+            failing = self.server.health.failing_readiness()
+            if failing:
+                self._send_json(503, {"status": "not ready", "failing": failing})
+            else:
+                self._send_json(200, {"status": "ready"})
+        else:
+            self._send_json(404, {"status": "not found", "endpoints": ["/metrics", "/healthz", "/readyz"]})
+
+    def _send_json(self, status: int, body: dict[str, Any]) -> None:
+        self._send(status, "application/json", json.dumps(body).encode() + b"\n")
+
+    def _send(self, status: int, content_type: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature fixed by base class
+        log.debug("%s - " + format, self.address_string(), *args)
+
+
+def start_http_server(
+    host: str, port: int, registry: CollectorRegistry, health: HealthState
+) -> MetricsServer:
+    """Serve `/metrics`, `/healthz` and `/readyz` on `host:port` from a daemon thread.
+
+    `port=0` binds a free port; read it back from the returned server's `port`.
+    """
+    server_class = _Server6 if ":" in host else _Server
+    httpd = server_class((host, port), _Handler)
+    httpd.registry = registry
+    httpd.health = health
+    thread = threading.Thread(
+        target=httpd.serve_forever,
+        kwargs={"poll_interval": 0.1},  # bounds how long shutdown() waits
+        name=f"http-{httpd.server_address[1]}",
+        daemon=True,
+    )
+    thread.start()
+    log.info("serving /metrics, /healthz, /readyz on %s:%s", host, httpd.server_address[1])
+    return MetricsServer(httpd, thread)

@@ -1,0 +1,266 @@
+"""Every Prometheus metric the worker exports, behind typed helpers the pipeline calls.
+
+Nothing else in the worker creates metrics: it receives a `WorkerMetrics` built on an injected
+`CollectorRegistry`, so tests use a fresh registry and read values with `get_sample_value`.
+Labels stay low-cardinality: topic, partition, dead-letter reason, schema field, Kafka operation
+and the current model version.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+DEAD_LETTER_REASONS: tuple[str, ...] = (
+    "invalid_utf8",
+    "invalid_json",
+    "not_an_object",
+    "oversized",
+    "no_features",
+    "wrong_type",
+    "non_finite",
+)
+KAFKA_OPERATIONS: tuple[str, ...] = ("poll", "produce", "commit")
+
+BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+BATCH_DURATION_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+END_TO_END_LATENCY_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+)
+SCORE_RATIO_BUCKETS: tuple[float, ...] = (
+    0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.85, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 50.0,
+)
+
+
+class WorkerMetrics:
+    """All worker metrics, registered on `registry`.
+
+    `score_buckets` are the upper bounds of `anomaly_score_ratio` (score / threshold, so 1.0 is
+    the alerting threshold); they must be positive, increasing and include 1.0.
+    """
+
+    def __init__(self, registry: CollectorRegistry, score_buckets: Sequence[float] | None = None) -> None:
+        buckets = tuple(float(b) for b in (SCORE_RATIO_BUCKETS if score_buckets is None else score_buckets))
+        if not buckets or any(b <= 0 or not math.isfinite(b) for b in buckets):
+            raise ValueError(f"score buckets must be positive finite numbers, got {list(buckets)}")
+        if any(b2 <= b1 for b1, b2 in zip(buckets, buckets[1:], strict=False)):
+            raise ValueError(f"score buckets must be strictly increasing, got {list(buckets)}")
+        if 1.0 not in buckets:
+            raise ValueError(f"score buckets must include 1.0 (the threshold), got {list(buckets)}")
+
+        self._topics: set[str] = set()
+        self._model_version: str | None = None
+        self._threshold_value = math.nan
+        self._lag_partitions: set[tuple[str, str]] = set()
+
+        self.events_consumed = Counter(
+            "anomaly_events_consumed", "Records polled from the input topic, before decoding.",
+            ["topic"], registry=registry,
+        )
+        self.events_scored = Counter(
+            "anomaly_events_scored", "Events that passed validation and were scored by the model.",
+            ["topic"], registry=registry,
+        )
+        self.alerts_published = Counter(
+            "anomaly_alerts_published", "Alerts delivered to the alert topic, by input topic.",
+            ["topic"], registry=registry,
+        )
+        self.dead_letters = Counter(
+            "anomaly_dead_letters", "Records sent to the dead-letter topic, by input topic and reason.",
+            ["topic", "reason"], registry=registry,
+        )
+        self.missing_values = Counter(
+            "anomaly_missing_values", "Schema fields absent or null in scored events (imputed).",
+            ["field"], registry=registry,
+        )
+        self.batch_size = Histogram(
+            "anomaly_batch_size_events", "Records per polled batch.",
+            buckets=BATCH_SIZE_BUCKETS, registry=registry,
+        )
+        self.batch_duration = Histogram(
+            "anomaly_batch_duration_seconds", "Wall time of one batch, from decode to offset commit.",
+            buckets=BATCH_DURATION_BUCKETS, registry=registry,
+        )
+        self.end_to_end_latency = Histogram(
+            "anomaly_end_to_end_latency_seconds", "Event timestamp to alert published.",
+            buckets=END_TO_END_LATENCY_BUCKETS, registry=registry,
+        )
+        self.score_ratio = Histogram(
+            "anomaly_score_ratio", "Anomaly score divided by the model threshold (1.0 = threshold).",
+            buckets=buckets, registry=registry,
+        )
+        self.threshold = Gauge(
+            "anomaly_threshold", "Alerting threshold of the loaded model, in score units.",
+            registry=registry,
+        )
+        self.model_info = Gauge(
+            "anomaly_model_info", "1 for the version of the loaded model bundle.",
+            ["version"], registry=registry,
+        )
+        self.score_drift_psi = Gauge(
+            "anomaly_score_drift_psi",
+            "Population stability index of recent scores against the training score histogram.",
+            registry=registry,
+        )
+        self.consumer_lag = Gauge(
+            "anomaly_consumer_lag_events", "End offset minus committed offset per assigned partition.",
+            ["topic", "partition"], registry=registry,
+        )
+        self.last_commit_timestamp = Gauge(
+            "anomaly_last_commit_timestamp_seconds", "Unix time of the last successful offset commit.",
+            registry=registry,
+        )
+        self.commits = Counter("anomaly_commits", "Successful offset commits.", registry=registry)
+        self.commit_failures = Counter(
+            "anomaly_commit_failures", "Failed offset commits.", registry=registry
+        )
+        self.kafka_errors = Counter(
+            "anomaly_kafka_errors", "Kafka client errors, by operation (poll, produce, commit).",
+            ["operation"], registry=registry,
+        )
+        self.worker_ready = Gauge(
+            "anomaly_worker_ready", "1 when model loaded, partitions assigned and broker reachable.",
+            registry=registry,
+        )
+
+        for operation in KAFKA_OPERATIONS:
+            self.kafka_errors.labels(operation=operation)
+
+    # -- label sets ---------------------------------------------------------------------------
+
+    def declare_topic(self, topic: str) -> None:
+        """Create every per-topic series at 0 so rates exist before the first event."""
+        if topic in self._topics:
+            return
+        self._topics.add(topic)
+        self.events_consumed.labels(topic=topic)
+        self.events_scored.labels(topic=topic)
+        self.alerts_published.labels(topic=topic)
+        for reason in DEAD_LETTER_REASONS:
+            self.dead_letters.labels(topic=topic, reason=reason)
+
+    def declare_fields(self, fields: Iterable[str]) -> None:
+        """Create `anomaly_missing_values_total` at 0 for each schema field."""
+        for field in fields:
+            self.missing_values.labels(field=field)
+
+    # -- per batch ----------------------------------------------------------------------------
+
+    def record_consumed(self, topic: str, count: int = 1) -> None:
+        """Count records polled from `topic`, valid or not."""
+        self.declare_topic(topic)
+        self.events_consumed.labels(topic=topic).inc(_non_negative(count, "consumed count"))
+
+    def record_dead_letter(self, topic: str, reason: str, count: int = 1) -> None:
+        """Count records from `topic` sent to the dead-letter topic for `reason`."""
+        if reason not in DEAD_LETTER_REASONS:
+            raise ValueError(f"unknown dead-letter reason {reason!r}; expected one of {DEAD_LETTER_REASONS}")
+        self.declare_topic(topic)
+        self.dead_letters.labels(topic=topic, reason=reason).inc(_non_negative(count, "dead-letter count"))
+
+    def record_missing_values(self, counts: Mapping[str, int]) -> None:
+        """Count imputed values per schema field (fields with 0 are skipped)."""
+        for field, count in counts.items():
+            if count:
+                self.missing_values.labels(field=field).inc(_non_negative(count, f"missing count of {field}"))
+
+    def observe_scores(self, topic: str, scores: Iterable[float]) -> None:
+        """Count scored events and observe each score relative to the current threshold.
+
+        Requires `set_model` first: the ratio is meaningless without a threshold.
+        """
+        if self._model_version is None:
+            raise RuntimeError("observe_scores called before set_model: no threshold to compare against")
+        self.declare_topic(topic)
+        n = 0
+        for score in scores:
+            n += 1
+            ratio = float(score) / self._threshold_value
+            if math.isfinite(ratio):  # a NaN or inf would poison _sum for the process lifetime
+                self.score_ratio.observe(ratio)
+        self.events_scored.labels(topic=topic).inc(n)
+
+    def record_alerts_published(self, topic: str, count: int = 1) -> None:
+        """Count alerts delivered for events from input `topic`."""
+        self.declare_topic(topic)
+        self.alerts_published.labels(topic=topic).inc(_non_negative(count, "alert count"))
+
+    def observe_end_to_end_latency(self, seconds: Iterable[float]) -> None:
+        """Observe event-timestamp-to-publish latencies; negative values (clock skew) count as 0."""
+        for value in seconds:
+            self.end_to_end_latency.observe(max(0.0, float(value)))
+
+    def observe_batch(self, size: int, duration_seconds: float) -> None:
+        """Observe one batch: its record count and its decode-to-commit wall time."""
+        self.batch_size.observe(_non_negative(size, "batch size"))
+        self.batch_duration.observe(_non_negative(duration_seconds, "batch duration"))
+
+    # -- model and drift ----------------------------------------------------------------------
+
+    def set_model(self, version: str, threshold: float) -> None:
+        """Publish the loaded model: threshold gauge and `anomaly_model_info{version}` = 1.
+
+        The previous version's series is removed, so exactly one version is ever labelled.
+        """
+        if not version:
+            raise ValueError("model version must be a non-empty string")
+        if not (math.isfinite(threshold) and threshold > 0):
+            raise ValueError(f"threshold must be a positive finite number, got {threshold}")
+        if self._model_version is not None and self._model_version != version:
+            self.model_info.remove(self._model_version)
+        self._model_version = version
+        self._threshold_value = float(threshold)
+        self.model_info.labels(version=version).set(1)
+        self.threshold.set(threshold)
+
+    def set_score_drift_psi(self, psi: float) -> None:
+        """Publish the latest PSI of live scores against training scores."""
+        self.score_drift_psi.set(psi)
+
+    # -- Kafka --------------------------------------------------------------------------------
+
+    def set_consumer_lag(self, lags: Mapping[tuple[str, int], int]) -> None:
+        """Replace per-partition lag with `lags` ({(topic, partition): events}).
+
+        Partitions missing from `lags` (revoked) lose their series instead of freezing.
+        """
+        current = {(topic, str(partition)) for topic, partition in lags}
+        for topic, partition_label in self._lag_partitions - current:
+            self.consumer_lag.remove(topic, partition_label)
+        for (topic, partition), lag in lags.items():
+            self.consumer_lag.labels(topic=topic, partition=str(partition)).set(max(0, lag))
+        self._lag_partitions = current
+
+    def record_commit(self, timestamp: float | None = None) -> None:
+        """Count a successful commit and stamp its Unix time (now by default)."""
+        self.commits.inc()
+        self.last_commit_timestamp.set(time.time() if timestamp is None else timestamp)
+
+    def record_commit_failure(self) -> None:
+        """Count a failed commit; it is also counted as a Kafka error on `commit`.
+
+        Do not also call `record_kafka_error("commit")` for the same failure.
+        """
+        self.commit_failures.inc()
+        self.kafka_errors.labels(operation="commit").inc()
+
+    def record_kafka_error(self, operation: str) -> None:
+        """Count a Kafka client error on `operation` (poll, produce or commit)."""
+        if operation not in KAFKA_OPERATIONS:
+            raise ValueError(f"unknown Kafka operation {operation!r}; expected one of {KAFKA_OPERATIONS}")
+        self.kafka_errors.labels(operation=operation).inc()
+
+    def set_ready(self, ready: bool) -> None:
+        """Publish readiness as 1 or 0."""
+        self.worker_ready.set(1 if ready else 0)
+
+
+def _non_negative(value: float, what: str) -> float:
+    if value < 0:
+        raise ValueError(f"{what} must be >= 0, got {value}")
+    return value
