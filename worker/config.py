@@ -1,0 +1,212 @@
+"""Worker settings: built once from command-line flags and environment variables, then passed down frozen.
+
+Every flag has an environment variable (`ANOMALY_` + flag name in upper case with underscores), so a
+Kubernetes ConfigMap/Secret can configure the worker; a flag given on the command line wins.
+Secrets (SASL password) may also come from a file (`--sasl-password-file`) and never print themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from training.errors import ConfigError
+
+ENV_PREFIX = "ANOMALY_"
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+class Secret:
+    """A string that does not reveal itself in repr, str, logs or tracebacks."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class KafkaSecurity:
+    """Client security: TLS files and SASL credentials (PLAIN / SCRAM)."""
+
+    protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: Secret | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_check_hostname: bool = True
+
+    def __post_init__(self) -> None:
+        if self.protocol not in SECURITY_PROTOCOLS:
+            raise ConfigError(f"security protocol must be one of {', '.join(SECURITY_PROTOCOLS)}, "
+                              f"got {self.protocol!r}")
+        if self.protocol.startswith("SASL"):
+            if self.sasl_mechanism not in SASL_MECHANISMS:
+                raise ConfigError(f"{self.protocol} needs --sasl-mechanism, one of {', '.join(SASL_MECHANISMS)}")
+            if not self.sasl_username or self.sasl_password is None:
+                raise ConfigError(f"{self.protocol} needs --sasl-username and a password "
+                                  f"(ANOMALY_SASL_PASSWORD or --sasl-password-file)")
+
+    def client_options(self) -> dict[str, Any]:
+        """kafka-python keyword arguments for consumer, producer and admin client."""
+        opts: dict[str, Any] = {"security_protocol": self.protocol}
+        if self.protocol.startswith("SASL"):
+            opts.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username,
+                        sasl_plain_password=self.sasl_password.reveal() if self.sasl_password else None)
+        if self.protocol in ("SSL", "SASL_SSL"):
+            opts.update(ssl_cafile=self.ssl_cafile, ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile,
+                        ssl_check_hostname=self.ssl_check_hostname)
+        return opts
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the worker needs to run; validated at construction."""
+
+    model: Path
+    bootstrap_servers: str
+    input_topic: str
+    alert_topic: str
+    dead_letter_topic: str
+    group_id: str
+    max_batch: int = 1000
+    max_wait_ms: int = 200
+    max_event_bytes: int = 1_048_576
+    top_features: int = 3
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 9108
+    shutdown_timeout_s: float = 20.0
+    kafka_timeout_s: float = 30.0
+    retry_backoff_max_s: float = 30.0
+    expected_schema_hash: str | None = None
+    client_id: str = "anomaly-worker"
+    log_level: str = "INFO"
+    security: KafkaSecurity = field(default_factory=KafkaSecurity)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_batch <= 100_000:
+            raise ConfigError(f"max batch must be in [1, 100000] records, got {self.max_batch}")
+        if not 0 <= self.max_wait_ms <= 60_000:
+            raise ConfigError(f"max wait must be in [0, 60000] ms, got {self.max_wait_ms}")
+        if self.max_event_bytes < 64:
+            raise ConfigError(f"max event size must be at least 64 bytes, got {self.max_event_bytes}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics port must be in [0, 65535], got {self.metrics_port}")
+        if self.shutdown_timeout_s <= 0 or self.kafka_timeout_s <= 0:
+            raise ConfigError("shutdown and Kafka timeouts must be positive")
+        topics = {self.input_topic, self.alert_topic, self.dead_letter_topic}
+        if len(topics) != 3 or "" in topics:
+            raise ConfigError("input, alert and dead-letter topics must be three different, non-empty names")
+
+
+def _env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="anomaly-worker",
+        description="Score Kafka events with an autoencoder bundle; publish alerts and dead letters.",
+        epilog=f"Every option can also be set by environment variable {ENV_PREFIX}<OPTION> "
+               f"(e.g. {ENV_PREFIX}BOOTSTRAP_SERVERS); the command line wins.")
+
+    def add(flag: str, **kw: Any) -> None:
+        kw["help"] = f"{kw.get('help', '')} [env {_env_name(flag)}]".strip()
+        p.add_argument(flag, **kw)
+
+    add("--model", type=Path, help="model bundle directory (from anomaly-train)")
+    add("--bootstrap-servers", help="Kafka bootstrap servers, host:port[,host:port]")
+    add("--input-topic", help="topic of JSON events to score")
+    add("--alert-topic", help="topic for alerts")
+    add("--dead-letter-topic", help="topic for events that cannot be scored")
+    add("--group-id", help="consumer group id")
+    add("--max-batch", type=int, help="micro-batch size bound in records (default 1000)")
+    add("--max-wait-ms", type=int, help="micro-batch time bound in ms (default 200)")
+    add("--max-event-bytes", type=int, help="larger events are dead-lettered as oversized (default 1 MiB)")
+    add("--top-features", type=int, help="contributing features listed per alert (default 3)")
+    add("--metrics-host", help="address for /metrics, /healthz, /readyz (default 0.0.0.0)")
+    add("--metrics-port", type=int, help="port for /metrics, /healthz, /readyz (default 9108; 0 = any)")
+    add("--shutdown-timeout-s", type=float, help="deadline for finishing a batch on SIGTERM (default 20)")
+    add("--kafka-timeout-s", type=float, help="timeout of each blocking Kafka call (default 30)")
+    add("--expected-schema-hash", help="refuse a bundle whose schema hash differs")
+    add("--client-id", help="Kafka client id (default anomaly-worker)")
+    add("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    add("--security-protocol", help=f"one of {', '.join(SECURITY_PROTOCOLS)} (default PLAINTEXT)")
+    add("--sasl-mechanism", help=f"one of {', '.join(SASL_MECHANISMS)}")
+    add("--sasl-username", help="SASL user name")
+    add("--sasl-password-file", type=Path, help="file holding the SASL password (or env ANOMALY_SASL_PASSWORD)")
+    add("--ssl-cafile", help="CA bundle for TLS")
+    add("--ssl-certfile", help="client certificate for mutual TLS")
+    add("--ssl-keyfile", help="client key for mutual TLS")
+    return p
+
+
+REQUIRED = ("model", "bootstrap_servers", "input_topic", "alert_topic", "dead_letter_topic", "group_id")
+
+
+def from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Build settings from flags, falling back to environment variables, then defaults."""
+    env = os.environ if environ is None else environ
+    args = vars(parser().parse_args(argv))
+
+    def get(name: str) -> Any:
+        value = args.get(name)
+        if value is None:
+            value = env.get(ENV_PREFIX + name.upper()) or None
+        return value
+
+    missing = [n for n in REQUIRED if get(n) is None]
+    if missing:
+        raise ConfigError("missing required setting(s): " + ", ".join(
+            f"--{n.replace('_', '-')} (or {ENV_PREFIX}{n.upper()})" for n in missing))
+
+    def typed(name: str, kind: type) -> Any:
+        value = get(name)
+        if value is None:
+            return None
+        try:
+            return kind(value)
+        except ValueError as exc:
+            raise ConfigError(f"{ENV_PREFIX}{name.upper()}: expected {kind.__name__}, got {value!r}") from exc
+
+    password = env.get(ENV_PREFIX + "SASL_PASSWORD")
+    password_file = get("sasl_password_file")
+    if password_file is not None:
+        try:
+            password = Path(password_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read SASL password file {password_file}: {exc.strerror}") from exc
+    security = KafkaSecurity(
+        protocol=(get("security_protocol") or "PLAINTEXT").upper(), sasl_mechanism=get("sasl_mechanism"),
+        sasl_username=get("sasl_username"), sasl_password=Secret(password) if password else None,
+        ssl_cafile=get("ssl_cafile"), ssl_certfile=get("ssl_certfile"), ssl_keyfile=get("ssl_keyfile"))
+    overrides = {name: typed(name, kind) for name, kind in (
+        ("max_batch", int), ("max_wait_ms", int), ("max_event_bytes", int), ("top_features", int),
+        ("metrics_port", int), ("shutdown_timeout_s", float), ("kafka_timeout_s", float))}
+    for name in ("metrics_host", "expected_schema_hash", "client_id", "log_level"):
+        overrides[name] = get(name)
+    return Settings(
+        model=Path(get("model")), bootstrap_servers=get("bootstrap_servers"), input_topic=get("input_topic"),
+        alert_topic=get("alert_topic"), dead_letter_topic=get("dead_letter_topic"), group_id=get("group_id"),
+        security=security, **{k: v for k, v in overrides.items() if v is not None})

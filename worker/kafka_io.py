@@ -1,0 +1,170 @@
+"""Kafka at the edge: the consumer (micro-batches, commits, lag) and the producer (alerts, dead letters).
+
+The only module of the worker that imports `kafka`. Every blocking call has a timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import orjson
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from worker.config import Settings
+from worker.errors import BrokerUnavailable, CommitError, DeliveryError
+from worker.records import Alert, DeadLetter, Record
+
+log = logging.getLogger(__name__)
+
+Offsets = Mapping[tuple[str, int], int]
+
+
+def client_options(settings: Settings) -> dict[str, Any]:
+    return {"bootstrap_servers": settings.bootstrap_servers.split(","), "client_id": settings.client_id,
+            **settings.security.client_options()}
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, source: KafkaSource) -> None:
+        self.source = source
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        self.source.handle_revoked({(tp.topic, tp.partition) for tp in revoked})
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        log.info("partitions assigned: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+
+
+class KafkaSource:
+    """Consumer group member that hands out micro-batches and commits exactly the offsets it is given."""
+
+    def __init__(self, settings: Settings, on_revoke: Callable[[set[tuple[str, int]]], None] | None = None) -> None:
+        self.settings = settings
+        self._on_revoke = on_revoke
+        self._revoked: set[tuple[str, int]] = set()
+        try:
+            self.consumer = KafkaConsumer(
+                group_id=settings.group_id, enable_auto_commit=False, auto_offset_reset="earliest",
+                max_poll_records=settings.max_batch, fetch_max_bytes=64 * 1024 * 1024,
+                max_partition_fetch_bytes=max(settings.max_event_bytes * 2, 1024 * 1024),
+                request_timeout_ms=int(settings.kafka_timeout_s * 1000), session_timeout_ms=45_000,
+                max_poll_interval_ms=300_000, **client_options(settings))
+        except KafkaError as exc:
+            raise BrokerUnavailable(f"no Kafka broker reachable at {settings.bootstrap_servers}") from exc
+        self.consumer.subscribe(topics=[settings.input_topic], listener=_Rebalance(self))
+
+    def handle_revoked(self, partitions: set[tuple[str, int]]) -> None:
+        """Called inside poll() before partitions go; the loop commits what it has delivered for them."""
+        log.info("partitions revoked: %s", sorted(f"{t}[{p}]" for t, p in partitions))
+        self._revoked |= partitions
+        if self._on_revoke is not None:
+            self._on_revoke(partitions)
+
+    def poll_batch(self) -> list[Record]:
+        """Poll until `max_batch` records or `max_wait_ms` have passed; drop records of revoked partitions."""
+        deadline = time.monotonic() + self.settings.max_wait_ms / 1000.0
+        self._revoked = set()
+        records: list[Record] = []
+        while len(records) < self.settings.max_batch:
+            remaining_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
+            polled = self.consumer.poll(timeout_ms=remaining_ms, max_records=self.settings.max_batch - len(records))
+            for tp, batch in polled.items():
+                records.extend(Record(topic=tp.topic, partition=tp.partition, offset=m.offset, key=m.key,
+                                      value=m.value, timestamp_ms=m.timestamp) for m in batch)
+            if remaining_ms == 0:
+                break
+        if self._revoked:
+            # Those partitions now belong to another member, which re-reads them from the last commit.
+            records = [r for r in records if (r.topic, r.partition) not in self._revoked]
+        return records
+
+    def assigned(self) -> set[tuple[str, int]]:
+        return {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+
+    def commit(self, offsets: Offsets) -> None:
+        """Commit next-offsets for partitions still assigned; raises CommitError on failure or timeout."""
+        mine = self.assigned()
+        payload = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()
+                   if (t, p) in mine}
+        if not payload:
+            return
+        try:
+            self.consumer.commit(offsets=payload, timeout_ms=int(self.settings.kafka_timeout_s * 1000))
+        except KafkaError as exc:
+            raise CommitError(f"offset commit failed: {exc}") from exc
+
+    def rewind(self, offsets: Offsets) -> None:
+        """Seek back so undelivered records are consumed again."""
+        mine = self.assigned()
+        for (topic, partition), offset in offsets.items():
+            if (topic, partition) in mine:
+                self.consumer.seek(TopicPartition(topic, partition), offset)
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        """High-water mark minus position, per assigned partition (from the last fetch; no extra requests)."""
+        out: dict[tuple[str, int], int] = {}
+        for tp in self.consumer.assignment():
+            high = self.consumer.highwater(tp)
+            try:
+                position = self.consumer.position(tp, timeout_ms=1000)
+            except KafkaError:
+                position = None
+            if high is not None and position is not None:
+                out[(tp.topic, tp.partition)] = max(0, int(high) - int(position))
+        return out
+
+    def connected(self) -> bool:
+        return bool(self.consumer.bootstrap_connected())
+
+    def close(self) -> None:
+        try:
+            self.consumer.close(autocommit=False, timeout_ms=int(self.settings.kafka_timeout_s * 1000))
+        except KafkaError as exc:
+            log.warning("consumer close: %s", exc)
+
+
+class KafkaSink:
+    """Idempotent producer (acks=all): publishes a batch and confirms every record was acknowledged."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        try:
+            self.producer = KafkaProducer(
+                acks="all", enable_idempotence=True, linger_ms=5, batch_size=256 * 1024,
+                compression_type=None, max_request_size=max(settings.max_event_bytes * 2, 1024 * 1024),
+                request_timeout_ms=int(settings.kafka_timeout_s * 1000),
+                delivery_timeout_ms=int(settings.kafka_timeout_s * 1000) + 5_000, **client_options(settings))
+        except KafkaError as exc:
+            raise BrokerUnavailable(f"no Kafka broker reachable at {settings.bootstrap_servers}") from exc
+
+    def publish(self, alerts: Sequence[Alert], dead_letters: Sequence[DeadLetter]) -> None:
+        """1. send every alert and dead letter; 2. flush with a timeout; 3. check every acknowledgement."""
+        futures = []
+        try:
+            for alert in alerts:
+                futures.append(self.producer.send(
+                    self.settings.alert_topic, key=alert.alert_id.encode(), value=orjson.dumps(alert.document),
+                    headers=[("model.version", alert.document["model_version"].encode())]))
+            for letter in dead_letters:
+                futures.append(self.producer.send(
+                    self.settings.dead_letter_topic, key=letter.record.key, value=letter.record.value,
+                    headers=letter.kafka_headers()))
+            self.producer.flush(timeout=self.settings.kafka_timeout_s)
+        except KafkaError as exc:
+            raise DeliveryError(f"publishing {len(futures)} records failed: {exc}") from exc
+        failed = [f for f in futures if not f.is_done or f.failed()]
+        if failed:
+            first = failed[0].exception if failed[0].is_done else "not acknowledged in time"
+            raise DeliveryError(f"{len(failed)} of {len(futures)} records were not acknowledged: {first}")
+
+    def close(self) -> None:
+        try:
+            self.producer.close(timeout=self.settings.kafka_timeout_s)
+        except KafkaError as exc:
+            log.warning("producer close: %s", exc)

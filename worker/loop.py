@@ -1,0 +1,182 @@
+"""The consume-score-publish-commit loop, written against two narrow interfaces (Source, Sink).
+
+Order of side effects for every micro-batch (this order is the at-least-once guarantee):
+
+1. Poll a micro-batch from the source (at most `max_batch` records or `max_wait_ms`).
+2. Process it in memory: decode, validate, score, build alerts and dead letters (no I/O).
+3. Publish every alert and dead letter, flush, and check that each one was acknowledged.
+4. Only then commit the batch's next offsets. If step 3 failed, nothing is committed: the source is
+   rewound to the batch's first offsets and the batch is read again after a backoff.
+   If step 4 fails, the offsets stay pending and are committed with the next batch (or on revoke).
+5. Update metrics and health.
+
+On partition revocation the pending (delivered, uncommitted) offsets of those partitions are
+committed before the partitions are given up. A stop request finishes the current batch first.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from worker.drift import ScoreDrift
+from worker.errors import CommitError, DeliveryError
+from worker.http import HealthState
+from worker.metrics import WorkerMetrics
+from worker.pipeline import BatchResult, Pipeline
+from worker.records import Alert, DeadLetter, Record
+
+log = logging.getLogger(__name__)
+
+Offsets = Mapping[tuple[str, int], int]
+
+
+class Source(Protocol):
+    def poll_batch(self) -> list[Record]: ...
+    def commit(self, offsets: Offsets) -> None: ...
+    def rewind(self, offsets: Offsets) -> None: ...
+    def lag(self) -> dict[tuple[str, int], int]: ...
+    def assigned(self) -> set[tuple[str, int]]: ...
+
+
+class Sink(Protocol):
+    def publish(self, alerts: Sequence[Alert], dead_letters: Sequence[DeadLetter]) -> None: ...
+
+
+def next_offsets(records: Sequence[Record]) -> dict[tuple[str, int], int]:
+    """Per partition, the offset to commit: last offset + 1."""
+    out: dict[tuple[str, int], int] = {}
+    for r in records:
+        key = (r.topic, r.partition)
+        out[key] = max(out.get(key, -1), r.offset + 1)
+    return out
+
+
+def first_offsets(records: Sequence[Record]) -> dict[tuple[str, int], int]:
+    out: dict[tuple[str, int], int] = {}
+    for r in records:
+        key = (r.topic, r.partition)
+        out[key] = min(out.get(key, r.offset), r.offset)
+    return out
+
+
+class Backoff:
+    """Exponential backoff whose waits end early when a stop is requested."""
+
+    def __init__(self, stop: threading.Event, initial_s: float = 0.5, maximum_s: float = 30.0) -> None:
+        self.stop, self.initial_s, self.maximum_s = stop, initial_s, maximum_s
+        self.delay_s = initial_s
+
+    def wait(self) -> None:
+        self.stop.wait(self.delay_s)
+        self.delay_s = min(self.delay_s * 2, self.maximum_s)
+
+    def reset(self) -> None:
+        self.delay_s = self.initial_s
+
+
+class Worker:
+    """Runs micro-batches until `stop` is set; see the module docstring for the order of side effects."""
+
+    def __init__(self, source: Source, sink: Sink, pipeline: Pipeline, metrics: WorkerMetrics, health: HealthState,
+                 input_topic: str, stop: threading.Event | None = None, backoff_max_s: float = 30.0) -> None:
+        self.source, self.sink, self.pipeline = source, sink, pipeline
+        self.metrics, self.health, self.input_topic = metrics, health, input_topic
+        self.stop = stop or threading.Event()
+        self.backoff = Backoff(self.stop, maximum_s=backoff_max_s)
+        self.pending: dict[tuple[str, int], int] = {}
+        hist = pipeline.bundle.histogram
+        self.drift = ScoreDrift(hist.edges, hist.counts)
+        self._last_lag = 0.0
+
+    def on_revoke(self, partitions: set[tuple[str, int]]) -> None:
+        """Commit delivered offsets of partitions about to be revoked (called from inside poll)."""
+        mine = {k: v for k, v in self.pending.items() if k in partitions}
+        if not mine:
+            return
+        try:
+            self.source.commit(mine)
+            self.metrics.record_commit()
+        except CommitError as exc:
+            log.warning("commit on revoke failed (the next owner re-reads from the last commit): %s", exc)
+            self.metrics.record_commit_failure()
+        for k in mine:
+            self.pending.pop(k, None)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.run_once()
+
+    def run_once(self) -> BatchResult | None:
+        """One micro-batch through steps 1-5; returns the batch result, or None if nothing was polled."""
+        self.health.heartbeat()
+        records = self.source.poll_batch()                                         # 1
+        self.health.assigned_partitions = len(self.source.assigned())
+        if not records:
+            self._commit_pending()
+            self._update_lag()
+            return None
+        started = time.perf_counter()
+        result = self.pipeline.process(records)                                    # 2
+        try:
+            self.sink.publish(result.alerts, result.dead_letters)                  # 3
+        except DeliveryError as exc:
+            log.error("batch of %d records not delivered, will be read again: %s", len(records), exc)
+            self.metrics.record_kafka_error("produce")
+            self.health.broker_ok = False
+            self.metrics.set_ready(self.health.is_ready())
+            self.source.rewind(first_offsets(records))
+            self.backoff.wait()
+            return None
+        self.pending.update(next_offsets(records))
+        self._commit_pending()                                                     # 4
+        self._record(result, time.perf_counter() - started)                        # 5
+        return result
+
+    def _commit_pending(self) -> None:
+        if not self.pending:
+            return
+        try:
+            self.source.commit(self.pending)
+        except CommitError as exc:
+            log.warning("offsets %s stay pending: %s", self._describe(self.pending), exc)
+            self.metrics.record_commit_failure()
+            self.health.broker_ok = False
+            self.metrics.set_ready(self.health.is_ready())
+            return
+        self.pending.clear()
+        self.metrics.record_commit()
+        self.health.broker_ok = True
+        self.backoff.reset()
+        self.metrics.set_ready(self.health.is_ready())
+
+    def _record(self, result: BatchResult, seconds: float) -> None:
+        topic = self.input_topic
+        self.metrics.record_consumed(topic, result.consumed)
+        for letter in result.dead_letters:
+            self.metrics.record_dead_letter(topic, letter.reason)
+        if result.scored:
+            self.metrics.observe_scores(topic, result.scores.tolist())
+            self.drift.update(result.scores.tolist())
+            self.metrics.set_score_drift_psi(self.drift.psi())
+        self.metrics.record_missing_values(result.missing)
+        if result.alerts:
+            self.metrics.record_alerts_published(topic, len(result.alerts))
+            now = time.time()
+            self.metrics.observe_end_to_end_latency(
+                [now - a.event_time_s for a in result.alerts if a.event_time_s is not None])
+        self.metrics.observe_batch(result.consumed, seconds)
+        self._update_lag()
+
+    def _update_lag(self) -> None:
+        now = time.monotonic()
+        if now - self._last_lag >= 1.0:
+            self._last_lag = now
+            self.metrics.set_consumer_lag(self.source.lag())
+
+    @staticmethod
+    def _describe(offsets: Offsets) -> str:
+        return ", ".join(f"{t}[{p}]@{o}" for (t, p), o in sorted(offsets.items()))

@@ -1,0 +1,54 @@
+"""Plain data crossing the boundary between Kafka I/O and the pipeline (no Kafka imports here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Record:
+    """One consumed Kafka record."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int | None = None
+
+    @property
+    def where(self) -> str:
+        """`topic[partition]@offset`, the form every log line uses."""
+        return f"{self.topic}[{self.partition}]@{self.offset}"
+
+
+@dataclass(frozen=True)
+class Alert:
+    """An anomalous event: its deterministic id and the alert document to publish."""
+
+    alert_id: str
+    record: Record
+    document: dict[str, Any]
+    event_time_s: float | None = None
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """An event that cannot be scored: original bytes plus why, published to the dead-letter topic."""
+
+    record: Record
+    reason: str
+    error: str
+    model_version: str = ""
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+
+    def kafka_headers(self) -> list[tuple[str, bytes]]:
+        return [
+            ("dlq.reason", self.reason.encode()),
+            ("dlq.error", self.error.encode("utf-8", "replace")),
+            ("dlq.source.topic", self.record.topic.encode()),
+            ("dlq.source.partition", str(self.record.partition).encode()),
+            ("dlq.source.offset", str(self.record.offset).encode()),
+            ("dlq.model.version", self.model_version.encode()),
+        ]
