@@ -33,12 +33,14 @@ def score_histogram(path: Path, normal: np.ndarray, anomalous: np.ndarray | None
     positive = np.concatenate([normal, anomalous]) if anomalous is not None else normal
     floor = max(float(np.min(positive[positive > 0])) if np.any(positive > 0) else 1e-6, 1e-9)
     bins = np.logspace(np.log10(floor), np.log10(max(float(positive.max()), threshold) * 1.01), 60)
-    ax.hist(np.maximum(normal, floor), bins=list(bins), alpha=0.6, label=f"normal ({normal.size})", density=True)
+    # Each group's bars sum to 1 (share of its rows): densities would shrink the wide log-scale bins.
+    ax.hist(np.maximum(normal, floor), bins=list(bins), alpha=0.6, label=f"normal ({normal.size})",
+            weights=np.full(normal.size, 1.0 / max(normal.size, 1)))
     if anomalous is not None and anomalous.size:
         ax.hist(np.maximum(anomalous, floor), bins=list(bins), alpha=0.6, label=f"anomalous ({anomalous.size})",
-                density=True)
+                weights=np.full(anomalous.size, 1.0 / anomalous.size))
     ax.axvline(threshold, color="red", linestyle="--", label=f"threshold {threshold:.4g}")
-    ax.set(xscale="log", xlabel="anomaly score (reconstruction error)", ylabel="density",
+    ax.set(xscale="log", xlabel="anomaly score (reconstruction error)", ylabel="share of rows",
            title="Score distribution")
     ax.legend()
     fig.tight_layout()

@@ -1,0 +1,35 @@
+.DEFAULT_GOAL := help
+.PHONY: help setup run test unit integration lint bench-quality bench-throughput kafka-start kafka-stop
+
+help:  ## list the everyday commands
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+
+setup:  ## install everything: .venv, Kafka jars, Java/Maven if missing
+	bash scripts/setup.sh
+
+run:  ## the demo: local Kafka, train on the sample, worker, replay, alerts (Ctrl-C cleans up)
+	bash scripts/demo.sh
+
+test:  ## the whole suite as CI runs it (setup, ruff, mypy, unit + integration)
+	bash scripts/test.sh
+
+unit:  ## unit tests only (no services)
+	.venv/bin/python -m pytest tests/unit -q
+
+integration:  ## integration tests (starts real Kafka and Prometheus on 127.0.0.1)
+	.venv/bin/python -m pytest tests/integration -q
+
+lint:  ## ruff and mypy
+	.venv/bin/ruff check training worker tests benchmarks scripts && .venv/bin/mypy
+
+bench-quality:  ## detection quality vs IsolationForest and PyOD KNN (writes benchmarks/results/quality.md)
+	.venv/bin/python -m benchmarks.quality
+
+bench-throughput:  ## worker throughput and latency on a local broker (writes benchmarks/results/throughput.md)
+	.venv/bin/python -m benchmarks.throughput
+
+kafka-start:  ## start a local single-node Kafka on 127.0.0.1:9092
+	bash deploy/kafka/kafka-local.sh start
+
+kafka-stop:  ## stop it
+	bash deploy/kafka/kafka-local.sh stop

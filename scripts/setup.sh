@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Set up everything the project needs on a fresh Debian/Ubuntu machine (idempotent):
+#   1. Java 17 + Maven (Debian packages) if missing, for the local Kafka broker
+#   2. .venv with the project and its dev/bench dependencies (pinned by constraints.txt)
+#   3. Kafka jars from Maven Central into deploy/kafka/libs/
+#   4. Prometheus + promtool (Debian package) when WITH_PROMETHEUS=1
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+SUDO=()
+[ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO=(sudo)
+
+apt_install() {
+    command -v apt-get >/dev/null 2>&1 || { echo "setup: please install: $*" >&2; exit 1; }
+    "${SUDO[@]}" apt-get update -qq
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+}
+
+if ! command -v java >/dev/null 2>&1 || ! command -v mvn >/dev/null 2>&1; then
+    echo "setup: installing Java 17 and Maven" >&2
+    apt_install openjdk-17-jre-headless maven
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv with $($PYTHON --version)" >&2
+    "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
+if [ ! -e "$stamp" ]; then
+    echo "setup: installing Python dependencies (first time: a few minutes, TensorFlow is large)" >&2
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev,bench]"
+    rm -f .venv/.installed-*
+    touch "$stamp"
+fi
+
+bash deploy/kafka/kafka-local.sh fetch >&2
+
+if [ "${WITH_PROMETHEUS:-0}" = 1 ]; then
+    bash scripts/install-prometheus.sh >&2
+fi
+echo "setup: ready" >&2
