@@ -54,6 +54,8 @@ class NumericField:
     scale: float
     impute: float
     constant: bool = False
+    low: float | None = None
+    high: float | None = None
     kind: str = field(default=NUMERIC, init=False)
 
     @property
@@ -77,14 +79,18 @@ class NumericField:
         return np.clip(scaled, -CLIP, CLIP), n_missing
 
     def decode(self, scaled: np.ndarray) -> np.ndarray:
-        """Map scaled values back to original units."""
+        """Map scaled values back to original units, within the range seen in training."""
         values = np.asarray(scaled, dtype=np.float64) * self.scale + self.center
-        return signed_expm1(values) if self.log else values
+        values = signed_expm1(values) if self.log else values
+        if self.low is not None and self.high is not None:
+            values = np.clip(values, self.low, self.high)
+        return values
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "kind": NUMERIC, "log": self.log, "center": self.center,
-            "scale": self.scale, "impute": self.impute, "constant": self.constant,
+            "scale": self.scale, "impute": self.impute, "constant": self.constant, "low": self.low,
+            "high": self.high,
         }
 
 
@@ -226,7 +232,9 @@ class FeatureSchema:
                     fields.append(NumericField(
                         name=item["name"], log=bool(item["log"]), center=float(item["center"]),
                         scale=float(item["scale"]), impute=float(item["impute"]),
-                        constant=bool(item.get("constant", False))))
+                        constant=bool(item.get("constant", False)),
+                        low=None if item.get("low") is None else float(item["low"]),
+                        high=None if item.get("high") is None else float(item["high"])))
                 elif item["kind"] == CATEGORICAL:
                     fields.append(CategoricalField(
                         name=item["name"], vocabulary=tuple(str(v) for v in item["vocabulary"]),
@@ -244,17 +252,18 @@ def fit_numeric(name: str, values: np.ndarray) -> NumericField:
     if present.size == 0:
         return NumericField(name=name, log=False, center=0.0, scale=1.0, impute=0.0, constant=True)
     median = float(np.median(present))
+    low, high = float(present.min()), float(present.max())
     std = float(np.std(present))
     if std == 0.0:
         # A constant column: scale 1 in log space, so a new value is an anomaly of bounded size.
         return NumericField(name=name, log=True, center=float(signed_log1p(np.array(median))),
-                            scale=1.0, impute=median, constant=True)
+                            scale=1.0, impute=median, constant=True, low=low, high=high)
     skew = float(np.mean(((present - present.mean()) / std) ** 3))
     log = skew > SKEW_FOR_LOG
     transformed = signed_log1p(present) if log else present
     center = float(np.mean(transformed))
     scale = float(np.std(transformed)) or 1.0
-    return NumericField(name=name, log=log, center=center, scale=scale, impute=median)
+    return NumericField(name=name, log=log, center=center, scale=scale, impute=median, low=low, high=high)
 
 
 def fit_categorical(name: str, values: np.ndarray) -> CategoricalField:
