@@ -120,21 +120,26 @@ def score_main(argv: Sequence[str] | None = None) -> int:
         allowed = [*bundle.passthrough_columns, *args.passthrough]
         started, rows, anomalies = time.perf_counter(), 0, 0
         tmp = args.out.with_name(args.out.name + ".partial")
-        with tmp.open("w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow([*args.passthrough, "score", "is_anomaly", "top_feature", "top_feature_share"])
-            for first_row, chunk in iter_frames(args.data, args.chunk_rows):
-                check_columns(chunk, bundle.schema, allowed, args.data)
-                scores = scorer.score(encode_frame(bundle.schema, chunk, args.data, first_row))
-                flags = scores.score > bundle.threshold.value
-                totals = np.maximum(scores.field_errors.sum(axis=1), 1e-30)
-                shares = scores.field_errors.max(axis=1) / totals
-                extra = [chunk[c].tolist() for c in args.passthrough]
-                for i, (s, f, top, share) in enumerate(zip(scores.score, flags, scorer.top_fields(scores), shares,
-                                                           strict=True)):
-                    writer.writerow([*(col[i] for col in extra), f"{s:.9g}", int(f), top, f"{share:.4f}"])
-                rows += len(chunk)
-                anomalies += int(flags.sum())
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with tmp.open("w", newline="") as fh:
+                writer = csv.writer(fh)
+                writer.writerow([*args.passthrough, "score", "is_anomaly", "top_feature", "top_feature_share"])
+                for first_row, chunk in iter_frames(args.data, args.chunk_rows):
+                    check_columns(chunk, bundle.schema, allowed, args.data)
+                    scores = scorer.score(encode_frame(bundle.schema, chunk, args.data, first_row))
+                    flags = scores.score > bundle.threshold.value
+                    totals = np.maximum(scores.field_errors.sum(axis=1), 1e-30)
+                    shares = scores.field_errors.max(axis=1) / totals
+                    extra = [chunk[c].tolist() for c in args.passthrough]
+                    for i, (s, f, top, share) in enumerate(zip(scores.score, flags, scorer.top_fields(scores), shares,
+                                                               strict=True)):
+                        writer.writerow([*(col[i] for col in extra), f"{s:.9g}", int(f), top, f"{share:.4f}"])
+                    rows += len(chunk)
+                    anomalies += int(flags.sum())
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a half-written output must not look like a result
+            raise
         tmp.replace(args.out)
         seconds = time.perf_counter() - started
         print(f"scored {rows} rows in {seconds:.1f} s ({rows / max(seconds, 1e-9):,.0f} rows/s): "

@@ -75,7 +75,8 @@ def _read_chunks(path: Path, chunk_rows: int | None) -> Iterator[pd.DataFrame]:
 def read_frame(path: Path) -> pd.DataFrame:
     """Read a whole file; raises DataError if it has no data rows."""
     frames = list(_read_chunks(path, None))
-    frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    # A Parquet file with zero rows yields no batches at all.
+    frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0] if frames else pd.DataFrame()
     if frame.empty or len(frame.columns) == 0:
         raise DataError(f"{path}: file has no data rows")
     return frame

@@ -1,0 +1,287 @@
+"""The console scripts in-process: bad input exits 2 with one line naming what to fix, never a traceback."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.unit.conftest import TRAIN_ARGS, TrainedBundle, synthetic_events
+from training.bundle import load_bundle
+from training.cli import evaluate_main, score_main, train_main
+
+Main = Callable[[Sequence[str]], int]
+
+
+def run(main: Main, argv: Sequence[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Exit code, stdout and stderr of one console-script call (argparse errors exit via SystemExit)."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(result: tuple[int, str, str], prog: str, *fragments: str) -> str:
+    """Exit 2, exactly one stderr line '<prog>: error: ...' holding every fragment, no traceback."""
+    code, _, err = result
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"{prog}: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+    return lines[0]
+
+
+# --- anomaly-train ---------------------------------------------------------------------------
+
+@pytest.fixture()
+def events(tmp_path: Path) -> pd.DataFrame:
+    return synthetic_events(n=200, seed=1)
+
+
+def train(tmp_path: Path, data: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, str, str]:
+    return run(train_main, ["--data", data, "--out", tmp_path / "model", *TRAIN_ARGS, *extra], capsys)
+
+
+def test_train_refuses_unknown_file_type(tmp_path: Path, events: pd.DataFrame, capsys) -> None:
+    data = tmp_path / "events.txt"
+    events.to_csv(data, index=False)
+    assert_user_error(train(tmp_path, data, capsys), "anomaly-train", "events.txt", "unknown file type '.txt'")
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize(("text", "message"), [("", "file is empty"), ("amount,latency\n", "no data rows")])
+def test_train_refuses_file_without_rows(tmp_path: Path, capsys, text: str, message: str) -> None:
+    data = tmp_path / "events.csv"
+    data.write_text(text)
+    assert_user_error(train(tmp_path, data, capsys), "anomaly-train", str(data), message)
+
+
+def test_train_refuses_missing_data_file(tmp_path: Path, capsys) -> None:
+    assert_user_error(train(tmp_path, tmp_path / "nope.csv", capsys), "anomaly-train", "nope.csv: no such file")
+
+
+def test_stray_text_in_numeric_column_names_the_row_and_is_not_made_categorical(
+        tmp_path: Path, events: pd.DataFrame, capsys) -> None:
+    events["latency"] = events["latency"].astype(object)
+    events.loc[41, "latency"] = "n/a ms"
+    data = tmp_path / "events.csv"
+    events.to_csv(data, index=False)
+    line = assert_user_error(train(tmp_path, data, capsys), "anomaly-train",
+                             "events.csv", "column 'latency'", "row 42", "'n/a ms' is not a number")
+    assert "--categorical latency" in line
+    assert not (tmp_path / "model").exists()
+
+
+def test_infinite_value_is_refused_with_its_row(tmp_path: Path, events: pd.DataFrame, capsys) -> None:
+    events["amount"] = events["amount"].astype(object)
+    events.loc[9, "amount"] = "inf"
+    data = tmp_path / "events.csv"
+    events.to_csv(data, index=False)
+    assert_user_error(train(tmp_path, data, capsys), "anomaly-train",
+                      "column 'amount'", "row 10", "infinite value")
+
+
+def test_label_column_without_normal_rows(tmp_path: Path, events: pd.DataFrame, capsys) -> None:
+    data = tmp_path / "events.csv"
+    events.to_csv(data, index=False)
+    result = train(tmp_path, data, capsys, "--label-column", "label", "--normal-value", "benign")
+    assert_user_error(result, "anomaly-train", "label column 'label' has no row equal to 'benign'",
+                      "attack", "--normal-value")
+
+
+def test_label_column_needs_normal_value(tmp_path: Path, events: pd.DataFrame, capsys) -> None:
+    data = tmp_path / "events.csv"
+    events.to_csv(data, index=False)
+    assert_user_error(train(tmp_path, data, capsys, "--label-column", "label"), "anomaly-train",
+                      "--label-column and --normal-value go together")
+
+
+def test_conflicting_threshold_options_are_a_usage_error(tmp_path: Path, events: pd.DataFrame, capsys) -> None:
+    data = tmp_path / "events.csv"
+    events.to_csv(data, index=False)
+    code, _, err = train(tmp_path, data, capsys, "--target-fpr", "0.05", "--threshold", "3")
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == ("anomaly-train: error: argument --threshold: "
+                                            "not allowed with argument --target-fpr")
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    (["--target-fpr", "1.5"], "target false-positive rate must be in (0, 1), got 1.5"),
+    (["--threshold-quantile", "0"], "threshold quantile must be in (0, 1), got 0.0"),
+    (["--threshold", "-1"], "a manual threshold must be a positive score, got -1.0"),
+    (["--epochs", "0"], "epochs must be >= 1, got 0"),
+])
+def test_out_of_range_options(tmp_path: Path, events: pd.DataFrame, capsys, option: list[str], message: str) -> None:
+    data = tmp_path / "events.csv"
+    events.to_csv(data, index=False)
+    assert_user_error(train(tmp_path, data, capsys, *option), "anomaly-train", message)
+
+
+def test_drop_of_unknown_column(tmp_path: Path, events: pd.DataFrame, capsys) -> None:
+    data = tmp_path / "events.csv"
+    events.to_csv(data, index=False)
+    assert_user_error(train(tmp_path, data, capsys, "--drop", "evnt_id"), "anomaly-train", "not found: evnt_id")
+
+
+def test_training_with_empty_cells_and_nulls_imputes_them(tmp_path: Path, events: pd.DataFrame, capsys) -> None:
+    events.loc[[3, 50, 77], "latency"] = np.nan
+    events.loc[[5, 60], "method"] = None
+    data = tmp_path / "events.jsonl"
+    events.to_json(data, orient="records", lines=True)
+    assert '"latency":null' in data.read_text()
+    code, out, err = train(tmp_path, data, capsys, "--drop", "event_id", "--label-column", "label",
+                           "--normal-value", "normal")
+    assert code == 0, err
+    assert "written to" in out and "ROC-AUC" in out
+    schema = load_bundle(tmp_path / "model").schema
+    assert schema.names == ["amount", "latency", "version", "method"]
+    assert schema.categorical_names == ["method"]
+
+
+# --- anomaly-score ---------------------------------------------------------------------------
+
+def score(trained: TrainedBundle, data: Path, capsys, *extra: str) -> tuple[int, str, str]:
+    return run(score_main, ["--model", trained.path, "--data", data, "--out", data.with_suffix(".scores.csv"),
+                            *extra], capsys)
+
+
+def assert_no_output(data: Path) -> None:
+    out = data.with_suffix(".scores.csv")
+    assert not out.exists()
+    assert not out.with_name(out.name + ".partial").exists()
+
+
+def test_score_refuses_missing_column(trained_bundle: TrainedBundle, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "new.csv"
+    trained_bundle.frame.drop(columns=["latency"]).to_csv(data, index=False)
+    assert_user_error(score(trained_bundle, data, capsys), "anomaly-score",
+                      "new.csv", "missing column(s) required by the model: latency")
+    assert_no_output(data)
+
+
+def test_score_refuses_extra_column_unless_passed_through(trained_bundle: TrainedBundle, tmp_path: Path,
+                                                          capsys) -> None:
+    data = tmp_path / "new.csv"
+    trained_bundle.frame.assign(region="eu").to_csv(data, index=False)
+    assert_user_error(score(trained_bundle, data, capsys), "anomaly-score",
+                      "new.csv", "unexpected column(s) region", "--passthrough region")
+    assert_no_output(data)
+    code, _, err = score(trained_bundle, data, capsys, "--passthrough", "region")
+    assert code == 0, err
+    assert set(pd.read_csv(data.with_suffix(".scores.csv"))["region"]) == {"eu"}
+
+
+@pytest.mark.parametrize(("value", "message"), [("12 ms", "'12 ms' is not a number"), ("-inf", "infinite value")])
+def test_score_refuses_bad_numbers_with_their_row(trained_bundle: TrainedBundle, tmp_path: Path, capsys,
+                                                  value: str, message: str) -> None:
+    frame = trained_bundle.frame.copy()
+    frame["latency"] = frame["latency"].astype(object)
+    frame.loc[123, "latency"] = value
+    data = tmp_path / "new.csv"
+    frame.to_csv(data, index=False)
+    # Small chunks: the row number must count across chunks.
+    assert_user_error(score(trained_bundle, data, capsys, "--chunk-rows", "50"), "anomaly-score",
+                      "new.csv", "column 'latency'", "row 124", message)
+    assert_no_output(data)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_score_imputes_empty_cells_and_nulls(trained_bundle: TrainedBundle, tmp_path: Path, capsys,
+                                             suffix: str) -> None:
+    frame = trained_bundle.frame.copy()
+    frame.loc[[0, 10], "amount"] = np.nan
+    frame.loc[[1, 10], "method"] = None
+    data = tmp_path / f"new{suffix}"
+    if suffix == ".csv":
+        frame.to_csv(data, index=False)
+        assert "\ne0000,," in data.read_text()
+    else:
+        frame.to_json(data, orient="records", lines=True)
+    code, out, err = score(trained_bundle, data, capsys)
+    assert code == 0, err
+    assert f"scored {len(frame)} rows" in out
+    scores = pd.read_csv(data.with_suffix(".scores.csv"))["score"]
+    assert len(scores) == len(frame) and np.all(np.isfinite(scores))
+
+
+def test_score_creates_the_output_directory(trained_bundle: TrainedBundle, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "results" / "today" / "scores.csv"
+    code, _, err = run(score_main, ["--model", trained_bundle.path, "--data", trained_bundle.csv, "--out", out],
+                       capsys)
+    assert code == 0, err
+    assert len(pd.read_csv(out)) == len(trained_bundle.frame)
+
+
+def test_score_refuses_missing_bundle(tmp_path: Path, capsys) -> None:
+    data = tmp_path / "new.csv"
+    data.write_text("a\n1\n")
+    result = run(score_main, ["--model", tmp_path / "no-model", "--data", data, "--out", tmp_path / "o.csv"], capsys)
+    assert_user_error(result, "anomaly-score", "no-model: no model bundle here", "anomaly-train --out")
+
+
+@pytest.fixture()
+def bundle_copy(trained_bundle: TrainedBundle, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(trained_bundle.path, tmp_path / "bundle"))
+
+
+def test_score_refuses_tampered_bundle(trained_bundle: TrainedBundle, bundle_copy: Path, capsys) -> None:
+    threshold = json.loads((bundle_copy / "threshold.json").read_text())
+    threshold["value"] *= 10
+    (bundle_copy / "threshold.json").write_text(json.dumps(threshold))
+    result = run(score_main, ["--model", bundle_copy, "--data", trained_bundle.csv,
+                              "--out", bundle_copy.parent / "o.csv"], capsys)
+    assert_user_error(result, "anomaly-score", "file threshold.json does not match its hash in the manifest")
+
+
+def test_score_refuses_schema_that_does_not_match_manifest(trained_bundle: TrainedBundle, bundle_copy: Path,
+                                                           capsys) -> None:
+    # Re-hash the edited features.json so only the schema-hash check can catch it.
+    features = json.loads((bundle_copy / "features.json").read_text())
+    method = next(f for f in features["fields"] if f["name"] == "method")
+    method["vocabulary"].append("PATCH")
+    (bundle_copy / "features.json").write_text(json.dumps(features))
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["files"]["features.json"] = hashlib.sha256((bundle_copy / "features.json").read_bytes()).hexdigest()
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    result = run(score_main, ["--model", bundle_copy, "--data", trained_bundle.csv,
+                              "--out", bundle_copy.parent / "o.csv"], capsys)
+    assert_user_error(result, "anomaly-score", "features.json does not match the manifest's schema hash")
+
+
+# --- anomaly-evaluate ------------------------------------------------------------------------
+
+def test_evaluate_writes_report_and_prints_roc_auc(trained_bundle: TrainedBundle, tmp_path: Path, capsys) -> None:
+    report = tmp_path / "evaluation"
+    code, out, err = run(evaluate_main, ["--model", trained_bundle.path, "--data", trained_bundle.csv,
+                                         "--label-column", "label", "--normal-value", "normal",
+                                         "--report-dir", report], capsys)
+    assert code == 0, err
+    for name in ("report.html", "scores.png", "roc.png", "pr.png", "confusion.png"):
+        assert (report / name).stat().st_size > 0, name
+    assert (report / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = (report / "report.html").read_text()
+    assert 'src="roc.png"' in html and "roc_auc" in html
+    match = re.search(r"ROC-AUC (\d\.\d{4})", out)
+    assert match is not None, out
+    assert float(match.group(1)) > 0.8  # latency of the anomalies is shifted by 8 standard deviations
+
+
+def test_evaluate_needs_anomalous_rows(trained_bundle: TrainedBundle, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "normal.csv"
+    trained_bundle.frame.query("label == 'normal'").to_csv(data, index=False)
+    result = run(evaluate_main, ["--model", trained_bundle.path, "--data", data, "--label-column", "label",
+                                 "--normal-value", "normal"], capsys)
+    assert_user_error(result, "anomaly-evaluate", "normal.csv: every row is normal")
+    assert not (tmp_path / "evaluation-normal").exists()

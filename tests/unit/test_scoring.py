@@ -1,0 +1,108 @@
+"""Scoring through the SavedModel signature, and per-field explanations in original units."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.unit.conftest import TrainedBundle
+from training.bundle import load_bundle
+from training.features import FeatureSchema, NumericField
+from training.scoring import Scorer, Scores
+
+
+def raw(frame: pd.DataFrame, schema: FeatureSchema) -> dict[str, np.ndarray]:
+    return {name: frame[name].to_numpy(dtype=np.float64 if name in schema.numeric_names else object)
+            for name in schema.names}
+
+
+@pytest.fixture(scope="module")
+def scorer(trained_bundle: TrainedBundle) -> Scorer:
+    return load_bundle(trained_bundle.path).scorer
+
+
+@pytest.fixture(scope="module")
+def scored(trained_bundle: TrainedBundle, scorer: Scorer) -> tuple[np.ndarray, Scores]:
+    matrix = scorer.schema.encode(raw(trained_bundle.frame, scorer.schema)).matrix
+    return matrix, scorer.score(matrix)
+
+
+def test_score_is_mean_of_field_errors_over_model_inputs(scorer: Scorer, scored: tuple[np.ndarray, Scores]) -> None:
+    matrix, scores = scored
+    assert len(scores) == len(matrix)
+    assert scores.field_errors.shape == (len(matrix), len(scorer.schema.fields))
+    assert scores.reconstruction.shape == matrix.shape
+    assert np.all(scores.field_errors >= 0)
+    np.testing.assert_allclose(scores.field_errors.sum(axis=1) / scorer.schema.width, scores.score, rtol=1e-5)
+
+
+def test_batches_do_not_change_scores(trained_bundle: TrainedBundle, scored: tuple[np.ndarray, Scores]) -> None:
+    matrix, scores = scored
+    bundle = load_bundle(trained_bundle.path)
+    small = Scorer(bundle.path / "saved_model", bundle.schema, max_batch_rows=7).score(matrix)
+    np.testing.assert_allclose(small.score, scores.score, rtol=1e-6)
+    assert len(Scorer(bundle.path / "saved_model", bundle.schema).score(matrix[:0])) == 0
+
+
+def test_wrong_width_is_refused(scorer: Scorer) -> None:
+    with pytest.raises(ValueError, match=rf"expected an \(n, {scorer.schema.width}\) matrix"):
+        scorer.score(np.zeros((2, scorer.schema.width + 1), dtype=np.float32))
+
+
+def test_anomalies_score_higher(trained_bundle: TrainedBundle, scored: tuple[np.ndarray, Scores]) -> None:
+    _, scores = scored
+    attack = (trained_bundle.frame["label"] == "attack").to_numpy()
+    assert np.median(scores.score[attack]) > np.quantile(scores.score[~attack], 0.9)
+
+
+def test_explain_gives_sorted_shares_by_field_name(trained_bundle: TrainedBundle, scorer: Scorer,
+                                                   scored: tuple[np.ndarray, Scores]) -> None:
+    _, scores = scored
+    records = trained_bundle.features.to_dict(orient="records")
+    for row in range(0, len(records), 37):
+        contributions = scorer.explain(scores, row, records[row], top_k=3)
+        assert len(contributions) == 3
+        shares = [c.share for c in contributions]
+        assert shares == sorted(shares, reverse=True)
+        assert all(s >= 0 for s in shares) and sum(shares) <= 1.0 + 1e-6
+        assert {c.field for c in contributions} <= set(scorer.schema.names)  # "method", never "method=GET"
+        for c in contributions:
+            if c.field == "method":
+                assert c.observed == records[row]["method"]
+            else:
+                assert c.observed == pytest.approx(records[row][c.field])
+    every = scorer.explain(scores, 0, records[0], top_k=len(scorer.schema.fields))
+    assert sum(c.share for c in every) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_explain_of_attack_blames_latency(trained_bundle: TrainedBundle, scorer: Scorer,
+                                          scored: tuple[np.ndarray, Scores]) -> None:
+    _, scores = scored
+    row = int(np.flatnonzero(trained_bundle.frame["label"] == "attack")[0])
+    top = scorer.explain(scores, row, trained_bundle.features.iloc[row].to_dict(), top_k=1)[0]
+    assert top.field == "latency"
+    assert top.observed > top.expected  # the attack's latency is above what normal rows look like
+
+
+def test_expected_values_are_in_original_units(trained_bundle: TrainedBundle, scorer: Scorer,
+                                               scored: tuple[np.ndarray, Scores]) -> None:
+    # With a perfect reconstruction, "expected" must equal the observed value in raw units,
+    # including through the signed log1p of the heavy-tailed field and the one-hot of the categorical one.
+    matrix, scores = scored
+    amount = scorer.schema.fields[scorer.schema.names.index("amount")]
+    assert isinstance(amount, NumericField) and amount.log
+    perfect = Scores(score=scores.score, field_errors=scores.field_errors, reconstruction=matrix)
+    record = trained_bundle.features.iloc[5].to_dict()
+    for c in scorer.explain(perfect, 5, record, top_k=len(scorer.schema.fields)):
+        if c.field == "method":
+            assert c.expected == record["method"]
+        else:
+            assert c.expected == pytest.approx(record[c.field], rel=1e-5)
+    assert c.to_dict()["field"] == c.field
+
+
+def test_top_fields_match_largest_field_error(scorer: Scorer, scored: tuple[np.ndarray, Scores]) -> None:
+    _, scores = scored
+    top = scorer.top_fields(scores)
+    assert [scorer.schema.names.index(t) for t in top] == list(np.argmax(scores.field_errors, axis=1))
