@@ -144,6 +144,8 @@ def write_bundle(out_dir: Path, contents: BundleContents) -> Manifest:
        is removed only after the rename). A failure before step 3 leaves `out_dir` untouched.
     """
     out_dir = out_dir.resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BundleError(f"{out_dir} is a file; --out must name a directory for the bundle")
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
         raise BundleError(f"{out_dir} exists and is not a model bundle; choose an empty or new directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
