@@ -1,0 +1,274 @@
+"""Worker loop order of side effects, against in-memory Source/Sink fakes: poll -> publish -> commit."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from worker.alerts import build_alert
+from worker.errors import CommitError, DeliveryError
+from worker.http import HealthState
+from worker.loop import Backoff, Offsets, Worker
+from worker.metrics import WorkerMetrics
+from worker.pipeline import BatchResult
+from worker.records import Alert, DeadLetter, Record
+
+TOPIC = "events"
+MODEL = "m1"
+
+
+class FakeSource:
+    """Partitions as in-memory lists; a position and a committed offset per partition, like a consumer."""
+
+    def __init__(self, log: list[tuple], partitions: dict[int, list[bytes]], max_batch: int = 4) -> None:
+        self.log = log
+        self.data = {(TOPIC, p): values for p, values in partitions.items()}
+        self.position = {tp: 0 for tp in self.data}
+        self.committed: dict[tuple[str, int], int] = {}
+        self.max_batch = max_batch
+        self.fail_commits = 0
+        self.on_empty: threading.Event | None = None
+
+    def poll_batch(self) -> list[Record]:
+        out: list[Record] = []
+        for (topic, p), values in sorted(self.data.items()):
+            while self.position[(topic, p)] < len(values) and len(out) < self.max_batch:
+                offset = self.position[(topic, p)]
+                out.append(Record(topic, p, offset, None, values[offset], timestamp_ms=None))
+                self.position[(topic, p)] += 1
+        self.log.append(("poll", [(r.partition, r.offset) for r in out]))
+        if not out and self.on_empty is not None:
+            self.on_empty.set()
+        return out
+
+    def commit(self, offsets: Offsets) -> None:
+        if self.fail_commits:
+            self.fail_commits -= 1
+            self.log.append(("commit-failed", dict(offsets)))
+            raise CommitError("coordinator not available")
+        self.committed.update(offsets)
+        self.log.append(("commit", dict(offsets)))
+
+    def rewind(self, offsets: Offsets) -> None:
+        self.position.update(offsets)
+        self.log.append(("rewind", dict(offsets)))
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        return {tp: len(v) - self.position[tp] for tp, v in self.data.items()}
+
+    def assigned(self) -> set[tuple[str, int]]:
+        return set(self.data)
+
+
+class FakeSink:
+    def __init__(self, log: list[tuple]) -> None:
+        self.log = log
+        self.fail_publishes = 0
+        self.alerts: list[Alert] = []
+        self.dead_letters: list[DeadLetter] = []
+
+    def publish(self, alerts: Sequence[Alert], dead_letters: Sequence[DeadLetter]) -> None:
+        if self.fail_publishes:
+            self.fail_publishes -= 1
+            self.log.append(("publish-failed", len(alerts), len(dead_letters)))
+            raise DeliveryError("1 of 2 records were not acknowledged: timed out")
+        self.alerts.extend(alerts)
+        self.dead_letters.extend(dead_letters)
+        self.log.append(("publish", [a.alert_id for a in alerts], [d.record.offset for d in dead_letters]))
+
+
+class FakePipeline:
+    """b"bad" -> dead letter; a value starting with b"A" -> alert (score 5 > threshold 1); else normal."""
+
+    def __init__(self, log: list[tuple]) -> None:
+        self.log = log
+        self.bundle = SimpleNamespace(version=MODEL, histogram=SimpleNamespace(edges=[0.0, 1.0, 2.0], counts=[5, 5]))
+        self.stop_after_process: threading.Event | None = None
+
+    def process(self, records: Sequence[Record]) -> BatchResult:
+        self.log.append(("process", len(records)))
+        dead = [DeadLetter(r, "invalid_json", "not JSON", MODEL) for r in records if r.value == b"bad"]
+        good = [r for r in records if r.value != b"bad"]
+        alerts = [build_alert(r, {}, 5.0, 1.0, MODEL, [], 0.0) for r in good if r.value and r.value.startswith(b"A")]
+        scores = np.array([5.0 if r.value and r.value.startswith(b"A") else 0.5 for r in good])
+        if self.stop_after_process is not None:
+            self.stop_after_process.set()
+        return BatchResult(consumed=len(records), alerts=alerts, dead_letters=dead, scores=scores)
+
+
+@pytest.fixture
+def log() -> list[tuple]:
+    return []
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+def make_worker(log: list[tuple], partitions: dict[int, list[bytes]], registry: CollectorRegistry,
+                max_batch: int = 4) -> tuple[Worker, FakeSource, FakeSink, FakePipeline]:
+    source, sink, pipeline = FakeSource(log, partitions, max_batch), FakeSink(log), FakePipeline(log)
+    metrics = WorkerMetrics(registry)
+    metrics.set_model(MODEL, 1.0)
+    stop = threading.Event()
+    worker = Worker(source, sink, pipeline, metrics, HealthState(), TOPIC, stop)  # type: ignore[arg-type]
+    worker.backoff = Backoff(stop, initial_s=0.001, maximum_s=0.001)  # no real waiting in unit tests
+    return worker, source, sink, pipeline
+
+
+def kinds(log: list[tuple]) -> list[str]:
+    return [entry[0] for entry in log]
+
+
+def test_poll_then_process_then_publish_then_commit(log: list[tuple], registry: CollectorRegistry) -> None:
+    worker, source, sink, _ = make_worker(log, {0: [b"n", b"A1", b"bad"], 1: [b"A2"]}, registry)
+    result = worker.run_once()
+    assert result is not None and result.consumed == 4
+    assert kinds(log) == ["poll", "process", "publish", "commit"]
+    assert log[2] == ("publish", [f"{MODEL}/{TOPIC}/0/1", f"{MODEL}/{TOPIC}/1/0"], [2])
+    assert log[3] == ("commit", {(TOPIC, 0): 3, (TOPIC, 1): 1})  # next offset = last + 1
+    assert worker.pending == {}
+    assert registry.get_sample_value("anomaly_events_consumed_total", {"topic": TOPIC}) == 4
+    assert registry.get_sample_value("anomaly_alerts_published_total", {"topic": TOPIC}) == 2
+    assert registry.get_sample_value("anomaly_dead_letters_total", {"topic": TOPIC, "reason": "invalid_json"}) == 1
+    assert registry.get_sample_value("anomaly_commits_total") == 1
+
+
+def test_empty_poll_publishes_and_commits_nothing(log: list[tuple], registry: CollectorRegistry) -> None:
+    worker, _, _, _ = make_worker(log, {0: []}, registry)
+    assert worker.run_once() is None
+    assert kinds(log) == ["poll"]
+
+
+def test_delivery_failure_commits_nothing_rewinds_and_replays_with_the_same_ids(
+        log: list[tuple], registry: CollectorRegistry) -> None:
+    worker, source, sink, _ = make_worker(log, {0: [b"A0", b"n", b"A2", b"bad", b"A4"], 1: [b"A0"]}, registry,
+                                          max_batch=3)
+    worker.run_once()  # partition 0 offsets 0-2 delivered and committed
+    assert source.committed == {(TOPIC, 0): 3}
+    del log[:]
+    sink.fail_publishes = 1
+    assert worker.run_once() is None
+    assert kinds(log) == ["poll", "process", "publish-failed", "rewind"]
+    assert log[0] == ("poll", [(0, 3), (0, 4), (1, 0)])
+    assert log[3] == ("rewind", {(TOPIC, 0): 3, (TOPIC, 1): 0})  # the batch's first offsets
+    assert source.committed == {(TOPIC, 0): 3}, "nothing may be committed that was not delivered"
+    assert worker.pending == {}
+    assert registry.get_sample_value("anomaly_kafka_errors_total", {"operation": "produce"}) == 1
+    assert registry.get_sample_value("anomaly_events_consumed_total", {"topic": TOPIC}) == 3  # first batch only
+    assert worker.health.broker_ok is False
+
+    del log[:]
+    result = worker.run_once()  # the same batch again, now delivered
+    assert result is not None
+    assert kinds(log) == ["poll", "process", "publish", "commit"]
+    assert log[0] == ("poll", [(0, 3), (0, 4), (1, 0)])
+    assert log[2] == ("publish", [f"{MODEL}/{TOPIC}/0/4", f"{MODEL}/{TOPIC}/1/0"], [3])
+    assert source.committed == {(TOPIC, 0): 5, (TOPIC, 1): 1}
+    ids = [a.alert_id for a in sink.alerts]
+    assert ids == [f"{MODEL}/{TOPIC}/0/0", f"{MODEL}/{TOPIC}/0/2", f"{MODEL}/{TOPIC}/0/4", f"{MODEL}/{TOPIC}/1/0"]
+    assert worker.health.broker_ok is True
+
+
+def test_commit_failure_keeps_offsets_pending_until_the_next_batch(
+        log: list[tuple], registry: CollectorRegistry) -> None:
+    worker, source, _, _ = make_worker(log, {0: [b"n"] * 3, 1: [b"n"] * 5}, registry, max_batch=4)
+    source.fail_commits = 1
+    result = worker.run_once()
+    assert result is not None  # delivered: the batch is done even though the commit failed
+    assert kinds(log) == ["poll", "process", "publish", "commit-failed"]
+    assert worker.pending == {(TOPIC, 0): 3, (TOPIC, 1): 1}
+    assert source.committed == {}
+    assert registry.get_sample_value("anomaly_commit_failures_total") == 1
+    assert registry.get_sample_value("anomaly_kafka_errors_total", {"operation": "commit"}) == 1
+    assert worker.health.broker_ok is False
+
+    del log[:]
+    worker.run_once()  # partition 1 offsets 1-4: its commit carries the pending partition 0 too
+    assert kinds(log) == ["poll", "process", "publish", "commit"]
+    assert log[-1] == ("commit", {(TOPIC, 0): 3, (TOPIC, 1): 5})
+    assert worker.pending == {}
+    assert worker.health.broker_ok is True
+
+
+def test_pending_offsets_are_committed_on_an_empty_poll(log: list[tuple], registry: CollectorRegistry) -> None:
+    worker, source, _, _ = make_worker(log, {0: [b"n", b"n"]}, registry)
+    source.fail_commits = 1
+    worker.run_once()
+    assert source.committed == {}
+    del log[:]
+    assert worker.run_once() is None
+    assert kinds(log) == ["poll", "commit"]
+    assert source.committed == {(TOPIC, 0): 2}
+
+
+def test_on_revoke_commits_pending_offsets_of_the_revoked_partitions_only(
+        log: list[tuple], registry: CollectorRegistry) -> None:
+    worker, source, _, _ = make_worker(log, {0: [b"n"] * 2, 1: [b"n"] * 2, 2: [b"n"] * 2}, registry, max_batch=6)
+    source.fail_commits = 1
+    worker.run_once()
+    assert worker.pending == {(TOPIC, 0): 2, (TOPIC, 1): 2, (TOPIC, 2): 2}
+    del log[:]
+    worker.on_revoke({(TOPIC, 1), (TOPIC, 2), ("other", 0)})
+    assert log == [("commit", {(TOPIC, 1): 2, (TOPIC, 2): 2})]
+    assert worker.pending == {(TOPIC, 0): 2}
+    assert registry.get_sample_value("anomaly_commits_total") == 1
+
+
+def test_on_revoke_forgets_offsets_even_when_the_commit_fails(log: list[tuple], registry: CollectorRegistry) -> None:
+    worker, source, _, _ = make_worker(log, {0: [b"n"], 1: [b"n"]}, registry)
+    source.fail_commits = 2
+    worker.run_once()
+    worker.on_revoke({(TOPIC, 1)})
+    # The partition belongs to another member now: it re-reads from the last commit; we must not commit it later.
+    assert worker.pending == {(TOPIC, 0): 1}
+    assert registry.get_sample_value("anomaly_commit_failures_total") == 2
+
+
+def test_on_revoke_without_pending_offsets_commits_nothing(log: list[tuple], registry: CollectorRegistry) -> None:
+    worker, _, _, _ = make_worker(log, {0: [b"n"]}, registry)
+    worker.run_once()
+    del log[:]
+    worker.on_revoke({(TOPIC, 0)})
+    assert log == []
+
+
+def test_stop_event_ends_run_after_the_input_is_drained(log: list[tuple], registry: CollectorRegistry) -> None:
+    values = [b"A", b"n", b"bad", b"n", b"A", b"n", b"n"]
+    worker, source, sink, _ = make_worker(log, {0: values, 1: values[:3]}, registry, max_batch=3)
+    source.on_empty = worker.stop
+    runner = threading.Thread(target=worker.run, daemon=True)
+    runner.start()
+    runner.join(timeout=30)
+    assert not runner.is_alive(), "run() did not return after stop was set"
+    assert source.committed == {(TOPIC, 0): len(values), (TOPIC, 1): 3}
+    assert len(sink.alerts) == 3 and len(sink.dead_letters) == 2
+    # Every commit comes after the publish of the batch it commits.
+    order = kinds(log)
+    for i, kind in enumerate(order):
+        if kind == "commit":
+            assert order[i - 1] == "publish"
+
+
+def test_stop_requested_during_a_batch_finishes_that_batch(log: list[tuple], registry: CollectorRegistry) -> None:
+    worker, source, _, pipeline = make_worker(log, {0: [b"A", b"n", b"n", b"n", b"n"]}, registry, max_batch=2)
+    pipeline.stop_after_process = worker.stop
+    worker.run()  # returns: stop was set while the first batch was being processed
+    assert kinds(log) == ["poll", "process", "publish", "commit"]
+    assert source.committed == {(TOPIC, 0): 2}
+
+
+def test_stop_interrupts_the_backoff_after_a_delivery_failure(log: list[tuple], registry: CollectorRegistry) -> None:
+    worker, source, sink, _ = make_worker(log, {0: [b"A"]}, registry)
+    worker.backoff = Backoff(worker.stop, initial_s=3600, maximum_s=3600)
+    sink.fail_publishes = 1
+    worker.stop.set()  # a stop already requested: the hour-long wait returns at once
+    assert worker.run_once() is None
+    assert kinds(log) == ["poll", "process", "publish-failed", "rewind"]
+    assert source.committed == {}
