@@ -14,6 +14,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -179,11 +180,26 @@ class FeatureSchema:
 
     def slices(self) -> list[slice]:
         """The encoded columns of each field, in field order."""
+        return list(self._slices)
+
+    @cached_property
+    def _slices(self) -> tuple[slice, ...]:
+        # Computed once: explaining every alert of a batch asks for the slices again.
         out, start = [], 0
         for f in self.fields:
             out.append(slice(start, start + f.width))
             start += f.width
-        return out
+        return tuple(out)
+
+    @cached_property
+    def _name_groups(self) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+        """(all, numeric, categorical) field names, computed once for the per-event fast path."""
+        return tuple(self.names), tuple(self.numeric_names), tuple(self.categorical_names)
+
+    @cached_property
+    def _numeric_flags(self) -> tuple[tuple[str, bool], ...]:
+        """(name, is numeric) per field, computed once for the per-event validation loop."""
+        return tuple((f.name, isinstance(f, NumericField)) for f in self.fields)
 
     def fold_matrix(self) -> np.ndarray:
         """A (width x fields) 0/1 matrix summing encoded-column errors into per-field errors."""
@@ -307,35 +323,65 @@ class Invalid:
 
 def validate_event(event: Mapping[str, Any], schema: FeatureSchema) -> Invalid | None:
     """Check one decoded event against the schema; None means it can be scored (absent/null = missing)."""
+    if _plainly_valid(event, schema):
+        return None
     present = 0
-    for f in schema.fields:
-        if f.name not in event:
+    for name, numeric in schema._numeric_flags:
+        if name not in event:
             continue
         present += 1
-        value = event[f.name]
+        value = event[name]
         if value is None:
             continue
-        if isinstance(f, NumericField):
+        if numeric:
             if isinstance(value, bool) or not isinstance(value, int | float):
-                return Invalid(WRONG_TYPE, f"field {f.name!r} must be a number, got {type(value).__name__}")
+                return Invalid(WRONG_TYPE, f"field {name!r} must be a number, got {type(value).__name__}")
             if isinstance(value, float) and not math.isfinite(value):
-                return Invalid(NON_FINITE, f"field {f.name!r} is {value}, numbers must be finite")
+                return Invalid(NON_FINITE, f"field {name!r} is {value}, numbers must be finite")
         elif isinstance(value, bool) or not isinstance(value, str | int):
-            return Invalid(WRONG_TYPE, f"field {f.name!r} must be a string, got {type(value).__name__}")
+            return Invalid(WRONG_TYPE, f"field {name!r} must be a string, got {type(value).__name__}")
     if present == 0:
         return Invalid(NO_FEATURES, f"none of the model's {len(schema.fields)} fields is present "
                                     f"(expected e.g. {', '.join(schema.names[:3])})")
     return None
 
 
+_NUMBER_TYPES = frozenset({int, float, type(None)})
+_CATEGORY_TYPES = frozenset({str, int, type(None)})
+
+
+def _plainly_valid(event: Mapping[str, Any], schema: FeatureSchema) -> bool:
+    """Fast path of `validate_event` for the common event (exact JSON types, finite numbers, a field present).
+
+    True only where the field-by-field check would return None; False means "run that check".
+    """
+    names, numeric, categorical = schema._name_groups
+    get = event.get
+    numbers = list(map(get, numeric))
+    if not _NUMBER_TYPES.issuperset(map(type, numbers)):
+        return False
+    if not _CATEGORY_TYPES.issuperset(map(type, map(get, categorical))):
+        return False
+    try:
+        # A non-finite number makes the sum inf/nan (or raises); a finite sum means every number is finite.
+        if not math.isfinite(math.fsum(filter(None, numbers))):  # filter drops None (and zeros)
+            return False
+    except (OverflowError, ValueError):
+        return False
+    return any(map(event.__contains__, names))
+
+
 def events_to_columns(events: Sequence[Mapping[str, Any]], schema: FeatureSchema) -> dict[str, np.ndarray]:
     """Valid events -> raw columns (absent or null fields become missing values)."""
+    numeric = schema.numeric_names
+    # One float64 conversion for all numeric fields of the batch (None becomes NaN), not one per value.
+    table = np.array([list(map(e.get, numeric)) for e in events], dtype=np.float64)
+    table = table.reshape(len(events), len(numeric)).T.copy()
+    numeric_columns = dict(zip(numeric, table, strict=True))
     columns: dict[str, np.ndarray] = {}
     for f in schema.fields:
         if isinstance(f, NumericField):
-            col = np.fromiter(
-                (np.nan if (v := e.get(f.name)) is None else float(v) for e in events),
-                dtype=np.float64, count=len(events))
+            col = numeric_columns[f.name]
         else:
             col = np.empty(len(events), dtype=object)
             col[:] = [None if (v := e.get(f.name)) is None else str(v) for e in events]
