@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from training.errors import DataError
-from training.features import CATEGORICAL, NUMERIC, FeatureSchema, NumericField
+from training.features import CATEGORICAL, NUMERIC, FeatureSchema, NumericField, category_text
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet",
            ".pq": "parquet"}
@@ -123,8 +123,7 @@ def categorical_column(values: pd.Series) -> np.ndarray:
     """Strings with None for missing; numbers become their text (80 -> '80')."""
     out = np.empty(len(values), dtype=object)
     missing = _is_missing(values)
-    for i, (v, m) in enumerate(zip(values.tolist(), missing, strict=True)):
-        out[i] = None if m else (str(int(v)) if isinstance(v, float) and v.is_integer() else str(v))
+    out[:] = [None if m else category_text(v) for v, m in zip(values.tolist(), missing, strict=True)]
     return out
 
 

@@ -333,17 +333,38 @@ def validate_event(event: Mapping[str, Any], schema: FeatureSchema) -> Invalid |
         value = event[name]
         if value is None:
             continue
-        if numeric:
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                return Invalid(WRONG_TYPE, f"field {name!r} must be a number, got {type(value).__name__}")
-            if isinstance(value, float) and not math.isfinite(value):
-                return Invalid(NON_FINITE, f"field {name!r} is {value}, numbers must be finite")
-        elif isinstance(value, bool) or not isinstance(value, str | int):
-            return Invalid(WRONG_TYPE, f"field {name!r} must be a string, got {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            return Invalid(NON_FINITE, f"field {name!r} is {value}, numbers must be finite")
+        if numeric and (isinstance(value, bool) or not isinstance(value, int | float)):
+            return Invalid(WRONG_TYPE, f"field {name!r} must be a number, got {json_type(value)}")
+        if not numeric and (isinstance(value, bool) or not isinstance(value, str | int | float)):
+            return Invalid(WRONG_TYPE, f"field {name!r} must be a string, got {json_type(value)}")
     if present == 0:
         return Invalid(NO_FEATURES, f"none of the model's {len(schema.fields)} fields is present "
                                     f"(expected e.g. {', '.join(schema.names[:3])})")
     return None
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return {"list": "array", "dict": "object"}.get(type(value).__name__, type(value).__name__)
+
+
+def category_text(value: Any) -> str | None:
+    """A categorical value as vocabulary text: 80, 80.0 and "80" are all "80"; None stays missing."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 _NUMBER_TYPES = frozenset({int, float, type(None)})
@@ -384,6 +405,6 @@ def events_to_columns(events: Sequence[Mapping[str, Any]], schema: FeatureSchema
             col = numeric_columns[f.name]
         else:
             col = np.empty(len(events), dtype=object)
-            col[:] = [None if (v := e.get(f.name)) is None else str(v) for e in events]
+            col[:] = [category_text(e.get(f.name)) for e in events]
         columns[f.name] = col
     return columns

@@ -7,7 +7,7 @@ every consumer computes the same number for the same row.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from training.errors import BundleError
-from training.features import CategoricalField, FeatureSchema, NumericField
+from training.features import FeatureSchema, NumericField
 from training.model import SIGNATURE, SIGNATURE_INPUT, tf
 
 
@@ -46,14 +46,21 @@ class Contribution:
 
 
 def _plain(value: Any) -> Any:
-    """JSON-friendly scalar: numpy types to Python, NaN to None, floats rounded for readability."""
-    if value is None:
-        return None
+    """JSON-friendly scalar: numpy types to Python, NaN to None."""
     if isinstance(value, np.generic):
         value = value.item()
-    if isinstance(value, float):
-        return None if math.isnan(value) else float(f"{value:.6g}")
+    if isinstance(value, float) and math.isnan(value):
+        return None
     return value
+
+
+def round_significant(values: np.ndarray, digits: int = 6) -> np.ndarray:
+    """Round to `digits` significant digits (readable explanations), vectorised."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(values) & (values != 0)
+    magnitude = np.floor(np.log10(np.abs(np.where(finite, values, 1.0))))
+    factor = 10.0 ** (digits - 1 - magnitude)
+    return np.where(finite, np.round(values * factor) / factor, values)
 
 
 class Scorer:
@@ -96,20 +103,30 @@ class Scorer:
 
     def explain(self, scores: Scores, row: int, observed: Mapping[str, Any], top_k: int = 3) -> list[Contribution]:
         """Top fields of one row by share of its error, with observed and expected values in original units."""
-        errors = scores.field_errors[row]
-        total = float(errors.sum()) or 1.0
-        order = np.argsort(-errors)[:top_k]
+        return self.explain_rows(scores, [row], [observed], top_k)[0]
+
+    def explain_rows(self, scores: Scores, rows: Sequence[int], observed: Sequence[Mapping[str, Any]],
+                     top_k: int = 3) -> list[list[Contribution]]:
+        """`explain` for many rows at once: the ranking and decoding are vectorised over the rows."""
+        if len(rows) == 0:
+            return []
+        index = np.asarray(rows, dtype=np.intp)
+        errors = scores.field_errors[index]
+        totals = errors.sum(axis=1)
+        totals[totals == 0] = 1.0
+        top = np.argsort(-errors, axis=1, kind="stable")[:, :top_k]
+        reconstruction = scores.reconstruction[index]
         slices = self.schema.slices()
-        out = []
-        for j in order:
+        expected: dict[int, list[Any]] = {}
+        for j in np.unique(top).tolist():
             f = self.schema.fields[j]
-            block = scores.reconstruction[row, slices[j]]
-            expected: Any
-            if isinstance(f, NumericField):
-                expected = f.decode(block)[0]
-            else:
-                assert isinstance(f, CategoricalField)
-                expected = f.decode(block)[0]
-            out.append(Contribution(field=f.name, share=float(errors[j]) / total,
-                                    observed=_plain(observed.get(f.name)), expected=_plain(expected)))
+            block = reconstruction[:, slices[j]]
+            expected[j] = (round_significant(f.decode(block[:, 0])).tolist() if isinstance(f, NumericField)
+                           else f.decode(block))
+        out = []
+        for a, event in enumerate(observed):
+            out.append([
+                Contribution(field=self.schema.fields[j].name, share=float(errors[a, j] / totals[a]),
+                             observed=_plain(event.get(self.schema.fields[j].name)), expected=_plain(expected[j][a]))
+                for j in top[a].tolist()])
         return out

@@ -6,7 +6,7 @@ from typing import Any
 
 import orjson
 
-from training.features import NON_FINITE, Invalid
+from training.features import NON_FINITE, Invalid, json_type
 
 INVALID_UTF8 = "invalid_utf8"
 INVALID_JSON = "invalid_json"
@@ -31,5 +31,5 @@ def decode(value: bytes | None, max_bytes: int) -> dict[str, Any] | Invalid:
             return Invalid(NON_FINITE, f"record value has a number out of range: {exc}")
         return Invalid(INVALID_JSON, f"record value is not valid JSON: {exc}")
     if not isinstance(event, dict):
-        return Invalid(NOT_AN_OBJECT, f"expected a JSON object, got a JSON {type(event).__name__}")
+        return Invalid(NOT_AN_OBJECT, f"expected a JSON object, got a JSON {json_type(event)}")
     return event

@@ -57,6 +57,10 @@ class KafkaSource:
                 max_poll_interval_ms=300_000, **client_options(settings))
         except KafkaError as exc:
             raise BrokerUnavailable(f"no Kafka broker reachable at {settings.bootstrap_servers}") from exc
+        # Know the topic's partitions before the first join, so it does not end with an empty assignment.
+        if not self.consumer.partitions_for_topic(settings.input_topic):
+            log.warning("input topic %s has no partitions yet (not created?); waiting for it to appear",
+                        settings.input_topic)
         self.consumer.subscribe(topics=[settings.input_topic], listener=_Rebalance(self))
 
     def handle_revoked(self, partitions: set[tuple[str, int]]) -> None:
@@ -67,21 +71,25 @@ class KafkaSource:
             self._on_revoke(partitions)
 
     def poll_batch(self) -> list[Record]:
-        """Poll until `max_batch` records or `max_wait_ms` have passed; drop records of revoked partitions."""
+        """Poll until `max_batch` records or `max_wait_ms` have passed.
+
+        A rebalance inside poll() revokes partitions: records of those partitions collected before it
+        are dropped (whoever owns them next re-reads them from the last commit); records returned
+        after it come from the new assignment and are kept.
+        """
         deadline = time.monotonic() + self.settings.max_wait_ms / 1000.0
-        self._revoked = set()
         records: list[Record] = []
         while len(records) < self.settings.max_batch:
             remaining_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
+            self._revoked = set()
             polled = self.consumer.poll(timeout_ms=remaining_ms, max_records=self.settings.max_batch - len(records))
+            if self._revoked:
+                records = [r for r in records if (r.topic, r.partition) not in self._revoked]
             for tp, batch in polled.items():
                 records.extend(Record(topic=tp.topic, partition=tp.partition, offset=m.offset, key=m.key,
                                       value=m.value, timestamp_ms=m.timestamp) for m in batch)
             if remaining_ms == 0:
                 break
-        if self._revoked:
-            # Those partitions now belong to another member, which re-reads them from the last commit.
-            records = [r for r in records if (r.topic, r.partition) not in self._revoked]
         return records
 
     def assigned(self) -> set[tuple[str, int]]:

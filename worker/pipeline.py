@@ -79,10 +79,9 @@ class Pipeline:
         scores = self.scorer.score(encoded.matrix)
         # threshold -> alert, explained by the fields with the largest share of the error.
         now = self.clock()
-        alerts = []
-        for i in np.flatnonzero(scores.score > self.threshold):
-            contributions = self.scorer.explain(scores, int(i), events[i], self.top_features)
-            alerts.append(build_alert(sources[i], events[i], float(scores.score[i]), self.threshold,
-                                      self.bundle.version, contributions, now))
+        flagged = np.flatnonzero(scores.score > self.threshold).tolist()
+        explained = self.scorer.explain_rows(scores, flagged, [events[i] for i in flagged], self.top_features)
+        alerts = [build_alert(sources[i], events[i], float(scores.score[i]), self.threshold, self.bundle.version,
+                              contributions, now) for i, contributions in zip(flagged, explained, strict=True)]
         return BatchResult(consumed=len(records), alerts=alerts, dead_letters=dead, scores=scores.score,
                            missing={k: v for k, v in encoded.missing.items() if v})

@@ -6,6 +6,7 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from training.errors import BundleError, ConfigError
@@ -205,7 +206,7 @@ def test_absurd_value_is_clipped_not_overflowed(schema: FeatureSchema) -> None:
     ({"amount": True}, WRONG_TYPE, "amount"),
     ({"amount": [1.0]}, WRONG_TYPE, "amount"),
     ({"method": False}, WRONG_TYPE, "method"),
-    ({"method": 1.5}, WRONG_TYPE, "method"),
+    ({"method": [1]}, WRONG_TYPE, "method"),
     ({"method": {"verb": "GET"}}, WRONG_TYPE, "method"),
     ({"latency": math.nan}, NON_FINITE, "latency"),
     ({"latency": -math.inf, "amount": 3}, NON_FINITE, "latency"),
@@ -242,3 +243,12 @@ def test_events_to_columns_turns_null_and_absent_into_missing(schema: FeatureSch
     np.testing.assert_array_equal(columns["latency"], [np.nan, 1.5])
     assert list(columns["method"]) == [None, "GET"]
     assert schema.encode(columns).missing == {"amount": 1, "latency": 1, "method": 1}
+
+
+def test_numeric_categories_are_the_same_category_in_events_and_files() -> None:
+    from training.data import categorical_column
+    from training.features import category_text
+
+    assert category_text(80) == category_text(80.0) == category_text("80") == "80"
+    assert category_text(None) is None and category_text(math.nan) is None
+    assert list(categorical_column(pd.Series([80.0, None, "x"]))) == ["80", None, "x"]
