@@ -53,7 +53,7 @@ class KafkaSource:
                 group_id=settings.group_id, enable_auto_commit=False, auto_offset_reset="earliest",
                 max_poll_records=settings.max_batch, fetch_max_bytes=64 * 1024 * 1024,
                 max_partition_fetch_bytes=max(settings.max_event_bytes * 2, 1024 * 1024),
-                request_timeout_ms=int(settings.kafka_timeout_s * 1000), session_timeout_ms=45_000,
+                request_timeout_ms=int(settings.kafka_timeout_s * 1000), session_timeout_ms=15_000,
                 max_poll_interval_ms=300_000, **client_options(settings))
         except KafkaError as exc:
             raise BrokerUnavailable(f"no Kafka broker reachable at {settings.bootstrap_servers}") from exc

@@ -389,9 +389,6 @@ def test_sigkill_mid_stream_loses_nothing(model: Model, kafka_bootstrap: str, ba
     assert bad and letters == bad
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open bug: run after the SIGKILL test, the fresh worker's first group join assigns [] (no topic metadata yet), "
-    "rejoins ('partitions revoked: []') and then never gets partitions again; under investigation"))
 def test_sigterm_finishes_the_batch_commits_and_exits_zero(
         model: Model, kafka_bootstrap: str, backlog: tuple[str, list[Sent]],
         start_worker: Callable[[Topics], WorkerProcess]) -> None:
