@@ -47,7 +47,6 @@ class KafkaSource:
     def __init__(self, settings: Settings, on_revoke: Callable[[set[tuple[str, int]]], None] | None = None) -> None:
         self.settings = settings
         self._on_revoke = on_revoke
-        self._revoked: set[tuple[str, int]] = set()
         try:
             self.consumer = KafkaConsumer(
                 group_id=settings.group_id, enable_auto_commit=False, auto_offset_reset="earliest",
@@ -66,25 +65,22 @@ class KafkaSource:
     def handle_revoked(self, partitions: set[tuple[str, int]]) -> None:
         """Called inside poll() before partitions go; the loop commits what it has delivered for them."""
         log.info("partitions revoked: %s", sorted(f"{t}[{p}]" for t, p in partitions))
-        self._revoked |= partitions
         if self._on_revoke is not None:
             self._on_revoke(partitions)
 
     def poll_batch(self) -> list[Record]:
         """Poll until `max_batch` records or `max_wait_ms` have passed.
 
-        A rebalance inside poll() revokes partitions: records of those partitions collected before it
-        are dropped (whoever owns them next re-reads them from the last commit); records returned
-        after it come from the new assignment and are kept.
+        Records are never dropped, even when a rebalance inside poll() revokes their partition: the
+        batch is still delivered (the next owner may deliver them again, with the same alert ids), and
+        `commit` only commits partitions still assigned. Dropping them is not safe: kafka-python may
+        keep a partition's position across a rebalance that hands it back, which would skip them.
         """
         deadline = time.monotonic() + self.settings.max_wait_ms / 1000.0
         records: list[Record] = []
         while len(records) < self.settings.max_batch:
             remaining_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
-            self._revoked = set()
             polled = self.consumer.poll(timeout_ms=remaining_ms, max_records=self.settings.max_batch - len(records))
-            if self._revoked:
-                records = [r for r in records if (r.topic, r.partition) not in self._revoked]
             for tp, batch in polled.items():
                 records.extend(Record(topic=tp.topic, partition=tp.partition, offset=m.offset, key=m.key,
                                       value=m.value, timestamp_ms=m.timestamp) for m in batch)

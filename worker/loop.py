@@ -10,8 +10,9 @@ Order of side effects for every micro-batch (this order is the at-least-once gua
    If step 4 fails, the offsets stay pending and are committed with the next batch (or on revoke).
 5. Update metrics and health.
 
-On partition revocation the pending (delivered, uncommitted) offsets of those partitions are
-committed before the partitions are given up. A stop request finishes the current batch first.
+Because step 4 runs before the next poll, a rebalance (which happens inside poll) normally finds every
+delivered offset committed; offsets left pending by a failed commit are dropped for revoked partitions
+(their next owner re-reads them). A stop request finishes the current batch first.
 """
 
 from __future__ import annotations
@@ -93,16 +94,17 @@ class Worker:
         self._last_lag = 0.0
 
     def on_revoke(self, partitions: set[tuple[str, int]]) -> None:
-        """Commit delivered offsets of partitions about to be revoked (called from inside poll)."""
-        mine = {k: v for k, v in self.pending.items() if k in partitions}
-        if not mine:
-            return
-        try:
-            self.source.commit(mine)
-            self.metrics.record_commit()
-        except CommitError as exc:
-            log.warning("commit on revoke failed (the next owner re-reads from the last commit): %s", exc)
-            self.metrics.record_commit_failure()
+        """Forget delivered-but-uncommitted offsets of partitions being revoked (called from inside poll).
+
+        Offsets are normally committed at the end of every batch, before the next poll, so a rebalance
+        (which happens inside poll) finds nothing pending. Something is pending only when the last commit
+        failed; committing again from inside the rebalance callback can wedge kafka-python 3.0's group
+        join, so the next owner re-reads those records instead (duplicates with the same alert ids).
+        """
+        mine = sorted(k for k in self.pending if k in partitions)
+        if mine:
+            log.warning("partitions %s revoked with uncommitted delivered offsets; the next owner re-reads them",
+                        ", ".join(f"{t}[{p}]@{self.pending[(t, p)]}" for t, p in mine))
         for k in mine:
             self.pending.pop(k, None)
 

@@ -43,7 +43,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     settings = from_args(argv)
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kafka").setLevel(logging.WARNING)
+    # kafka-python is chatty at INFO; its debug output is there when the worker runs at DEBUG.
+    logging.getLogger("kafka").setLevel(logging.DEBUG if settings.log_level.upper() == "DEBUG" else logging.WARNING)
 
     stop = threading.Event()
     done = threading.Event()
