@@ -31,6 +31,13 @@ VARIANTS: dict[str, TrainConfig] = {
     "batch=64": TrainConfig(fit=FitConfig(batch_size=64)),
     "hidden=(64,32,8)": TrainConfig(fit=FitConfig(hidden=(64, 32, 8))),
     "hidden=(32,4)": TrainConfig(fit=FitConfig(hidden=(32, 4))),
+    "hidden=(64,4)": TrainConfig(fit=FitConfig(hidden=(64, 4))),
+    "hidden=(32,2),ensemble=3": TrainConfig(fit=FitConfig(hidden=(32, 2), ensemble=3)),
+    "hidden=(32,3),ensemble=3": TrainConfig(fit=FitConfig(hidden=(32, 3), ensemble=3)),
+    "hidden=(32,4),ensemble=3": TrainConfig(fit=FitConfig(hidden=(32, 4), ensemble=3)),
+    "hidden=(32,2)": TrainConfig(fit=FitConfig(hidden=(32, 2))),
+    "hidden=(32,3)": TrainConfig(fit=FitConfig(hidden=(32, 3))),
+    "hidden=(64,16,4)": TrainConfig(fit=FitConfig(hidden=(64, 16, 4))),
     "none,batch=64": TrainConfig(weighting="none", fit=FitConfig(batch_size=64)),
     "none,epochs=200,patience=15": TrainConfig(weighting="none", fit=FitConfig(epochs=200, patience=15)),
     "none,batch=64,epochs=200,patience=15": TrainConfig(

@@ -48,6 +48,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ensemble", type=int, default=3,
+                   help="autoencoders trained with consecutive seeds and averaged in one model (default 3)")
     p.add_argument("--hidden", type=_hidden, help="encoder layer sizes, e.g. 64,16 (default: from input width)")
     p.add_argument("--weighting", choices=["normalized", "none"], default="normalized",
                    help="weight each input's error by 1/its typical error on normal rows (default) or not")
@@ -73,7 +75,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("--label-column and --normal-value go together")
         config = TrainConfig(
             fit=FitConfig(hidden=args.hidden, epochs=args.epochs, batch_size=args.batch_size,
-                          learning_rate=args.learning_rate, seed=args.seed),
+                          learning_rate=args.learning_rate, seed=args.seed,
+                          ensemble=args.ensemble),
             threshold=ThresholdConfig(target_fpr=args.target_fpr, quantile=args.threshold_quantile,
                                       manual=args.threshold),
             categorical=tuple(args.categorical), drop=tuple(args.drop), weighting=args.weighting,

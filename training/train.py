@@ -117,12 +117,12 @@ def train_frame(frame: pd.DataFrame, out_dir: Path, config: TrainConfig, data_sh
     with tempfile.TemporaryDirectory(prefix="anomaly-train-") as tmp:
         # Calibrate through the exported signature itself, so the threshold matches what serving computes.
         unweighted = Path(tmp) / "unweighted"
-        export_saved_model(fitted.model, np.ones(schema.width, dtype=np.float32), unweighted)
+        export_saved_model(fitted.models, np.ones(schema.width, dtype=np.float32), unweighted)
         val_matrix = matrix[normal_idx[splits.validation]]
         recon = Scorer(unweighted, schema).score(val_matrix).reconstruction
         weights = feature_weights((val_matrix - recon) ** 2, config.weighting)
         final = Path(tmp) / "saved_model"
-        export_saved_model(fitted.model, weights, final)
+        export_saved_model(fitted.models, weights, final)
         scorer = Scorer(final, schema)
         calib_scores = scorer.score(matrix[normal_idx[splits.calibration]]).score
         threshold = calibrate(calib_scores, config.threshold)
@@ -141,7 +141,8 @@ def train_frame(frame: pd.DataFrame, out_dir: Path, config: TrainConfig, data_sh
             "rows": int(len(frame)), "normal_rows": int(normal_idx.size), "train_rows": int(splits.train.size),
             "validation_rows": int(splits.validation.size), "calibration_rows": int(splits.calibration.size),
             "test_normal_rows": int(splits.test_normal.size), "hidden": list(fitted.hidden),
-            "epochs_run": len(fitted.loss), "best_epoch": fitted.best_epoch,
+            "epochs_run": len(fitted.loss), "best_epoch": fitted.best_epoch, "ensemble": len(fitted.models),
+            "member_epochs_run": fitted.epochs_run,
             "best_val_loss": float(min(fitted.val_loss)), "seed": config.fit.seed,
             "batch_size": config.fit.batch_size, "learning_rate": config.fit.learning_rate,
             "weighting": config.weighting, "feature_weights": [round(float(w), 6) for w in weights],
