@@ -214,25 +214,16 @@ def worker_settings(bootstrap: str, bundle: Path, input_topic: str, tag: str) ->
 def run_worker(settings: Any, ends: dict[tuple[str, int], int], pipeline_class: type | None = None,
                deadline_s: float = 900.0) -> dict[str, Any]:
     """Wire Worker + KafkaSource + KafkaSink + Pipeline as worker/main.py does; run until all is committed."""
-    from prometheus_client import CollectorRegistry
-
     from training.bundle import load_bundle
-    from worker.http import HealthState
     from worker.kafka_io import KafkaSink, KafkaSource
     from worker.loop import Worker
-    from worker.metrics import WorkerMetrics
+    from worker.main import observability
     from worker.pipeline import Pipeline
 
     bundle = load_bundle(settings.model, settings.expected_schema_hash)
     pipeline = (pipeline_class or Pipeline)(bundle, settings.max_event_bytes, settings.top_features)
     pipeline.warm_up()
-    registry = CollectorRegistry()
-    metrics = WorkerMetrics(registry)
-    metrics.set_model(bundle.version, bundle.threshold.value)
-    metrics.declare_topic(settings.input_topic)
-    metrics.declare_fields(bundle.schema.names)
-    health = HealthState()
-    health.model_loaded = True
+    _, metrics, health = observability(settings, bundle)
     health.broker_ok = True
     worker_ref: list[Worker] = []
     sink = KafkaSink(settings)

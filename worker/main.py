@@ -19,7 +19,11 @@ from types import FrameType
 
 from prometheus_client import CollectorRegistry
 
+from training.bundle import Bundle
 from training.errors import AnomalyError
+from worker.config import Settings
+from worker.http import HealthState
+from worker.metrics import WorkerMetrics
 
 log = logging.getLogger("worker")
 
@@ -31,13 +35,24 @@ def _watchdog(deadline_s: float, done: threading.Event) -> None:
         os._exit(1)
 
 
+def observability(settings: Settings, bundle: Bundle) -> tuple[CollectorRegistry, WorkerMetrics, HealthState]:
+    """A fresh registry with the worker's metrics initialised for this model and topic, and health state."""
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics(registry)
+    metrics.set_model(bundle.version, bundle.threshold.value)
+    metrics.declare_topic(settings.input_topic)
+    metrics.declare_fields(bundle.schema.names)
+    health = HealthState()
+    health.model_loaded = True
+    return registry, metrics, health
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     from training.bundle import load_bundle
     from worker.config import from_args
     from worker.errors import BrokerUnavailable
-    from worker.http import HealthState, start_http_server
+    from worker.http import start_http_server
     from worker.loop import Backoff, Worker
-    from worker.metrics import WorkerMetrics
     from worker.pipeline import Pipeline
 
     settings = from_args(argv)
@@ -62,13 +77,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     bundle = load_bundle(settings.model, settings.expected_schema_hash)
     pipeline = Pipeline(bundle, settings.max_event_bytes, settings.top_features)
     pipeline.warm_up()
-    registry = CollectorRegistry()
-    metrics = WorkerMetrics(registry)
-    metrics.set_model(bundle.version, bundle.threshold.value)
-    metrics.declare_topic(settings.input_topic)
-    metrics.declare_fields(bundle.schema.names)
-    health = HealthState()
-    health.model_loaded = True
+    registry, metrics, health = observability(settings, bundle)
     server = start_http_server(settings.metrics_host, settings.metrics_port, registry, health)
     log.info("model %s loaded from %s (threshold %.6g, %d fields); metrics on %s/metrics",
              bundle.version, settings.model, bundle.threshold.value, len(bundle.schema.fields), server.url)
