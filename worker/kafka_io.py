@@ -63,7 +63,7 @@ class KafkaSource:
         self.consumer.subscribe(topics=[settings.input_topic], listener=_Rebalance(self))
 
     def handle_revoked(self, partitions: set[tuple[str, int]]) -> None:
-        """Called inside poll() before partitions go; the loop commits what it has delivered for them."""
+        """Called inside poll() before partitions go; the loop forgets offsets it failed to commit for them."""
         log.info("partitions revoked: %s", sorted(f"{t}[{p}]" for t, p in partitions))
         if self._on_revoke is not None:
             self._on_revoke(partitions)
