@@ -170,7 +170,7 @@ class Autoencoder:
         _ = self._bundle.scorer  # load the SavedModel now, so scoring time is scoring only
 
     def score(self, test: pd.DataFrame) -> np.ndarray:
-        from training.train import encode_frame
+        from training.data import encode_frame
 
         return np.asarray(self._bundle.scorer.score(encode_frame(self._bundle.schema, test, Path("<test>"))).score)
 

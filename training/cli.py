@@ -115,8 +115,7 @@ def score_main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         from training.bundle import load_bundle
-        from training.data import check_columns, iter_frames
-        from training.train import encode_frame
+        from training.data import check_columns, encode_frame, iter_frames
 
         bundle = load_bundle(args.model)
         scorer = bundle.scorer
@@ -166,10 +165,9 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         from training import report
         from training.bundle import load_bundle
-        from training.data import Labels, check_columns, read_frame
+        from training.data import Labels, check_columns, encode_frame, read_frame
         from training.errors import DataError
         from training.evaluate import evaluate
-        from training.train import encode_frame
 
         bundle = load_bundle(args.model)
         frame = read_frame(args.data)

@@ -187,3 +187,8 @@ class Labels:
             raise DataError(f"{path}: label column {self.column!r} has no row equal to {self.normal_value!r} "
                             f"(values seen: {', '.join(seen)}); set --normal-value to the label of normal rows")
         return normal
+
+
+def encode_frame(schema: FeatureSchema, frame: pd.DataFrame, source: Path, first_row: int = 1) -> np.ndarray:
+    """Encode a frame already checked to carry the schema's columns (validating numeric values)."""
+    return schema.encode(raw_columns(frame, schema_kinds(schema), source, first_row)).matrix

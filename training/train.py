@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from training.bundle import BundleContents, Manifest, write_bundle
 from training.data import Labels, file_sha256, infer_kinds, raw_columns, read_frame
 from training.errors import ConfigError, DataError
 from training.evaluate import Evaluation, evaluate
-from training.features import CATEGORICAL, FeatureSchema, fit_schema
+from training.features import CATEGORICAL, fit_schema
 from training.model import FitConfig, export_saved_model, fit
 from training.scoring import Scorer
 from training.threshold import ThresholdConfig, calibrate, score_histogram
@@ -186,14 +186,3 @@ def train_file(data: Path, out_dir: Path, config: TrainConfig, log: Callable[[st
     """Train from a CSV/JSONL/Parquet file."""
     frame = read_frame(data)
     return train_frame(frame, out_dir, config, file_sha256(data), source=data, log=log)
-
-
-def encode_frame(schema: FeatureSchema, frame: pd.DataFrame, source: Path, first_row: int = 1) -> np.ndarray:
-    """Encode a frame already checked to carry the schema's columns."""
-    from training.data import schema_kinds
-
-    return schema.encode(raw_columns(frame, schema_kinds(schema), source, first_row)).matrix
-
-
-def names(values: Sequence[str] | None) -> tuple[str, ...]:
-    return tuple(values or ())

@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 
 from training.bundle import Bundle, load_bundle
+from training.data import encode_frame
 from training.features import NO_FEATURES, NON_FINITE, WRONG_TYPE
 from training.model import FitConfig
-from training.train import TrainConfig, encode_frame, train_frame
+from training.train import TrainConfig, train_frame
 from worker.alerts import alert_id
 from worker.decode import INVALID_JSON, INVALID_UTF8, NOT_AN_OBJECT, OVERSIZED
 from worker.pipeline import Pipeline
