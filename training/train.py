@@ -26,7 +26,7 @@ from training.evaluate import Evaluation, evaluate
 from training.features import CATEGORICAL, fit_schema
 from training.model import FitConfig, export_saved_model, fit
 from training.scoring import Scorer
-from training.threshold import ThresholdConfig, calibrate, score_histogram
+from training.threshold import Threshold, ThresholdConfig, calibrate, score_histogram
 
 WEIGHTINGS = ("none", "normalized")
 MIN_NORMAL_ROWS = 20
@@ -72,6 +72,10 @@ def split_normals(n: int, seed: int, with_test: bool) -> Splits:
     cuts = (0.6, 0.7, 0.8) if with_test else (0.7, 0.85, 1.0)
     a, b, c = (int(round(n * f)) for f in cuts)
     return Splits(order[:a], order[a:b], order[b:c], order[c:])
+
+
+def _quantile(threshold: Threshold) -> float:
+    return 1.0 - threshold.parameter if threshold.method == "target_fpr" else threshold.parameter
 
 
 def feature_weights(errors: np.ndarray, weighting: str) -> np.ndarray:
@@ -126,6 +130,9 @@ def train_frame(frame: pd.DataFrame, out_dir: Path, config: TrainConfig, data_sh
         scorer = Scorer(final, schema)
         calib_scores = scorer.score(matrix[normal_idx[splits.calibration]]).score
         threshold = calibrate(calib_scores, config.threshold)
+        if threshold.method != "manual" and calib_scores.size * (1.0 - _quantile(threshold)) < 5:
+            log(f"warning: the threshold rests on fewer than 5 of {calib_scores.size} calibration rows; "
+                f"it is noisy. Train on more normal rows or choose a larger --target-fpr")
         reference = np.concatenate([scorer.score(val_matrix).score, calib_scores])
         evaluation = None
         test_scores = anomaly_scores = None

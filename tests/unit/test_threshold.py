@@ -99,3 +99,19 @@ def test_histogram_refuses_inconsistent_edges() -> None:
         ScoreHistogram.from_dict({"edges": [0.0, 1.0], "counts": [1, 2]})
     with pytest.raises(BundleError, match="malformed"):
         ScoreHistogram.from_dict({"edges": "x"})
+
+
+def test_training_warns_when_the_threshold_rests_on_a_handful_of_rows(tmp_path) -> None:
+    from tests.unit.conftest import synthetic_events
+    from training.model import FitConfig
+    from training.train import TrainConfig, train_frame
+
+    frame = synthetic_events(300).drop(columns=["event_id", "label"])
+    lines: list[str] = []
+    fit = FitConfig(epochs=1, hidden=(4, 2), ensemble=1)
+    train_frame(frame, tmp_path / "a", TrainConfig(fit=fit), data_sha256="x", log=lines.append)
+    assert any("threshold rests on fewer than 5" in line for line in lines)
+    lines.clear()
+    train_frame(frame, tmp_path / "b", TrainConfig(fit=fit, threshold=ThresholdConfig(target_fpr=0.2)),
+                data_sha256="x", log=lines.append)
+    assert not any("threshold rests on" in line for line in lines)
