@@ -202,6 +202,9 @@ class CommitTracker:
         assigned: set[tuple[str, int]] = self.source.assigned()
         return assigned
 
+    def reachable(self) -> bool:
+        return bool(self.source.reachable())
+
     def reached(self, ends: dict[tuple[str, int], int]) -> bool:
         return all(self.committed.get(k, 0) >= v for k, v in ends.items())
 

@@ -123,8 +123,19 @@ class KafkaSource:
                 out[(tp.topic, tp.partition)] = max(0, int(high) - int(position))
         return out
 
-    def connected(self) -> bool:
-        return bool(self.consumer.bootstrap_connected())
+    def reachable(self) -> bool:
+        """Whether the group coordinator answers an offset fetch within the Kafka timeout.
+
+        The coordinator is the broker every commit needs. An idle consumer's poll() returns nothing
+        whether or not a broker is there, so this is the loop's only sign of an outage between batches.
+        """
+        partitions = sorted(self.consumer.assignment()) or [TopicPartition(self.settings.input_topic, 0)]
+        try:
+            self.consumer.committed(partitions[0], timeout_ms=int(self.settings.kafka_timeout_s * 1000))
+        except KafkaError as exc:
+            log.debug("group coordinator not reachable: %s", exc)
+            return False
+        return True
 
     def close(self) -> None:
         try:

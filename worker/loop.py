@@ -10,6 +10,10 @@ Order of side effects for every micro-batch (this order is the at-least-once gua
    If step 4 fails, the offsets stay pending and are committed with the next batch (or on revoke).
 5. Update metrics and health.
 
+An empty poll commits whatever is pending. With nothing pending it asks the source, at most every
+`broker_check_interval_s`, whether the broker still answers (`Source.reachable`): an idle consumer
+otherwise never learns that its broker went away, and readiness would stay green through an outage.
+
 Because step 4 runs before the next poll, a rebalance (which happens inside poll) normally finds every
 delivered offset committed; offsets left pending by a failed commit are dropped for revoked partitions
 (their next owner re-reads them). A stop request finishes the current batch first.
@@ -41,6 +45,7 @@ class Source(Protocol):
     def rewind(self, offsets: Offsets) -> None: ...
     def lag(self) -> dict[tuple[str, int], int]: ...
     def assigned(self) -> set[tuple[str, int]]: ...
+    def reachable(self) -> bool: ...
 
 
 class Sink(Protocol):
@@ -83,7 +88,8 @@ class Worker:
     """Runs micro-batches until `stop` is set; see the module docstring for the order of side effects."""
 
     def __init__(self, source: Source, sink: Sink, pipeline: Pipeline, metrics: WorkerMetrics, health: HealthState,
-                 input_topic: str, stop: threading.Event | None = None, backoff_max_s: float = 30.0) -> None:
+                 input_topic: str, stop: threading.Event | None = None, backoff_max_s: float = 30.0,
+                 broker_check_interval_s: float = 2.0) -> None:
         self.source, self.sink, self.pipeline = source, sink, pipeline
         self.metrics, self.health, self.input_topic = metrics, health, input_topic
         self.stop = stop or threading.Event()
@@ -92,6 +98,8 @@ class Worker:
         hist = pipeline.bundle.histogram
         self.drift = ScoreDrift(hist.edges, hist.counts)
         self._last_lag = 0.0
+        self.broker_check_interval_s = broker_check_interval_s
+        self._last_broker_check = time.monotonic()
 
     def on_revoke(self, partitions: set[tuple[str, int]]) -> None:
         """Forget delivered-but-uncommitted offsets of partitions being revoked (called from inside poll).
@@ -118,7 +126,10 @@ class Worker:
         records = self.source.poll_batch()                                         # 1
         self.health.assigned_partitions = len(self.source.assigned())
         if not records:
-            self._commit_pending()
+            if self.pending:
+                self._commit_pending()
+            else:
+                self._check_broker()
             self._update_lag()
             return None
         started = time.perf_counter()
@@ -141,6 +152,7 @@ class Worker:
     def _commit_pending(self) -> None:
         if not self.pending:
             return
+        self._last_broker_check = time.monotonic()  # a commit is a round trip too: no idle check needed soon
         try:
             self.source.commit(self.pending)
         except CommitError as exc:
@@ -153,6 +165,23 @@ class Worker:
         self.metrics.record_commit()
         self.health.broker_ok = True
         self.backoff.reset()
+        self.metrics.set_ready(self.health.is_ready())
+
+    def _check_broker(self) -> None:
+        """While idle, set broker health from a bounded round trip (a commit does this while busy)."""
+        now = time.monotonic()
+        if now - self._last_broker_check < self.broker_check_interval_s:
+            return
+        ok = self.source.reachable()
+        self._last_broker_check = time.monotonic()
+        if ok and not self.health.broker_ok:
+            log.info("broker reachable again")
+            self.backoff.reset()
+        elif not ok and self.health.broker_ok:
+            log.warning("broker not reachable; not ready until it answers again")
+        if not ok:
+            self.metrics.record_kafka_error("poll")
+        self.health.broker_ok = ok
         self.metrics.set_ready(self.health.is_ready())
 
     def _record(self, result: BatchResult, seconds: float) -> None:

@@ -3,12 +3,13 @@
 # No Docker needed: Java 17+ and Maven for `fetch`, python3 for the readiness check.
 #
 #   kafka-local.sh fetch                                   # jars -> deploy/kafka/libs/ (once)
-#   kafka-local.sh start [--nodes 1|3] [--dir DIR] [--port PORT] [--controller-port PORT]
+#   kafka-local.sh start [--nodes 1|3] [--dir DIR] [--port PORT] [--controller-port PORT] [--keep]
 #   kafka-local.sh stop [--dir DIR]
 #   kafka-local.sh status [--dir DIR]
 #
-# `start` formats fresh storage, starts the node(s) in the background, waits until every broker
-# answers Kafka requests and prints the bootstrap servers as the last line of stdout
+# `start` formats fresh storage (`--keep`: reuses storage already formatted in DIR, so a stopped
+# broker comes back with its topics and offsets), starts the node(s) in the background, waits until
+# every broker answers Kafka requests and prints the bootstrap servers as the last line of stdout
 # (progress goes to stderr), so `BOOTSTRAP=$(kafka-local.sh start)` works.
 # Environment: PYTHON (readiness check), KAFKA_HEAP_OPTS, KAFKA_JVM_OPTS, KAFKA_START_TIMEOUT
 # (seconds, default 90), KAFKA_STOP_TIMEOUT (default 30), MAVEN_OPTS (honoured by mvn).
@@ -23,7 +24,7 @@ log() { echo "kafka-local: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 usage() {
-    sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -138,13 +139,51 @@ write_node_config() {
     } >"$node_dir/server.properties"
 }
 
+# True if every node directory of $1 (for $2 nodes) holds formatted KRaft storage.
+formatted() {
+    local dir="$1" nodes="$2" i
+    for (( i = 1; i <= nodes; i++ )); do
+        [[ -f "$dir/node-$i/data/meta.properties" ]] || return 1
+    done
+}
+
+# Deletes any earlier state in $1 and formats fresh storage for $2 nodes under a new cluster id.
+format_storage() {
+    local dir="$1" nodes="$2" port="$3" cport="$4" voters="$5" cluster_id nd i
+    # A test broker starts empty: stale data from an earlier run would hide bugs.
+    rm -rf "$dir"/node-* "$dir/bootstrap"
+    cluster_id="$(new_cluster_id)"
+    log "formatting $nodes node(s) in $dir (cluster id $cluster_id)"
+    local -a format_pids=()
+    for (( i = 0; i < nodes; i++ )); do
+        nd="$dir/node-$((i + 1))"
+        mkdir -p "$nd/logs"
+        write_node_config "$nd" $((i + 1)) $((port + i)) $((cport + i)) "$nodes" "$voters"
+        local -a standalone=()
+        (( nodes == 1 )) && standalone=(--standalone)
+        java -Xmx256m -XX:TieredStopAtLevel=1 -XX:+UseSerialGC \
+            -Dkafka.logs.dir="$nd/logs" -Dlog4j2.configurationFile="$HERE/log4j2.properties" \
+            -cp "$LIBS/*" kafka.tools.StorageTool format \
+            --cluster-id "$cluster_id" --config "$nd/server.properties" "${standalone[@]}" \
+            >"$nd/format.log" 2>&1 &
+        format_pids+=($!)
+    done
+    for (( i = 0; i < nodes; i++ )); do
+        if ! wait "${format_pids[$i]}"; then
+            cat "$dir/node-$((i + 1))/format.log" >&2
+            die "formatting storage for node $((i + 1)) failed"
+        fi
+    done
+}
+
 # ---------------------------------------------------------------------------------------- start
 
 cmd_start() {
-    local nodes=1 dir="$DEFAULT_DIR" port=9092 cport=""
+    local nodes=1 dir="$DEFAULT_DIR" port=9092 cport="" keep=0
     while (( $# )); do
         case "$1" in
             --nodes) nodes="${2:?--nodes needs a value}"; shift 2 ;;
+            --keep) keep=1; shift ;;
             --dir) dir="${2:?--dir needs a value}"; shift 2 ;;
             --port) port="${2:?--port needs a value}"; shift 2 ;;
             --controller-port) cport="${2:?--controller-port needs a value}"; shift 2 ;;
@@ -187,33 +226,19 @@ cmd_start() {
         port_in_use $((cport + i)) && die "controller port $((cport + i)) is already in use (pick --controller-port)"
     done
 
-    # A test broker starts empty: stale data from an earlier run would hide bugs.
-    rm -rf "$dir"/node-* "$dir/bootstrap"
-    local cluster_id started_at
-    cluster_id="$(new_cluster_id)"
+    local started_at
     started_at=$(date +%s.%N)
-    log "formatting $nodes node(s) in $dir (cluster id $cluster_id)"
-
-    local -a format_pids=()
-    for (( i = 0; i < nodes; i++ )); do
-        nd="$dir/node-$((i + 1))"
-        mkdir -p "$nd/logs"
-        write_node_config "$nd" $((i + 1)) $((port + i)) $((cport + i)) "$nodes" "$voters"
-        local -a standalone=()
-        (( nodes == 1 )) && standalone=(--standalone)
-        java -Xmx256m -XX:TieredStopAtLevel=1 -XX:+UseSerialGC \
-            -Dkafka.logs.dir="$nd/logs" -Dlog4j2.configurationFile="$HERE/log4j2.properties" \
-            -cp "$LIBS/*" kafka.tools.StorageTool format \
-            --cluster-id "$cluster_id" --config "$nd/server.properties" "${standalone[@]}" \
-            >"$nd/format.log" 2>&1 &
-        format_pids+=($!)
-    done
-    for (( i = 0; i < nodes; i++ )); do
-        if ! wait "${format_pids[$i]}"; then
-            cat "$dir/node-$((i + 1))/format.log" >&2
-            die "formatting storage for node $((i + 1)) failed"
-        fi
-    done
+    if (( keep )) && formatted "$dir" "$nodes"; then
+        # Restart on the same storage: topics, records and committed group offsets survive. Only the
+        # config is rewritten; use the same ports as before (the KRaft log records the controller's).
+        log "reusing formatted storage of $nodes node(s) in $dir"
+        for (( i = 0; i < nodes; i++ )); do
+            write_node_config "$dir/node-$((i + 1))" $((i + 1)) $((port + i)) $((cport + i)) "$nodes" "$voters"
+        done
+    else
+        if (( keep )); then log "--keep: no formatted storage for $nodes node(s) in $dir; formatting it"; fi
+        format_storage "$dir" "$nodes" "$port" "$cport" "$voters"
+    fi
 
     local heap="${KAFKA_HEAP_OPTS:--Xmx512m -Xms128m}"
     for (( i = 0; i < nodes; i++ )); do

@@ -32,6 +32,7 @@ class FakeSource:
         self.committed: dict[tuple[str, int], int] = {}
         self.max_batch = max_batch
         self.fail_commits = 0
+        self.broker_up = True
         self.on_empty: threading.Event | None = None
 
     def poll_batch(self) -> list[Record]:
@@ -63,6 +64,10 @@ class FakeSource:
 
     def assigned(self) -> set[tuple[str, int]]:
         return set(self.data)
+
+    def reachable(self) -> bool:
+        self.log.append(("reachable", self.broker_up))
+        return self.broker_up
 
 
 class FakeSink:
@@ -112,12 +117,14 @@ def registry() -> CollectorRegistry:
 
 
 def make_worker(log: list[tuple], partitions: dict[int, list[bytes]], registry: CollectorRegistry,
-                max_batch: int = 4) -> tuple[Worker, FakeSource, FakeSink, FakePipeline]:
+                max_batch: int = 4, broker_check_interval_s: float = 2.0,
+                ) -> tuple[Worker, FakeSource, FakeSink, FakePipeline]:
     source, sink, pipeline = FakeSource(log, partitions, max_batch), FakeSink(log), FakePipeline(log)
     metrics = WorkerMetrics(registry)
     metrics.set_model(MODEL, 1.0)
     stop = threading.Event()
-    worker = Worker(source, sink, pipeline, metrics, HealthState(), TOPIC, stop)  # type: ignore[arg-type]
+    worker = Worker(source, sink, pipeline, metrics, HealthState(), TOPIC, stop,  # type: ignore[arg-type]
+                    broker_check_interval_s=broker_check_interval_s)
     worker.backoff = Backoff(stop, initial_s=0.001, maximum_s=0.001)  # no real waiting in unit tests
     return worker, source, sink, pipeline
 
@@ -206,6 +213,41 @@ def test_pending_offsets_are_committed_on_an_empty_poll(log: list[tuple], regist
     assert worker.run_once() is None
     assert kinds(log) == ["poll", "commit"]
     assert source.committed == {(TOPIC, 0): 2}
+
+
+def test_idle_worker_turns_not_ready_while_the_broker_is_unreachable_and_ready_when_it_answers(
+        log: list[tuple], registry: CollectorRegistry) -> None:
+    worker, source, _, _ = make_worker(log, {0: [b"n"]}, registry, broker_check_interval_s=0.0)
+    worker.health.model_loaded = True
+    worker.run_once()
+    assert worker.health.is_ready() and registry.get_sample_value("anomaly_worker_ready") == 1
+    source.broker_up = False
+    del log[:]
+    assert worker.run_once() is None
+    assert log == [("poll", []), ("reachable", False)]
+    assert worker.health.failing_readiness() == ["broker_ok"]
+    assert registry.get_sample_value("anomaly_worker_ready") == 0
+    assert registry.get_sample_value("anomaly_kafka_errors_total", {"operation": "poll"}) == 1
+    source.broker_up = True
+    worker.run_once()
+    assert worker.health.is_ready() and registry.get_sample_value("anomaly_worker_ready") == 1
+
+
+def test_idle_broker_check_is_rate_limited_and_skipped_while_offsets_are_pending(
+        log: list[tuple], registry: CollectorRegistry) -> None:
+    worker, source, _, _ = make_worker(log, {0: [b"n"]}, registry, broker_check_interval_s=3600.0)
+    source.broker_up = False
+    worker.run_once()
+    worker.run_once()
+    assert "reachable" not in kinds(log)  # within the interval: no extra round trips
+    worker.broker_check_interval_s = 0.0
+    source.data[(TOPIC, 0)].append(b"n")
+    source.fail_commits = 1
+    worker.run_once()  # the commit fails: offsets stay pending
+    del log[:]
+    worker.run_once()  # the retried commit is the round trip; no separate check
+    assert kinds(log) == ["poll", "commit"]
+    assert worker.health.broker_ok is True
 
 
 def test_on_revoke_drops_pending_offsets_of_the_revoked_partitions_only_without_committing(
