@@ -99,6 +99,7 @@ class Settings:
     shutdown_timeout_s: float = 20.0
     kafka_timeout_s: float = 30.0
     retry_backoff_max_s: float = 30.0
+    rejoin_timeout_s: float = 60.0
     expected_schema_hash: str | None = None
     client_id: str = "anomaly-worker"
     log_level: str = "INFO"
@@ -113,8 +114,8 @@ class Settings:
             raise ConfigError(f"max event size must be at least 64 bytes, got {self.max_event_bytes}")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics port must be in [0, 65535], got {self.metrics_port}")
-        if self.shutdown_timeout_s <= 0 or self.kafka_timeout_s <= 0:
-            raise ConfigError("shutdown and Kafka timeouts must be positive")
+        if self.shutdown_timeout_s <= 0 or self.kafka_timeout_s <= 0 or self.rejoin_timeout_s <= 0:
+            raise ConfigError("shutdown, Kafka and rejoin timeouts must be positive")
         topics = {self.input_topic, self.alert_topic, self.dead_letter_topic}
         if len(topics) != 3 or "" in topics:
             raise ConfigError("input, alert and dead-letter topics must be three different, non-empty names")
@@ -149,6 +150,7 @@ def parser() -> argparse.ArgumentParser:
     add("--metrics-port", type=int, help="port for /metrics, /healthz, /readyz (default 9108; 0 = any)")
     add("--shutdown-timeout-s", type=float, help="deadline for finishing a batch on SIGTERM (default 20)")
     add("--kafka-timeout-s", type=float, help="timeout of each blocking Kafka call (default 30)")
+    add("--rejoin-timeout-s", type=float, help="replace the consumer if a group rebalance takes longer (default 60)")
     add("--expected-schema-hash", help="refuse a bundle whose schema hash differs")
     add("--client-id", help="Kafka client id (default anomaly-worker)")
     add("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
@@ -203,7 +205,8 @@ def from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | No
         ssl_cafile=get("ssl_cafile"), ssl_certfile=get("ssl_certfile"), ssl_keyfile=get("ssl_keyfile"))
     overrides = {name: typed(name, kind) for name, kind in (
         ("max_batch", int), ("max_wait_ms", int), ("max_event_bytes", int), ("top_features", int),
-        ("metrics_port", int), ("shutdown_timeout_s", float), ("kafka_timeout_s", float))}
+        ("metrics_port", int), ("shutdown_timeout_s", float), ("kafka_timeout_s", float),
+        ("rejoin_timeout_s", float))}
     for name in ("metrics_host", "expected_schema_hash", "client_id", "log_level"):
         overrides[name] = get(name)
     return Settings(

@@ -17,3 +17,7 @@ class DeliveryError(WorkerError):
 
 class CommitError(WorkerError):
     """An offset commit failed: the delivered offsets stay pending and are committed with the next batch."""
+
+
+class RebalanceInProgress(CommitError):
+    """The consumer group is rebalancing: the commit waits until the member is stable again."""

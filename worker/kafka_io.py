@@ -14,10 +14,10 @@ import orjson
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata
+from kafka.structs import MemberState, OffsetAndMetadata
 
 from worker.config import Settings
-from worker.errors import BrokerUnavailable, CommitError, DeliveryError
+from worker.errors import BrokerUnavailable, CommitError, DeliveryError, RebalanceInProgress
 from worker.records import Alert, DeadLetter, Record
 
 log = logging.getLogger(__name__)
@@ -44,11 +44,21 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 class KafkaSource:
     """Consumer group member that hands out micro-batches and commits exactly the offsets it is given."""
 
-    def __init__(self, settings: Settings, on_revoke: Callable[[set[tuple[str, int]]], None] | None = None) -> None:
+    def __init__(self, settings: Settings, on_revoke: Callable[[set[tuple[str, int]]], None] | None = None,
+                 consumer_factory: Callable[..., Any] = KafkaConsumer,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self._on_revoke = on_revoke
+        self._factory = consumer_factory
+        self._clock = clock
+        self._unstable_since: float | None = None
+        self.consumer = self._connect()
+
+    def _connect(self) -> Any:
+        """A new consumer subscribed to the input topic."""
+        settings = self.settings
         try:
-            self.consumer = KafkaConsumer(
+            consumer = self._factory(
                 group_id=settings.group_id, enable_auto_commit=False, auto_offset_reset="earliest",
                 max_poll_records=settings.max_batch, fetch_max_bytes=64 * 1024 * 1024,
                 max_partition_fetch_bytes=max(settings.max_event_bytes * 2, 1024 * 1024),
@@ -57,10 +67,33 @@ class KafkaSource:
         except KafkaError as exc:
             raise BrokerUnavailable(f"no Kafka broker reachable at {settings.bootstrap_servers}") from exc
         # Know the topic's partitions before the first join, so it does not end with an empty assignment.
-        if not self.consumer.partitions_for_topic(settings.input_topic):
+        if not consumer.partitions_for_topic(settings.input_topic):
             log.warning("input topic %s has no partitions yet (not created?); waiting for it to appear",
                         settings.input_topic)
-        self.consumer.subscribe(topics=[settings.input_topic], listener=_Rebalance(self))
+        consumer.subscribe(topics=[settings.input_topic], listener=_Rebalance(self))
+        return consumer
+
+    def _check_membership(self) -> None:
+        """Replace a consumer whose group rebalance has not finished within `rejoin_timeout_s`.
+
+        kafka-python 3.0.12 can stall in a rebalance it started itself (seen here: partitions revoked,
+        never re-assigned, no error). Our rebalances finish in seconds, so a long one is a stall.
+        """
+        state = self.consumer.group_metadata().state
+        now = self._clock()
+        if state == MemberState.STABLE:
+            self._unstable_since = None
+            return
+        if self._unstable_since is None:
+            self._unstable_since = now
+            return
+        if now - self._unstable_since < self.settings.rejoin_timeout_s:
+            return
+        log.warning("consumer group member has been %s for %.0f s; replacing the consumer", state,
+                    now - self._unstable_since)
+        self.close()
+        self._unstable_since = None
+        self.consumer = self._connect()
 
     def handle_revoked(self, partitions: set[tuple[str, int]]) -> None:
         """Called inside poll() before partitions go; the loop forgets offsets it failed to commit for them."""
@@ -86,6 +119,7 @@ class KafkaSource:
                                       value=m.value, timestamp_ms=m.timestamp) for m in batch)
             if remaining_ms == 0:
                 break
+        self._check_membership()
         return records
 
     def assigned(self) -> set[tuple[str, int]]:
@@ -98,6 +132,10 @@ class KafkaSource:
                    if (t, p) in mine}
         if not payload:
             return
+        # Committing during a rebalance fails, and with kafka-python 3.0.12 repeated attempts can keep the
+        # rebalance from ever finishing; wait for the member to be stable instead.
+        if self.consumer.group_metadata().state != MemberState.STABLE:
+            raise RebalanceInProgress("consumer group is rebalancing; the commit waits for it to finish")
         try:
             self.consumer.commit(offsets=payload, timeout_ms=int(self.settings.kafka_timeout_s * 1000))
         except KafkaError as exc:

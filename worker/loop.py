@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from worker.drift import ScoreDrift
-from worker.errors import CommitError, DeliveryError
+from worker.errors import CommitError, DeliveryError, RebalanceInProgress
 from worker.http import HealthState
 from worker.metrics import WorkerMetrics
 from worker.pipeline import BatchResult, Pipeline
@@ -95,6 +95,7 @@ class Worker:
         self.stop = stop or threading.Event()
         self.backoff = Backoff(self.stop, maximum_s=backoff_max_s)
         self.pending: dict[tuple[str, int], int] = {}
+        self._commit_failing = False
         hist = pipeline.bundle.histogram
         self.drift = ScoreDrift(hist.edges, hist.counts)
         self._last_lag = 0.0
@@ -155,12 +156,20 @@ class Worker:
         self._last_broker_check = time.monotonic()  # a commit is a round trip too: no idle check needed soon
         try:
             self.source.commit(self.pending)
+        except RebalanceInProgress as exc:
+            log.debug("offsets %s stay pending: %s", self._describe(self.pending), exc)
+            return
         except CommitError as exc:
-            log.warning("offsets %s stay pending: %s", self._describe(self.pending), exc)
+            if not self._commit_failing:
+                log.warning("offsets %s stay pending: %s", self._describe(self.pending), exc)
+            self._commit_failing = True
             self.metrics.record_commit_failure()
             self.health.broker_ok = False
             self.metrics.set_ready(self.health.is_ready())
             return
+        if self._commit_failing:
+            log.info("commits succeed again: %s", self._describe(self.pending))
+            self._commit_failing = False
         self.pending.clear()
         self.metrics.record_commit()
         self.health.broker_ok = True

@@ -273,15 +273,20 @@ def test_alerts_match_anomaly_score_and_bad_events_are_dead_lettered(
     wait_for(lambda: http_status(worker, "/readyz") == 200, 90, "/readyz to answer 200")
     wait_all_committed(kafka_bootstrap, topics, worker, timeout=90)
     topic_label = (("topic", topics.input),)
-    wait_for(lambda: scrape(worker).get(("anomaly_events_consumed_total", topic_label)) == len(values), 15,
-             f"anomaly_events_consumed_total == {len(values)}")
+    # At least once: a rebalance while the group forms may deliver a record twice (same alert id).
+    wait_for(lambda: (scrape(worker).get(("anomaly_events_consumed_total", topic_label)) or 0) >= len(values), 15,
+             f"anomaly_events_consumed_total >= {len(values)}")
     assert http_status(worker, "/readyz") == 200 and http_status(worker, "/healthz") == 200
 
     # Parity: the alerted events are exactly the rows anomaly-score flags, with the same scores.
     alerts = [orjson.loads(r.value) for r in read_all(kafka_bootstrap, topics.alerts)]
     alerted = {a["event_id"]: a for a in alerts}
-    assert len(alerted) == len(alerts), "one alert per anomalous event in a clean run"
     assert set(alerted) == anomalous_ids(model)
+    same_id: dict[str, set] = {}
+    for a in alerts:
+        same_id.setdefault(a["alert_id"], set()).add(a["event_id"])
+    assert all(len(ids) == 1 for ids in same_id.values()), "a duplicate alert must carry the same alert id"
+    assert len(same_id) == len(alerted), "one alert id per anomalous event"
     for event_id, alert in alerted.items():
         assert alert["score"] == pytest.approx(model.scored.loc[event_id, "score"], rel=1e-5)
         assert alert["score"] > alert["threshold"]
@@ -296,8 +301,8 @@ def test_alerts_match_anomaly_score_and_bad_events_are_dead_lettered(
 
     # Dead letters: original bytes, reason and source coordinates.
     letters = read_all(kafka_bootstrap, topics.dead_letters)
-    assert len(letters) == len(MALFORMED)
     got = {letter.value: letter.headers for letter in letters}
+    assert set(got) == {bad for bad, _ in MALFORMED}
     for bad, reason in MALFORMED:
         assert bad in got, f"{reason} event missing from the dead-letter topic"
         headers, origin = got[bad], by_value[bad]
@@ -307,13 +312,16 @@ def test_alerts_match_anomaly_score_and_bad_events_are_dead_lettered(
         assert headers["dlq.source.offset"] == str(origin.offset).encode()
         assert headers["dlq.error"]
 
+    # The metrics agree exactly with what reached the topics (duplicates included).
     metrics = scrape(worker)
-    assert metrics[("anomaly_events_consumed_total", topic_label)] == len(values)
-    assert metrics[("anomaly_events_scored_total", topic_label)] == len(good)
+    consumed = metrics[("anomaly_events_consumed_total", topic_label)]
+    scored = metrics[("anomaly_events_scored_total", topic_label)]
+    assert consumed >= len(values) and scored >= len(good)
+    assert consumed - scored == len(letters)
     assert metrics[("anomaly_alerts_published_total", topic_label)] == len(alerts)
     for _bad, reason in MALFORMED:
         key = ("anomaly_dead_letters_total", (("reason", reason), ("topic", topics.input)))
-        assert metrics[key] == 1, reason
+        assert metrics[key] == sum(1 for x in letters if x.headers["dlq.reason"] == reason.encode()) >= 1, reason
     assert metrics[("anomaly_dead_letters_total", (("reason", "non_finite"), ("topic", topics.input)))] == 0
     assert metrics[("anomaly_worker_ready", ())] == 1
     assert http_status(worker, "/readyz") == 200

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from worker.alerts import build_alert
-from worker.errors import CommitError, DeliveryError
+from worker.errors import CommitError, DeliveryError, RebalanceInProgress
 from worker.http import HealthState
 from worker.loop import Backoff, Offsets, Worker
 from worker.metrics import WorkerMetrics
@@ -32,6 +32,7 @@ class FakeSource:
         self.committed: dict[tuple[str, int], int] = {}
         self.max_batch = max_batch
         self.fail_commits = 0
+        self.rebalancing = False
         self.broker_up = True
         self.on_empty: threading.Event | None = None
 
@@ -48,6 +49,9 @@ class FakeSource:
         return out
 
     def commit(self, offsets: Offsets) -> None:
+        if self.rebalancing:
+            self.log.append(("commit-deferred", dict(offsets)))
+            raise RebalanceInProgress("rebalancing")
         if self.fail_commits:
             self.fail_commits -= 1
             self.log.append(("commit-failed", dict(offsets)))
@@ -306,3 +310,16 @@ def test_stop_interrupts_the_backoff_after_a_delivery_failure(log: list[tuple], 
     assert worker.run_once() is None
     assert kinds(log) == ["poll", "process", "publish-failed", "rewind"]
     assert source.committed == {}
+
+
+def test_a_rebalance_defers_the_commit_without_marking_the_broker_down(
+        log: list[tuple], registry: CollectorRegistry) -> None:
+    worker, source, _, _ = make_worker(log, {0: [b"n", b"n"]}, registry)
+    worker.health.broker_ok = True
+    source.rebalancing = True
+    worker.run_once()
+    assert worker.pending == {(TOPIC, 0): 2}
+    assert worker.health.broker_ok and registry.get_sample_value("anomaly_commit_failures_total") == 0
+    source.rebalancing = False
+    worker.run_once()
+    assert worker.pending == {} and source.committed == {(TOPIC, 0): 2}
