@@ -25,13 +25,12 @@ from tests.integration.test_worker_e2e import (
     WorkerProcess,
     _check_run,
     _free_port,
-    committed,
-    end_offsets,
     event_values,
     http_status,
     produce,
     read_all,
     scrape,
+    wait_all_committed,
 )
 from tests.kafka_broker import LauncherError, _free_ports, _run_launcher, create_topics, unique_topic, wait_for
 
@@ -126,18 +125,6 @@ def start_worker(model: Model, bootstrap: str, t: Topics, log_path: Path) -> Wor
     return WorkerProcess(cmd, log_path, port)
 
 
-def wait_committed(bootstrap: str, t: Topics, worker: WorkerProcess, timeout: float) -> dict[int, int]:
-    """Wait until the group's committed offsets reach the input topic's end offsets."""
-    ends = end_offsets(bootstrap, t.input)
-
-    def done() -> dict[int, int] | None:
-        assert worker.proc.poll() is None, f"worker exited with {worker.proc.returncode}"
-        got = committed(bootstrap, t.group, t.input)
-        return got if all(got.get(p, 0) >= end for p, end in ends.items()) else None
-
-    return wait_for(done, timeout, f"group {t.group} to commit {ends}", interval=0.25)
-
-
 def test_broker_outage_reports_not_ready_keeps_running_and_resumes_without_loss(
         model: Model, broker: LocalBroker, worker_for: list[WorkerProcess], tmp_path: Path) -> None:
     t = Topics(unique_topic("events"), unique_topic("alerts"), unique_topic("dlq"), unique_topic("group"))
@@ -154,7 +141,7 @@ def test_broker_outage_reports_not_ready_keeps_running_and_resumes_without_loss(
     worker_for.append(worker)
     wait_for(lambda: http_status(worker, "/readyz") == 200, 60, "/readyz to answer 200 before the outage")
     produce(broker.bootstrap, t.input, values["A"])
-    wait_committed(broker.bootstrap, t, worker, timeout=30)
+    wait_all_committed(broker.bootstrap, t, worker, timeout=30)
 
     # The broker goes away under an idle worker: not ready, but alive (a liveness restart would not help).
     broker.stop()
@@ -166,7 +153,7 @@ def test_broker_outage_reports_not_ready_keeps_running_and_resumes_without_loss(
     # The same broker comes back with its storage; the worker resumes on its own.
     broker.start(keep=True)
     produce(broker.bootstrap, t.input, values["B"])
-    final = wait_committed(broker.bootstrap, t, worker, timeout=60)
+    final = wait_all_committed(broker.bootstrap, t, worker, timeout=60)
     assert sum(final.values()) == len(model.rows)
     wait_for(lambda: http_status(worker, "/readyz") == 200, 30, "/readyz to answer 200 after the outage")
     assert worker.proc.poll() is None and http_status(worker, "/healthz") == 200
