@@ -4,6 +4,7 @@
 #   2. .venv with the project and its dev/bench dependencies (pinned by constraints.txt)
 #   3. Kafka jars from Maven Central into deploy/kafka/libs/
 #   4. Prometheus + promtool (Debian package) when WITH_PROMETHEUS=1
+#   5. kcat (Debian package), an independent Kafka client for the interoperability tests, when WITH_KCAT=1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,5 +40,8 @@ bash deploy/kafka/kafka-local.sh fetch >&2
 
 if [ "${WITH_PROMETHEUS:-0}" = 1 ]; then
     bash scripts/install-prometheus.sh >&2
+fi
+if [ "${WITH_KCAT:-0}" = 1 ]; then
+    bash scripts/install-kcat.sh >&2
 fi
 echo "setup: ready" >&2

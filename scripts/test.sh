@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: set up, lint, type-check, unit tests, then integration
-# tests against a real Kafka broker and a real Prometheus started by the project's own scripts.
+# tests against a real Kafka broker and a real Prometheus started by the project's own scripts (kcat too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WITH_PROMETHEUS=1 bash scripts/setup.sh
+WITH_PROMETHEUS=1 WITH_KCAT=1 bash scripts/setup.sh
 
 echo "== ruff"
 .venv/bin/ruff check training worker tests benchmarks scripts
