@@ -19,6 +19,9 @@ from training.errors import ConfigError
 ENV_PREFIX = "ANOMALY_"
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+KAFKA_CLIENTS = ("confluent", "kafka-python")
+ISOLATION_LEVELS = ("read_committed", "read_uncommitted")
+COMPRESSION_CODECS = ("none", "gzip", "snappy", "lz4", "zstd")
 
 
 class Secret:
@@ -79,6 +82,20 @@ class KafkaSecurity:
                         ssl_check_hostname=self.ssl_check_hostname)
         return opts
 
+    def librdkafka_config(self) -> dict[str, Any]:
+        """The same settings as librdkafka (confluent-kafka) configuration properties."""
+        conf: dict[str, Any] = {"security.protocol": self.protocol}
+        if self.protocol.startswith("SASL"):
+            conf.update({"sasl.mechanism": self.sasl_mechanism, "sasl.username": self.sasl_username,
+                         "sasl.password": self.sasl_password.reveal() if self.sasl_password else None})
+        if self.protocol in ("SSL", "SASL_SSL"):
+            for key, value in (("ssl.ca.location", self.ssl_cafile), ("ssl.certificate.location", self.ssl_certfile),
+                               ("ssl.key.location", self.ssl_keyfile)):
+                if value:
+                    conf[key] = value
+            conf["ssl.endpoint.identification.algorithm"] = "https" if self.ssl_check_hostname else "none"
+        return conf
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -104,6 +121,10 @@ class Settings:
     client_id: str = "anomaly-worker"
     log_level: str = "INFO"
     security: KafkaSecurity = field(default_factory=KafkaSecurity)
+    kafka_client: str = "confluent"
+    isolation_level: str = "read_committed"
+    compression: str = "lz4"
+    alert_headers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_batch <= 100_000:
@@ -119,6 +140,13 @@ class Settings:
         topics = {self.input_topic, self.alert_topic, self.dead_letter_topic}
         if len(topics) != 3 or "" in topics:
             raise ConfigError("input, alert and dead-letter topics must be three different, non-empty names")
+        if self.kafka_client not in KAFKA_CLIENTS:
+            raise ConfigError(f"Kafka client must be one of {', '.join(KAFKA_CLIENTS)}, got {self.kafka_client!r}")
+        if self.isolation_level not in ISOLATION_LEVELS:
+            raise ConfigError(f"isolation level must be one of {', '.join(ISOLATION_LEVELS)}, "
+                              f"got {self.isolation_level!r}")
+        if self.compression not in COMPRESSION_CODECS:
+            raise ConfigError(f"compression must be one of {', '.join(COMPRESSION_CODECS)}, got {self.compression!r}")
 
 
 def _env_name(flag: str) -> str:
@@ -161,6 +189,12 @@ def parser() -> argparse.ArgumentParser:
     add("--ssl-cafile", help="CA bundle for TLS")
     add("--ssl-certfile", help="client certificate for mutual TLS")
     add("--ssl-keyfile", help="client key for mutual TLS")
+    add("--kafka-client", choices=KAFKA_CLIENTS,
+        help="Kafka client library: confluent (librdkafka, default) or kafka-python (pure Python)")
+    add("--isolation-level", choices=ISOLATION_LEVELS,
+        help="read_committed (default) skips records of aborted upstream transactions")
+    add("--compression", choices=COMPRESSION_CODECS, help="codec for alerts and dead letters (default lz4)")
+    add("--alert-headers", help="comma-separated input record header names copied into each alert document")
     return p
 
 
@@ -209,6 +243,11 @@ def from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | No
         ("rejoin_timeout_s", float))}
     for name in ("metrics_host", "expected_schema_hash", "client_id", "log_level"):
         overrides[name] = get(name)
+    for name in ("kafka_client", "isolation_level", "compression"):
+        overrides[name] = get(name) and get(name).lower()
+    headers = get("alert_headers")
+    if headers is not None:
+        overrides["alert_headers"] = tuple(h.strip() for h in headers.split(",") if h.strip())
     return Settings(
         model=Path(get("model")), bootstrap_servers=get("bootstrap_servers"), input_topic=get("input_topic"),
         alert_topic=get("alert_topic"), dead_letter_topic=get("dead_letter_topic"), group_id=get("group_id"),

@@ -27,7 +27,8 @@ class HealthState:
 
     Liveness: the loop called `heartbeat()` within `stale_after_seconds` (the clock starts at
     construction, so startup gets one full period). Readiness: model loaded, at least one
-    partition assigned and the broker reachable.
+    partition assigned, the broker reachable, and no partition held at a record batch the Kafka
+    client cannot decode (see `worker/edge.py`).
     """
 
     def __init__(
@@ -42,6 +43,7 @@ class HealthState:
         self._model_loaded = False
         self._assigned_partitions = 0
         self._broker_ok = False
+        self._undecodable_partitions = 0
 
     @property
     def model_loaded(self) -> bool:
@@ -78,6 +80,19 @@ class HealthState:
         with self._lock:
             self._broker_ok = bool(value)
 
+    @property
+    def undecodable_partitions(self) -> int:
+        """Number of partitions held at a record batch the Kafka client cannot decode."""
+        with self._lock:
+            return self._undecodable_partitions
+
+    @undecodable_partitions.setter
+    def undecodable_partitions(self, value: int) -> None:
+        if value < 0:
+            raise ValueError(f"undecodable_partitions must be >= 0, got {value}")
+        with self._lock:
+            self._undecodable_partitions = int(value)
+
     def heartbeat(self) -> None:
         """Record that the loop made progress (call once per poll iteration)."""
         now = self._clock()
@@ -101,6 +116,7 @@ class HealthState:
                 "model_loaded": self._model_loaded,
                 "partitions_assigned": self._assigned_partitions > 0,
                 "broker_ok": self._broker_ok,
+                "batches_decodable": self._undecodable_partitions == 0,
             }
         return [name for name, ok in checks.items() if not ok]
 

@@ -1,6 +1,7 @@
-"""Kafka at the edge: the consumer (micro-batches, commits, lag) and the producer (alerts, dead letters).
+"""kafka-python at the edge: the consumer (micro-batches, commits, lag) and the producer (alerts, dead letters).
 
-The only module of the worker that imports `kafka`. Every blocking call has a timeout.
+The only module of the worker that imports `kafka` (`worker/kafka_confluent.py` is the same on
+confluent-kafka; `worker/edge.py` picks one). Every blocking call has a timeout.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from typing import Any
 import orjson
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import KafkaError
+from kafka.errors import CorruptRecordError, KafkaError, UnsupportedCodecError
 from kafka.structs import MemberState, OffsetAndMetadata
 
 from worker.config import Settings
-from worker.errors import BrokerUnavailable, CommitError, DeliveryError, RebalanceInProgress
+from worker.edge import Quarantine
+from worker.errors import BrokerUnavailable, CommitError, DeliveryError, RebalanceInProgress, WorkerError
 from worker.records import Alert, DeadLetter, Record
 
 log = logging.getLogger(__name__)
@@ -46,9 +48,10 @@ class KafkaSource:
 
     def __init__(self, settings: Settings, on_revoke: Callable[[set[tuple[str, int]]], None] | None = None,
                  consumer_factory: Callable[..., Any] = KafkaConsumer,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, quarantine: Quarantine | None = None) -> None:
         self.settings = settings
         self._on_revoke = on_revoke
+        self.quarantine = quarantine or Quarantine()
         self._factory = consumer_factory
         self._clock = clock
         self._unstable_since: float | None = None
@@ -63,7 +66,7 @@ class KafkaSource:
                 max_poll_records=settings.max_batch, fetch_max_bytes=64 * 1024 * 1024,
                 max_partition_fetch_bytes=max(settings.max_event_bytes * 2, 1024 * 1024),
                 request_timeout_ms=int(settings.kafka_timeout_s * 1000), session_timeout_ms=15_000,
-                max_poll_interval_ms=300_000, **client_options(settings))
+                max_poll_interval_ms=300_000, isolation_level=settings.isolation_level, **client_options(settings))
         except KafkaError as exc:
             raise BrokerUnavailable(f"no Kafka broker reachable at {settings.bootstrap_servers}") from exc
         # Know the topic's partitions before the first join, so it does not end with an empty assignment.
@@ -98,6 +101,7 @@ class KafkaSource:
     def handle_revoked(self, partitions: set[tuple[str, int]]) -> None:
         """Called inside poll() before partitions go; the loop forgets offsets it failed to commit for them."""
         log.info("partitions revoked: %s", sorted(f"{t}[{p}]" for t, p in partitions))
+        self.quarantine.release(partitions)
         if self._on_revoke is not None:
             self._on_revoke(partitions)
 
@@ -113,14 +117,36 @@ class KafkaSource:
         records: list[Record] = []
         while len(records) < self.settings.max_batch:
             remaining_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
-            polled = self.consumer.poll(timeout_ms=remaining_ms, max_records=self.settings.max_batch - len(records))
+            try:
+                polled = self.consumer.poll(timeout_ms=remaining_ms,
+                                            max_records=self.settings.max_batch - len(records))
+            except (UnsupportedCodecError, CorruptRecordError) as exc:
+                self._hold_undecodable(exc)
+                polled = {}
             for tp, batch in polled.items():
                 records.extend(Record(topic=tp.topic, partition=tp.partition, offset=m.offset, key=m.key,
-                                      value=m.value, timestamp_ms=m.timestamp) for m in batch)
+                                      value=m.value, timestamp_ms=m.timestamp, headers=tuple(m.headers or ()),
+                                      timestamp_type=m.timestamp_type) for m in batch)
             if remaining_ms == 0:
                 break
         self._check_membership()
         return records
+
+    def _hold_undecodable(self, exc: Exception) -> None:
+        """Pause the partition whose next batch raised `exc` (see worker/edge.py for the policy).
+
+        kafka-python 3.0.12 raises from poll() without naming the partition; the failing batch is still
+        its fetcher's next-in-line partition records, at the offset the consumer is positioned at. Polling
+        again without pausing it would spin on the exhausted batch inside poll(), so an unknown
+        partition stops the worker with the error instead.
+        """
+        part = getattr(getattr(self.consumer, "_fetcher", None), "_next_partition_records", None)
+        tp = getattr(part, "topic_partition", None)
+        if tp is None:
+            raise WorkerError(f"the Kafka client cannot decode a record batch and did not say where: {exc}") from exc
+        offset = int(getattr(part, "next_fetch_offset", -1))
+        self.consumer.pause(tp)
+        self.quarantine.hold(tp.topic, tp.partition, offset, f"{type(exc).__name__}: {exc}")
 
     def assigned(self) -> set[tuple[str, int]]:
         return {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
@@ -190,7 +216,8 @@ class KafkaSink:
         try:
             self.producer = KafkaProducer(
                 acks="all", enable_idempotence=True, linger_ms=5, batch_size=256 * 1024,
-                compression_type=None, max_request_size=max(settings.max_event_bytes * 2, 1024 * 1024),
+                compression_type=None if settings.compression == "none" else settings.compression,
+                max_request_size=max(settings.max_event_bytes * 2, 1024 * 1024),
                 request_timeout_ms=int(settings.kafka_timeout_s * 1000),
                 delivery_timeout_ms=int(settings.kafka_timeout_s * 1000) + 5_000, **client_options(settings))
         except KafkaError as exc:

@@ -59,7 +59,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # kafka-python is chatty at INFO; its debug output is there when the worker runs at DEBUG.
-    logging.getLogger("kafka").setLevel(logging.DEBUG if settings.log_level.upper() == "DEBUG" else logging.WARNING)
+    client_level = logging.DEBUG if settings.log_level.upper() == "DEBUG" else logging.WARNING
+    logging.getLogger("kafka").setLevel(client_level)
+    logging.getLogger("librdkafka").setLevel(client_level)
 
     stop = threading.Event()
     done = threading.Event()
@@ -82,18 +84,20 @@ def run(argv: Sequence[str] | None = None) -> int:
     log.info("model %s loaded from %s (threshold %.6g, %d fields); metrics on %s/metrics",
              bundle.version, settings.model, bundle.threshold.value, len(bundle.schema.fields), server.url)
 
-    from worker.kafka_io import KafkaSink, KafkaSource
+    from worker.edge import Quarantine, open_sink, open_source
+    from worker.loop import Sink, Source
 
-    source: KafkaSource | None = None
-    sink: KafkaSink | None = None
+    source: Source | None = None
+    sink: Sink | None = None
+    quarantine = Quarantine(metrics, health)
     worker_ref: list[Worker] = []
     backoff = Backoff(stop, maximum_s=settings.retry_backoff_max_s)
     try:
         while not stop.is_set() and (source is None or sink is None):
             try:
-                sink = sink or KafkaSink(settings)
-                source = KafkaSource(settings, on_revoke=lambda parts: worker_ref[0].on_revoke(parts)
-                                     if worker_ref else None)
+                sink = sink or open_sink(settings)
+                source = open_source(settings, on_revoke=lambda parts: worker_ref[0].on_revoke(parts)
+                                     if worker_ref else None, quarantine=quarantine)
             except BrokerUnavailable as exc:
                 health.heartbeat()
                 health.broker_ok = False
@@ -105,8 +109,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         worker = Worker(source, sink, pipeline, metrics, health, settings.input_topic, stop,
                         settings.retry_backoff_max_s)
         worker_ref.append(worker)
-        log.info("consuming %s as group %s; alerts -> %s, dead letters -> %s", settings.input_topic,
-                 settings.group_id, settings.alert_topic, settings.dead_letter_topic)
+        log.info("consuming %s as group %s with %s (%s); alerts -> %s, dead letters -> %s (%s)",
+                 settings.input_topic, settings.group_id, settings.kafka_client, settings.isolation_level,
+                 settings.alert_topic, settings.dead_letter_topic, settings.compression)
         worker.run()
         log.info("stopped after finishing the current batch")
         return 0

@@ -123,6 +123,15 @@ class WorkerMetrics:
             "anomaly_kafka_errors", "Kafka client errors, by operation (poll, produce, commit).",
             ["operation"], registry=registry,
         )
+        self.undecodable_batches = Counter(
+            "anomaly_undecodable_batches",
+            "Record batches the Kafka client could not decode; their partition is held (see worker/edge.py).",
+            ["topic", "partition"], registry=registry,
+        )
+        self.undecodable_partitions = Gauge(
+            "anomaly_undecodable_partitions", "Partitions held at a record batch the Kafka client cannot decode.",
+            registry=registry,
+        )
         self.worker_ready = Gauge(
             "anomaly_worker_ready", "1 when model loaded, partitions assigned and broker reachable.",
             registry=registry,
@@ -254,6 +263,14 @@ class WorkerMetrics:
         if operation not in KAFKA_OPERATIONS:
             raise ValueError(f"unknown Kafka operation {operation!r}; expected one of {KAFKA_OPERATIONS}")
         self.kafka_errors.labels(operation=operation).inc()
+
+    def record_undecodable_batch(self, topic: str, partition: int) -> None:
+        """Count a record batch of `topic[partition]` that the Kafka client could not decode."""
+        self.undecodable_batches.labels(topic=topic, partition=str(partition)).inc()
+
+    def set_undecodable_partitions(self, count: int) -> None:
+        """Publish how many partitions are held at an undecodable batch."""
+        self.undecodable_partitions.set(_non_negative(count, "undecodable partition count"))
 
     def set_ready(self, ready: bool) -> None:
         """Publish readiness as 1 or 0."""

@@ -16,6 +16,8 @@ class Record:
     key: bytes | None
     value: bytes | None
     timestamp_ms: int | None = None
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+    timestamp_type: int = 0  # 0: the producer's CreateTime, 1: the broker's LogAppendTime
 
     @property
     def where(self) -> str:
@@ -43,8 +45,10 @@ class DeadLetter:
     model_version: str = ""
     headers: list[tuple[str, bytes]] = field(default_factory=list)
 
-    def kafka_headers(self) -> list[tuple[str, bytes]]:
+    def kafka_headers(self) -> list[tuple[str, bytes | None]]:
+        """The input record's own headers, then the `dlq.*` headers (which win where names repeat)."""
         return [
+            *self.record.headers,
             ("dlq.reason", self.reason.encode()),
             ("dlq.error", self.error.encode("utf-8", "replace")),
             ("dlq.source.topic", self.record.topic.encode()),

@@ -111,6 +111,11 @@ def test_readyz_names_each_failing_condition(server: MetricsServer, health: Heal
     status, _, body = get(server, "/readyz")
     assert (status, json.loads(body)["failing"]) == (503, ["partitions_assigned"])
 
+    health.assigned_partitions = 3
+    health.undecodable_partitions = 1  # a partition held at a batch the client cannot decode
+    status, _, body = get(server, "/readyz")
+    assert (status, json.loads(body)["failing"]) == (503, ["batches_decodable"])
+
 
 def test_unknown_paths_are_404(server: MetricsServer) -> None:
     status, _, _ = get(server, "/")

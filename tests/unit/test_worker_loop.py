@@ -73,6 +73,9 @@ class FakeSource:
         self.log.append(("reachable", self.broker_up))
         return self.broker_up
 
+    def close(self) -> None:
+        self.log.append(("close-source",))
+
 
 class FakeSink:
     def __init__(self, log: list[tuple]) -> None:
@@ -89,6 +92,9 @@ class FakeSink:
         self.alerts.extend(alerts)
         self.dead_letters.extend(dead_letters)
         self.log.append(("publish", [a.alert_id for a in alerts], [d.record.offset for d in dead_letters]))
+
+    def close(self) -> None:
+        self.log.append(("close-sink",))
 
 
 class FakePipeline:

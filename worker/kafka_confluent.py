@@ -1,0 +1,263 @@
+"""confluent-kafka (librdkafka) at the edge: the same Source and Sink as `worker/kafka_io.py`, on librdkafka.
+
+The only module of the worker that imports `confluent_kafka`; `worker/edge.py` picks it for
+`--kafka-client confluent` (the default). Offsets are stored and committed only by the loop
+(`enable.auto.commit` and `enable.auto.offset.store` off), the group uses cooperative-sticky
+(incremental) rebalancing, and every blocking call has a timeout (`socket.timeout.ms` bounds commits
+that wait for a coordinator).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import orjson
+from confluent_kafka import (
+    TIMESTAMP_LOG_APPEND_TIME,
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
+
+from worker.config import Settings
+from worker.edge import Quarantine
+from worker.errors import BrokerUnavailable, CommitError, DeliveryError, RebalanceInProgress, WorkerError
+from worker.records import Alert, DeadLetter, Record
+
+log = logging.getLogger(__name__)
+librdkafka_log = logging.getLogger("librdkafka")
+
+Offsets = Mapping[tuple[str, int], int]
+
+#: Consumer errors that mean "this record batch cannot be decoded" (codec missing, corrupt batch).
+UNDECODABLE = frozenset({KafkaError._BAD_COMPRESSION, KafkaError._BAD_MSG, KafkaError._NOT_IMPLEMENTED})
+#: Commit errors that mean "the group is rebalancing": the offsets stay pending, as with kafka-python.
+REBALANCING = frozenset({KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION})
+
+
+def client_config(settings: Settings) -> dict[str, Any]:
+    """Properties every librdkafka client of the worker shares: brokers, id, security, timeouts, logging."""
+    return {"bootstrap.servers": settings.bootstrap_servers, "client.id": settings.client_id,
+            "socket.timeout.ms": int(settings.kafka_timeout_s * 1000), "logger": librdkafka_log,
+            **settings.security.librdkafka_config()}
+
+
+def _check_reachable(client: Any, settings: Settings) -> None:
+    """librdkafka connects lazily; ask for metadata so an absent broker is BrokerUnavailable, as with kafka-python."""
+    try:
+        client.list_topics(timeout=settings.kafka_timeout_s)
+    except KafkaException as exc:
+        raise BrokerUnavailable(f"no Kafka broker reachable at {settings.bootstrap_servers}: {exc}") from exc
+
+
+class ConfluentSource:
+    """Consumer group member that hands out micro-batches and commits exactly the offsets it is given."""
+
+    def __init__(self, settings: Settings, on_revoke: Callable[[set[tuple[str, int]]], None] | None = None,
+                 quarantine: Quarantine | None = None, consumer_factory: Callable[[dict[str, Any]], Any] = Consumer,
+                 ) -> None:
+        self.settings = settings
+        self._on_revoke = on_revoke
+        self.quarantine = quarantine or Quarantine()
+        self._fatal: KafkaError | None = None
+        self.consumer = consumer_factory({
+            **client_config(settings), "group.id": settings.group_id,
+            "enable.auto.commit": False, "enable.auto.offset.store": False, "auto.offset.reset": "earliest",
+            "isolation.level": settings.isolation_level, "partition.assignment.strategy": "cooperative-sticky",
+            "session.timeout.ms": 15_000, "max.poll.interval.ms": 300_000,
+            "fetch.max.bytes": 64 * 1024 * 1024,
+            "max.partition.fetch.bytes": max(settings.max_event_bytes * 2, 1024 * 1024),
+            # A fetch waits at most one batch window for data, so a quiet topic adds no latency beyond it.
+            "fetch.wait.max.ms": max(1, min(500, settings.max_wait_ms)),
+            "error_cb": self._on_client_error,
+        })
+        try:
+            _check_reachable(self.consumer, settings)
+        except BrokerUnavailable:
+            self.consumer.close()
+            raise
+        self.consumer.subscribe([settings.input_topic], on_assign=self._assigned, on_revoke=self._revoked,
+                                on_lost=self._revoked)
+
+    def _on_client_error(self, error: KafkaError) -> None:
+        """librdkafka recovers from most errors by itself (broker down, coordinator moved); fatal ones stop us."""
+        if error.fatal():
+            self._fatal = error
+        log.debug("kafka client error: %s", error)
+
+    def _assigned(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        # librdkafka applies the (incremental) assignment itself after this callback.
+        log.info("partitions assigned: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions))
+
+    def _revoked(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        self.handle_revoked({(tp.topic, tp.partition) for tp in partitions})
+
+    def handle_revoked(self, partitions: set[tuple[str, int]]) -> None:
+        """Called inside poll before partitions go; the loop forgets offsets it failed to commit for them."""
+        log.info("partitions revoked: %s", sorted(f"{t}[{p}]" for t, p in partitions))
+        self.quarantine.release(partitions)
+        if self._on_revoke is not None:
+            self._on_revoke(partitions)
+
+    def poll_batch(self) -> list[Record]:
+        """Poll until `max_batch` records or `max_wait_ms` have passed.
+
+        As with kafka-python, records of a partition revoked during the poll are still delivered (the
+        next owner may deliver them again, with the same alert ids); `commit` skips revoked partitions.
+        """
+        records: list[Record] = []
+        messages = self.consumer.consume(num_messages=self.settings.max_batch,
+                                         timeout=self.settings.max_wait_ms / 1000.0)
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                self._on_message_error(message, error, records)
+                continue
+            topic, partition, offset = message.topic(), message.partition(), message.offset()
+            limit = self.quarantine.limit(topic, partition)
+            if limit is not None and offset >= limit:
+                continue  # queued before the partition was held: never past an undecodable batch
+            kind, timestamp = message.timestamp()
+            records.append(Record(
+                topic=topic, partition=partition, offset=offset, key=message.key(), value=message.value(),
+                timestamp_ms=None if kind == TIMESTAMP_NOT_AVAILABLE else timestamp,
+                headers=tuple(message.headers() or ()), timestamp_type=1 if kind == TIMESTAMP_LOG_APPEND_TIME else 0))
+        if self._fatal is not None:
+            raise WorkerError(f"the Kafka client failed fatally: {self._fatal}")
+        return records
+
+    def _on_message_error(self, message: Any, error: KafkaError, records: list[Record]) -> None:
+        topic, partition = message.topic(), message.partition()
+        if error.code() in UNDECODABLE and topic is not None and partition is not None and partition >= 0:
+            offset = int(message.offset() or 0)
+            self.consumer.pause([TopicPartition(topic, partition)])
+            records[:] = [r for r in records if (r.topic, r.partition) != (topic, partition) or r.offset < offset]
+            self.quarantine.hold(topic, partition, offset, error.str())
+        elif error.code() != KafkaError._PARTITION_EOF:
+            if error.fatal():
+                raise WorkerError(f"the Kafka client failed fatally: {error}")
+            log.warning("consumer error on %s[%s]: %s", topic, partition, error)
+
+    def assigned(self) -> set[tuple[str, int]]:
+        return {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+
+    def commit(self, offsets: Offsets) -> None:
+        """Commit next-offsets for partitions still assigned; raises CommitError on failure or timeout."""
+        mine = self.assigned()
+        payload = [TopicPartition(t, p, o) for (t, p), o in offsets.items() if (t, p) in mine]
+        if not payload:
+            return
+        try:
+            result = self.consumer.commit(offsets=payload, asynchronous=False)
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            if error is not None and error.code() in REBALANCING:
+                raise RebalanceInProgress(f"consumer group is rebalancing: {error}") from exc
+            raise CommitError(f"offset commit failed: {exc}") from exc
+        failed = [tp for tp in result or [] if tp.error is not None]
+        if failed:
+            raise CommitError("offset commit failed for " + ", ".join(
+                f"{tp.topic}[{tp.partition}]: {tp.error}" for tp in failed))
+
+    def rewind(self, offsets: Offsets) -> None:
+        """Seek back so undelivered records are consumed again (librdkafka drops what it had prefetched)."""
+        mine = self.assigned()
+        for (topic, partition), offset in offsets.items():
+            if (topic, partition) in mine:
+                try:
+                    self.consumer.seek(TopicPartition(topic, partition, offset))
+                except KafkaException as exc:
+                    # Going on would skip the undelivered records; a restart re-reads them from the commit.
+                    raise WorkerError(f"cannot seek {topic}[{partition}] back to {offset}: {exc}") from exc
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        """High-water mark minus position, per assigned partition (cached from fetches; no extra requests)."""
+        out: dict[tuple[str, int], int] = {}
+        for tp in self.consumer.position(self.consumer.assignment()):
+            if tp.offset < 0:
+                continue  # nothing consumed yet
+            _low, high = self.consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), cached=True)
+            if high >= 0:
+                out[(tp.topic, tp.partition)] = max(0, high - tp.offset)
+        return out
+
+    def reachable(self) -> bool:
+        """Whether the group coordinator answers an offset fetch within the Kafka timeout."""
+        partitions = sorted(self.consumer.assignment(), key=lambda tp: (tp.topic, tp.partition))
+        probe = partitions[0] if partitions else TopicPartition(self.settings.input_topic, 0)
+        try:
+            self.consumer.committed([TopicPartition(probe.topic, probe.partition)],
+                                    timeout=self.settings.kafka_timeout_s)
+        except KafkaException as exc:
+            log.debug("group coordinator not reachable: %s", exc)
+            return False
+        return True
+
+    def close(self) -> None:
+        try:
+            self.consumer.close()
+        except (KafkaException, RuntimeError) as exc:
+            log.warning("consumer close: %s", exc)
+
+
+class ConfluentSink:
+    """Idempotent producer (acks=all): publishes a batch and confirms every record was acknowledged."""
+
+    def __init__(self, settings: Settings, producer_factory: Callable[[dict[str, Any]], Any] = Producer) -> None:
+        self.settings = settings
+        self.producer = producer_factory({
+            **client_config(settings), "acks": "all", "enable.idempotence": True, "linger.ms": 5,
+            "compression.type": settings.compression,
+            "message.max.bytes": max(settings.max_event_bytes * 2, 1024 * 1024),
+            "request.timeout.ms": int(settings.kafka_timeout_s * 1000),
+            "message.timeout.ms": int(settings.kafka_timeout_s * 1000) + 5_000,
+        })
+        _check_reachable(self.producer, settings)
+
+    def publish(self, alerts: Sequence[Alert], dead_letters: Sequence[DeadLetter]) -> None:
+        """1. produce every alert and dead letter; 2. flush with a timeout; 3. check every delivery report."""
+        failures: list[str] = []
+        acknowledged = 0
+
+        def report(error: KafkaError | None, _message: Any) -> None:
+            nonlocal acknowledged
+            if error is None:
+                acknowledged += 1
+            else:
+                failures.append(error.str())
+
+        topic = self.settings.alert_topic
+        outgoing: list[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes | None]]]] = [
+            (topic, alert.alert_id.encode(), orjson.dumps(alert.document),
+             [("model.version", alert.document["model_version"].encode())]) for alert in alerts]
+        outgoing += [(self.settings.dead_letter_topic, letter.record.key, letter.record.value,
+                      letter.kafka_headers()) for letter in dead_letters]
+        try:
+            for target, key, value, headers in outgoing:
+                self._produce(target, key, value, headers, report)
+        except (KafkaException, BufferError) as exc:
+            raise DeliveryError(f"publishing {len(outgoing)} records failed: {exc}") from exc
+        remaining = self.producer.flush(self.settings.kafka_timeout_s)
+        if failures or remaining or acknowledged != len(outgoing):
+            first = failures[0] if failures else "not acknowledged in time"
+            raise DeliveryError(f"{len(outgoing) - acknowledged} of {len(outgoing)} records were not "
+                                f"acknowledged: {first}")
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes | None]],
+                 report: Callable[[KafkaError | None, Any], None]) -> None:
+        try:
+            self.producer.produce(topic, value=value, key=key, headers=headers, on_delivery=report)
+        except BufferError:
+            # The local queue is full: let deliveries drain (serving their reports), then try once more.
+            self.producer.flush(self.settings.kafka_timeout_s)
+            self.producer.produce(topic, value=value, key=key, headers=headers, on_delivery=report)
+
+    def close(self) -> None:
+        remaining = self.producer.flush(self.settings.kafka_timeout_s)
+        if remaining:
+            log.warning("producer close: %d records not delivered", remaining)
