@@ -12,12 +12,15 @@ INVALID_UTF8 = "invalid_utf8"
 INVALID_JSON = "invalid_json"
 NOT_AN_OBJECT = "not_an_object"
 OVERSIZED = "oversized"
+#: A record with a null value: a deletion marker on a compacted topic, not an event. Dead-lettered (key and
+#: headers kept) under its own reason so it is counted apart from malformed events.
+TOMBSTONE = "tombstone"
 
 
 def decode(value: bytes | None, max_bytes: int) -> dict[str, Any] | Invalid:
     """Parse one record value as a JSON object (UTF-8, finite numbers, at most `max_bytes`)."""
     if value is None:
-        return Invalid(NOT_AN_OBJECT, "record has no value (tombstone); expected a JSON object")
+        return Invalid(TOMBSTONE, "record has no value (tombstone); expected a JSON object")
     if len(value) > max_bytes:
         return Invalid(OVERSIZED, f"record value is {len(value)} bytes, the limit is {max_bytes}")
     try:

@@ -212,7 +212,7 @@ class ConfluentSink:
         self.settings = settings
         self.producer = producer_factory({
             **client_config(settings), "acks": "all", "enable.idempotence": True, "linger.ms": 5,
-            "compression.type": settings.compression,
+            "compression.type": settings.output_compression,
             "message.max.bytes": max(settings.max_event_bytes * 2, 1024 * 1024),
             "request.timeout.ms": int(settings.kafka_timeout_s * 1000),
             "message.timeout.ms": int(settings.kafka_timeout_s * 1000) + 5_000,

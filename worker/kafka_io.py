@@ -216,7 +216,7 @@ class KafkaSink:
         try:
             self.producer = KafkaProducer(
                 acks="all", enable_idempotence=True, linger_ms=5, batch_size=256 * 1024,
-                compression_type=None if settings.compression == "none" else settings.compression,
+                compression_type=None if settings.output_compression == "none" else settings.output_compression,
                 max_request_size=max(settings.max_event_bytes * 2, 1024 * 1024),
                 request_timeout_ms=int(settings.kafka_timeout_s * 1000),
                 delivery_timeout_ms=int(settings.kafka_timeout_s * 1000) + 5_000, **client_options(settings))

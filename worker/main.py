@@ -77,7 +77,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     bundle = load_bundle(settings.model, settings.expected_schema_hash)
-    pipeline = Pipeline(bundle, settings.max_event_bytes, settings.top_features)
+    pipeline = Pipeline(bundle, settings.max_event_bytes, settings.top_features,
+                        alert_headers=settings.alert_headers)
     pipeline.warm_up()
     registry, metrics, health = observability(settings, bundle)
     server = start_http_server(settings.metrics_host, settings.metrics_port, registry, health)
@@ -111,7 +112,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         worker_ref.append(worker)
         log.info("consuming %s as group %s with %s (%s); alerts -> %s, dead letters -> %s (%s)",
                  settings.input_topic, settings.group_id, settings.kafka_client, settings.isolation_level,
-                 settings.alert_topic, settings.dead_letter_topic, settings.compression)
+                 settings.alert_topic, settings.dead_letter_topic, settings.output_compression)
         worker.run()
         log.info("stopped after finishing the current batch")
         return 0

@@ -22,6 +22,7 @@ DEAD_LETTER_REASONS: tuple[str, ...] = (
     "no_features",
     "wrong_type",
     "non_finite",
+    "tombstone",
 )
 KAFKA_OPERATIONS: tuple[str, ...] = ("poll", "produce", "commit")
 

@@ -42,13 +42,14 @@ class Pipeline:
     """Scores micro-batches with one model call per batch."""
 
     def __init__(self, bundle: Bundle, max_event_bytes: int = 1_048_576, top_features: int = 3,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, alert_headers: Sequence[str] = ()) -> None:
         self.bundle = bundle
         self.scorer = bundle.scorer
         self.threshold = bundle.threshold.value
         self.max_event_bytes = max_event_bytes
         self.top_features = top_features
         self.clock = clock
+        self.alert_headers = tuple(alert_headers)
 
     def warm_up(self) -> None:
         """Trace the model once so the first real batch does not pay for it."""
@@ -82,6 +83,7 @@ class Pipeline:
         flagged = np.flatnonzero(scores.score > self.threshold).tolist()
         explained = self.scorer.explain_rows(scores, flagged, [events[i] for i in flagged], self.top_features)
         alerts = [build_alert(sources[i], events[i], float(scores.score[i]), self.threshold, self.bundle.version,
-                              contributions, now) for i, contributions in zip(flagged, explained, strict=True)]
+                              contributions, now, self.alert_headers)
+                  for i, contributions in zip(flagged, explained, strict=True)]
         return BatchResult(consumed=len(records), alerts=alerts, dead_letters=dead, scores=scores.score,
                            missing={k: v for k, v in encoded.missing.items() if v})

@@ -33,6 +33,7 @@ from tests.integration.test_worker_e2e import (
     wait_all_committed,
 )
 from tests.kafka_broker import LauncherError, _free_ports, _run_launcher, create_topics, unique_topic, wait_for
+from worker.config import KAFKA_CLIENTS
 
 pytestmark = pytest.mark.integration
 
@@ -116,17 +117,19 @@ def worker_for(broker: LocalBroker) -> Iterator[list[WorkerProcess]]:
         print(f"--- {worker.log_path.name} (exit {worker.proc.returncode}) ---\n{worker.output()[-8000:]}")
 
 
-def start_worker(model: Model, bootstrap: str, t: Topics, log_path: Path) -> WorkerProcess:
+def start_worker(model: Model, bootstrap: str, t: Topics, log_path: Path, kafka_client: str) -> WorkerProcess:
     port = _free_port()
-    cmd = [sys.executable, "-m", "worker.main", "--model", str(model.bundle), "--bootstrap-servers", bootstrap,
+    cmd = [sys.executable, "-m", "worker.main", "--model", str(model.bundle), "--kafka-client", kafka_client,
+           "--bootstrap-servers", bootstrap,
            "--input-topic", t.input, "--alert-topic", t.alerts, "--dead-letter-topic", t.dead_letters,
            "--group-id", t.group, "--metrics-host", "127.0.0.1", "--metrics-port", str(port),
            "--max-wait-ms", "100", "--kafka-timeout-s", str(KAFKA_TIMEOUT_S), "--shutdown-timeout-s", "10"]
     return WorkerProcess(cmd, log_path, port)
 
 
+@pytest.mark.parametrize("kafka_client", KAFKA_CLIENTS)
 def test_broker_outage_reports_not_ready_keeps_running_and_resumes_without_loss(
-        model: Model, broker: LocalBroker, worker_for: list[WorkerProcess], tmp_path: Path) -> None:
+        model: Model, broker: LocalBroker, worker_for: list[WorkerProcess], tmp_path: Path, kafka_client: str) -> None:
     t = Topics(unique_topic("events"), unique_topic("alerts"), unique_topic("dlq"), unique_topic("group"))
     create_topics(broker.bootstrap, [t.input, t.alerts, t.dead_letters], partitions=3)
     half = len(model.rows) // 2
@@ -137,7 +140,7 @@ def test_broker_outage_reports_not_ready_keeps_running_and_resumes_without_loss(
         (tmp_path / name).mkdir()
         values[name] = event_values(rows, tmp_path / name)
 
-    worker = start_worker(model, broker.bootstrap, t, tmp_path / "worker.log")
+    worker = start_worker(model, broker.bootstrap, t, tmp_path / "worker.log", kafka_client)
     worker_for.append(worker)
     wait_for(lambda: http_status(worker, "/readyz") == 200, 60, "/readyz to answer 200 before the outage")
     produce(broker.bootstrap, t.input, values["A"])

@@ -1,8 +1,8 @@
 """The real worker process against a real broker: parity with anomaly-score, dead letters, metrics, crashes.
 
 One bundle is trained per module with the real `anomaly-train` CLI; every test runs `python -m worker.main`
-as a subprocess on its own topics and consumer group, and waits on conditions (committed offsets,
-metrics) with deadlines, never on sleeps.
+as a subprocess on its own topics and consumer group, once per Kafka client (`--kafka-client`), and waits
+on conditions (committed offsets, metrics) with deadlines, never on sleeps.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from kafka.errors import KafkaError
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.kafka_broker import REPO_ROOT, create_topics, unique_topic, wait_for
+from worker.config import KAFKA_CLIENTS
 from worker.replay import events as replay_events
 
 pytestmark = pytest.mark.integration
@@ -130,14 +131,20 @@ class WorkerProcess:
         self._log.close()
 
 
+@pytest.fixture(params=KAFKA_CLIENTS)
+def kafka_client(request: pytest.FixtureRequest) -> str:
+    """Every worker test runs once per Kafka client."""
+    return str(request.param)
+
+
 @pytest.fixture
-def start_worker(model: Model, kafka_bootstrap: str, tmp_path: Path,
+def start_worker(model: Model, kafka_bootstrap: str, tmp_path: Path, kafka_client: str,
                  request: pytest.FixtureRequest) -> Iterator[Callable[[Topics], WorkerProcess]]:
     started: list[WorkerProcess] = []
 
     def start(t: Topics) -> WorkerProcess:
         port = _free_port()
-        cmd = [sys.executable, "-m", "worker.main", "--model", str(model.bundle),
+        cmd = [sys.executable, "-m", "worker.main", "--model", str(model.bundle), "--kafka-client", kafka_client,
                "--bootstrap-servers", kafka_bootstrap, "--input-topic", t.input, "--alert-topic", t.alerts,
                "--dead-letter-topic", t.dead_letters, "--group-id", t.group, "--metrics-host", "127.0.0.1",
                "--metrics-port", str(port), "--max-wait-ms", "100", "--max-event-bytes", str(MAX_EVENT_BYTES),

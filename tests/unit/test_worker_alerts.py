@@ -100,3 +100,29 @@ def test_keyless_record_and_undecodable_key() -> None:
 
 def test_score_ratio_absent_for_a_non_positive_threshold() -> None:
     assert build_alert(RECORD, {}, 2.0, 0.0, "m", [], 0.0).document["score_ratio"] is None
+
+
+def test_keys_of_any_bytes_selected_headers_and_log_append_time() -> None:
+    record = Record(topic="events", partition=0, offset=3, key=b"\x00\xff\xfe", value=b"{}",
+                    timestamp_ms=1_700_000_000_000, headers=(("trace", b"t-1"), ("secret", b"x"), ("none", None)),
+                    timestamp_type=1)
+    alert = build_alert(record, {}, score=3.0, threshold=1.0, model_version="m1", contributions=[],
+                        detected_at=1_700_000_001.0, header_names=("trace", "none", "absent"))
+    doc = alert.document
+    assert doc["event_key_base64"] == "AP/+" and doc["headers"] == {"trace": "t-1", "none": None}
+    assert doc["event_timestamp"] == "2023-11-14T22:13:20.000+00:00"  # the broker's append time
+    plain = build_alert(RECORD, {}, 3.0, 1.0, "m1", [], 1_700_000_001.0)
+    assert "event_key_base64" not in plain.document and "headers" not in plain.document
+
+
+@pytest.mark.parametrize("event, record_ms, expected", [
+    ({"timestamp": 1e20}, 1_700_000_000_000, 1_700_000_000.0),           # absurd field: the record's time
+    ({"timestamp": "9999-12-31T23:59:59Z"}, None, 253_402_300_799.0),    # the last ISO second
+    ({}, 1, 0.001),                                                      # a 1970 record timestamp
+])
+def test_very_old_and_future_timestamps_never_break_an_alert(event: dict, record_ms: int | None,
+                                                              expected: float) -> None:
+    record = Record("events", 0, 1, None, b"{}", timestamp_ms=record_ms)
+    assert event_time(event, record) == pytest.approx(expected)
+    alert = build_alert(record, event, 3.0, 1.0, "m1", [], 1_700_000_001.0)
+    orjson.dumps(alert.document)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from training.features import NON_FINITE, Invalid
-from worker.decode import INVALID_JSON, INVALID_UTF8, NOT_AN_OBJECT, OVERSIZED, decode
+from worker.decode import INVALID_JSON, INVALID_UTF8, NOT_AN_OBJECT, OVERSIZED, TOMBSTONE, decode
 from worker.metrics import DEAD_LETTER_REASONS
 
 
@@ -20,7 +20,7 @@ def test_json_objects_decode_to_dicts(value: bytes, expected: dict) -> None:
 
 
 @pytest.mark.parametrize("value, reason", [
-    (None, NOT_AN_OBJECT),                  # tombstone
+    (None, TOMBSTONE),                  # tombstone
     (b"[1, 2]", NOT_AN_OBJECT),
     (b'"text"', NOT_AN_OBJECT),
     (b"42", NOT_AN_OBJECT),
@@ -58,5 +58,5 @@ def test_size_limit_is_inclusive_and_checked_before_parsing() -> None:
 
 
 def test_every_decode_reason_has_a_dead_letter_counter() -> None:
-    for reason in (INVALID_UTF8, INVALID_JSON, NOT_AN_OBJECT, OVERSIZED, NON_FINITE):
+    for reason in (INVALID_UTF8, INVALID_JSON, NOT_AN_OBJECT, OVERSIZED, NON_FINITE, TOMBSTONE):
         assert reason in DEAD_LETTER_REASONS

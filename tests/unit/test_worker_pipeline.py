@@ -15,7 +15,7 @@ from training.features import NO_FEATURES, NON_FINITE, WRONG_TYPE
 from training.model import FitConfig
 from training.train import TrainConfig, train_frame
 from worker.alerts import alert_id
-from worker.decode import INVALID_JSON, INVALID_UTF8, NOT_AN_OBJECT, OVERSIZED
+from worker.decode import INVALID_JSON, INVALID_UTF8, NOT_AN_OBJECT, OVERSIZED, TOMBSTONE
 from worker.pipeline import Pipeline
 from worker.records import Record
 
@@ -72,7 +72,7 @@ BAD = [
     (b'{"amount": 1', INVALID_JSON),
     (b'{"method": "\xff"}', INVALID_UTF8),
     (b'[{"amount": 1}]', NOT_AN_OBJECT),
-    (None, NOT_AN_OBJECT),
+    (None, TOMBSTONE),
     (b'{"unrelated": 1}', NO_FEATURES),
     (b'{"amount": "12"}', WRONG_TYPE),
     (b'{"amount": true, "latency": 1}', WRONG_TYPE),
@@ -210,7 +210,7 @@ def test_top_features_are_folded_by_field_name_with_observed_and_expected(bundle
 def test_batch_of_only_bad_records(pipeline: Pipeline) -> None:
     result = pipeline.process(records([b"nope", None]))
     assert result.consumed == 2 and result.scored == 0 and not result.alerts
-    assert [d.reason for d in result.dead_letters] == [INVALID_JSON, NOT_AN_OBJECT]
+    assert [d.reason for d in result.dead_letters] == [INVALID_JSON, TOMBSTONE]
 
 
 def test_one_model_call_per_batch(pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:

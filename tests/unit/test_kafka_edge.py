@@ -1,0 +1,225 @@
+"""The Kafka edge without a broker: client settings, and holding a partition at an undecodable batch.
+
+The same behaviour on a real broker is in tests/integration/test_kafka_contract.py and test_interop.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+from kafka.errors import UnsupportedCodecError
+from kafka.structs import ConsumerGroupMetadata, MemberState, TopicPartition
+from prometheus_client import CollectorRegistry
+
+from training.errors import ConfigError
+from worker.config import Settings, from_args
+from worker.edge import Quarantine
+from worker.errors import DeliveryError, RebalanceInProgress
+from worker.http import HealthState
+from worker.kafka_confluent import ConfluentSink, ConfluentSource
+from worker.kafka_io import KafkaSource
+from worker.metrics import WorkerMetrics
+from worker.records import DeadLetter, Record
+
+REQUIRED = ["--model", "m", "--bootstrap-servers", "k:9092", "--input-topic", "in", "--alert-topic", "al",
+            "--dead-letter-topic", "dl", "--group-id", "g"]
+
+
+def settings(**overrides: Any) -> Settings:
+    return Settings(model=Path("m"), bootstrap_servers="127.0.0.1:1", input_topic="in", alert_topic="al",
+                    dead_letter_topic="dl", group_id="g", max_wait_ms=0, **overrides)
+
+
+# -- settings ------------------------------------------------------------------------------------
+
+def test_client_isolation_and_compression_defaults_flags_and_environment() -> None:
+    s = from_args(REQUIRED, environ={})
+    assert (s.kafka_client, s.isolation_level, s.output_compression, s.alert_headers) == (
+        "confluent", "read_committed", "lz4", ())
+    assert from_args([*REQUIRED, "--kafka-client", "kafka-python"], environ={}).output_compression == "none"
+    s = from_args([*REQUIRED, "--kafka-client", "kafka-python", "--compression", "zstd", "--alert-headers",
+                   "trace-id, tenant"], environ={"ANOMALY_ISOLATION_LEVEL": "READ_UNCOMMITTED"})
+    assert (s.kafka_client, s.isolation_level, s.compression, s.alert_headers) == (
+        "kafka-python", "read_uncommitted", "zstd", ("trace-id", "tenant"))
+    with pytest.raises(ConfigError, match="Kafka client must be one of"):
+        from_args(REQUIRED, environ={"ANOMALY_KAFKA_CLIENT": "java"})
+    with pytest.raises(ConfigError, match="compression must be one of"):
+        settings(compression="brotli")
+
+
+def test_sasl_and_tls_map_onto_both_clients() -> None:
+    s = from_args([*REQUIRED, "--security-protocol", "SASL_SSL", "--sasl-mechanism", "SCRAM-SHA-256",
+                   "--sasl-username", "svc", "--ssl-cafile", "/ca.pem", "--ssl-certfile", "/c.pem",
+                   "--ssl-keyfile", "/k.pem"], environ={"ANOMALY_SASL_PASSWORD": "pw"})
+    python_opts = s.security.client_options()
+    assert (python_opts["security_protocol"], python_opts["sasl_mechanism"], python_opts["sasl_plain_username"],
+            python_opts["sasl_plain_password"], python_opts["ssl_cafile"]) == (
+        "SASL_SSL", "SCRAM-SHA-256", "svc", "pw", "/ca.pem")
+    assert s.security.librdkafka_config() == {
+        "security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-256", "sasl.username": "svc",
+        "sasl.password": "pw", "ssl.ca.location": "/ca.pem", "ssl.certificate.location": "/c.pem",
+        "ssl.key.location": "/k.pem", "ssl.endpoint.identification.algorithm": "https"}
+    assert settings().security.librdkafka_config() == {"security.protocol": "PLAINTEXT"}
+
+
+# -- the quarantine ------------------------------------------------------------------------------
+
+def test_a_held_partition_is_counted_and_fails_readiness_until_released() -> None:
+    registry = CollectorRegistry()
+    metrics, health = WorkerMetrics(registry), HealthState()
+    health.model_loaded, health.assigned_partitions, health.broker_ok = True, 3, True
+    quarantine = Quarantine(metrics, health)
+    quarantine.hold("in", 2, 40, "codec missing")
+    assert quarantine.limit("in", 2) == 40 and quarantine.limit("in", 1) is None
+    assert health.failing_readiness() == ["batches_decodable"]
+    assert registry.get_sample_value("anomaly_undecodable_batches_total", {"topic": "in", "partition": "2"}) == 1
+    assert registry.get_sample_value("anomaly_undecodable_partitions") == 1
+    assert registry.get_sample_value("anomaly_worker_ready") == 0
+    quarantine.release({("in", 2)})
+    assert health.is_ready() and registry.get_sample_value("anomaly_undecodable_partitions") == 0
+
+
+class FakePythonConsumer:
+    """KafkaConsumer whose next batch of partition 1 cannot be decoded, as kafka-python 3.0.12 reports it."""
+
+    def __init__(self, **_: Any) -> None:
+        part = type("PartitionRecords", (), {"topic_partition": TopicPartition("in", 1), "next_fetch_offset": 17})
+        self._fetcher = type("Fetcher", (), {"_next_partition_records": part})()
+        self.paused: list[TopicPartition] = []
+
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return {0, 1}
+
+    def subscribe(self, topics: list[str], listener: Any) -> None:
+        self.listener = listener
+
+    def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict:
+        if not self.paused:
+            raise UnsupportedCodecError("Libraries for zstd compression codec not found")
+        return {}
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        self.paused.extend(partitions)
+
+    def group_metadata(self) -> ConsumerGroupMetadata:
+        return ConsumerGroupMetadata(group_id="g", state=MemberState.STABLE)
+
+
+def test_kafka_python_pauses_the_partition_it_cannot_decode_instead_of_raising() -> None:
+    quarantine = Quarantine()
+    source = KafkaSource(settings(kafka_client="kafka-python"), consumer_factory=FakePythonConsumer,
+                         quarantine=quarantine)
+    assert source.poll_batch() == []
+    assert source.consumer.paused == [TopicPartition("in", 1)]
+    assert quarantine.held == {("in", 1): 17}
+    source.handle_revoked({("in", 1)})
+    assert quarantine.held == {}
+
+
+class FakeMessage:
+    def __init__(self, partition: int, offset: int, error: KafkaError | None = None) -> None:
+        self._partition, self._offset, self._error = partition, offset, error
+
+    def error(self) -> KafkaError | None:
+        return self._error
+
+    def topic(self) -> str:
+        return "in"
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def key(self) -> bytes | None:
+        return None
+
+    def value(self) -> bytes:
+        return b"{}"
+
+    def timestamp(self) -> tuple[int, int]:
+        return (2, 1_700_000_000_000)  # LogAppendTime
+
+    def headers(self) -> list | None:
+        return None
+
+
+class FakeConfluentConsumer:
+    def __init__(self, messages: list[FakeMessage], commit_error: KafkaError | None = None) -> None:
+        self.messages, self.commit_error = messages, commit_error
+        self.paused: list = []
+
+    def list_topics(self, timeout: float) -> None:
+        return None
+
+    def subscribe(self, topics: list[str], **callbacks: Any) -> None:
+        self.callbacks = callbacks
+
+    def consume(self, num_messages: int, timeout: float) -> list[FakeMessage]:
+        out, self.messages = self.messages, []
+        return out
+
+    def pause(self, partitions: list) -> None:
+        self.paused.extend((tp.topic, tp.partition) for tp in partitions)
+
+    def assignment(self) -> list:
+        from confluent_kafka import TopicPartition as TP
+        return [TP("in", 0), TP("in", 1)]
+
+    def commit(self, offsets: list, asynchronous: bool) -> list:
+        if self.commit_error is not None:
+            raise KafkaException(self.commit_error)
+        return offsets
+
+
+def test_confluent_holds_a_partition_at_an_undecodable_batch_and_hands_out_nothing_past_it() -> None:
+    bad = KafkaError(KafkaError._BAD_COMPRESSION, "Decompression (codec 0x4) of message at 5 failed")
+    messages = [FakeMessage(0, 0), FakeMessage(1, 3), FakeMessage(1, 4), FakeMessage(1, 5, bad),
+                FakeMessage(1, 9), FakeMessage(0, 1)]
+    quarantine = Quarantine()
+    consumer = FakeConfluentConsumer(messages)
+    source = ConfluentSource(settings(), quarantine=quarantine, consumer_factory=lambda conf: consumer)
+    records = source.poll_batch()
+    assert [(r.partition, r.offset) for r in records] == [(0, 0), (1, 3), (1, 4), (0, 1)]
+    assert records[0].timestamp_type == 1 and records[0].timestamp_ms == 1_700_000_000_000
+    assert consumer.paused == [("in", 1)] and quarantine.held == {("in", 1): 5}
+
+
+def test_confluent_commit_during_a_rebalance_waits() -> None:
+    consumer = FakeConfluentConsumer([], commit_error=KafkaError(KafkaError.REBALANCE_IN_PROGRESS))
+    source = ConfluentSource(settings(), consumer_factory=lambda conf: consumer)
+    with pytest.raises(RebalanceInProgress):
+        source.commit({("in", 0): 5})
+
+
+class FakeProducer:
+    """Acknowledges every record except those to `refuse`, whose delivery report carries an error."""
+
+    def __init__(self, refuse: str) -> None:
+        self.refuse = refuse
+        self.reports: list = []
+
+    def list_topics(self, timeout: float) -> None:
+        return None
+
+    def produce(self, topic: str, value: bytes | None, key: bytes | None, headers: list, on_delivery: Any) -> None:
+        error = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE) if topic == self.refuse else None
+        self.reports.append((on_delivery, error))
+
+    def flush(self, timeout: float) -> int:
+        for report, error in self.reports:
+            report(error, None)
+        self.reports = []
+        return 0
+
+
+def test_confluent_a_failed_delivery_report_raises_delivery_error() -> None:
+    sink = ConfluentSink(settings(), producer_factory=lambda conf: FakeProducer(refuse="dl"))
+    letter = DeadLetter(record=Record("in", 0, 1, None, b"x"), reason="oversized", error="big")
+    sink.publish([], [])
+    with pytest.raises(DeliveryError, match="1 of 1 records were not acknowledged"):
+        sink.publish([], [letter])
