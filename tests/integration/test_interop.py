@@ -8,7 +8,8 @@ transactional producer, against the real worker process with each Kafka client (
 2. Record shapes: kcat keys, headers and tombstones; keys of any bytes, 1970 and future record timestamps,
    absurd event timestamps; one aborted and one committed upstream transaction (kcat cannot abort, so
    confluent-kafka's transactional producer writes those). Only committed events are scored.
-3. Outputs read back with kcat: alert documents (JSON, `model.version` header, selected input headers)
+3. A batch the client cannot decode (kafka-python with its zstd library hidden) holds only its partition.
+4. Outputs read back with kcat: alert documents (JSON, `model.version` header, selected input headers)
    and dead letters (original key and headers kept, `dlq.reason`).
 
 The bundle alerts on every scored event (`--threshold 1e-9`), so the alerts are exactly the scored events.
@@ -81,13 +82,13 @@ def start_worker(bundle: Path, kafka_bootstrap: str, kafka_client: str,
                  tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
 
-    def start(t: Topics, *extra: str) -> WorkerProcess:
+    def start(t: Topics, *extra: str, env: dict[str, str] | None = None) -> WorkerProcess:
         port = _free_port()
         cmd = [sys.executable, "-m", "worker.main", "--model", str(bundle), "--kafka-client", kafka_client,
                "--bootstrap-servers", kafka_bootstrap, "--input-topic", t.input, "--alert-topic", t.alerts,
                "--dead-letter-topic", t.dead_letters, "--group-id", t.group, "--metrics-host", "127.0.0.1",
                "--metrics-port", str(port), "--max-wait-ms", "100", "--kafka-timeout-s", "10", *extra]
-        worker = WorkerProcess(cmd, tmp_path / f"worker-{len(started)}.log", port)
+        worker = WorkerProcess(cmd, tmp_path / f"worker-{len(started)}.log", port, env)
         started.append(worker)
         return worker
 
@@ -232,3 +233,30 @@ def test_keys_headers_tombstones_timestamps_and_transactions_from_other_producer
     metrics = scrape(worker)
     assert metrics[("anomaly_dead_letters_total", (("reason", "tombstone"), ("topic", t.input)))] == 2
     assert http_status(worker, "/readyz") == 200
+
+
+@pytest.mark.parametrize("kafka_client", ["kafka-python"])
+def test_a_batch_the_client_cannot_decode_holds_its_partition_and_the_worker_keeps_running(
+        kafka_bootstrap: str, events: list[bytes], start_worker: Callable[..., WorkerProcess],
+        tmp_path: Path) -> None:
+    """An image without a codec library (simulated: `zstandard` cannot be imported) must not crash-loop."""
+    hide = tmp_path / "hide-zstd"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['zstandard'] = None  # import fails\n")
+    t = topics(kafka_bootstrap, partitions=2)
+    kcat_produce(kafka_bootstrap, t.input, events[:50], "-p", "0")
+    kcat_produce(kafka_bootstrap, t.input, events[:50], "-p", "1", "-z", "zstd")
+    worker = start_worker(t, env={"PYTHONPATH": str(hide)})
+
+    def held() -> bool:
+        assert worker.proc.poll() is None, f"worker exited with {worker.proc.returncode}"
+        return f"record batch at {t.input}[1]@0 cannot be decoded" in worker.output()
+
+    wait_for(held, 60, "the zstd partition to be held")
+    wait_for(lambda: committed(kafka_bootstrap, t.group, t.input).get(0) == 50, 60, "partition 0 consumed")
+    assert 1 not in committed(kafka_bootstrap, t.group, t.input), "nothing committed past the batch"
+    assert http_status(worker, "/readyz") == 503 and http_status(worker, "/healthz") == 200
+    metrics = scrape(worker)
+    assert metrics[("anomaly_undecodable_batches_total", (("partition", "1"), ("topic", t.input)))] == 1
+    assert metrics[("anomaly_undecodable_partitions", ())] == 1
+    assert worker.proc.poll() is None

@@ -228,3 +228,18 @@ def test_read_committed_skips_aborted_transactions(
         opened.append(source)
         got = {(r.value or b"").decode() for r in drain(source, len(expected))}
         assert got == expected, level
+
+
+def test_log_append_time_topics_give_the_broker_time(client: str, kafka_bootstrap: str, opened: list) -> None:
+    topic = unique_topic("contract-logappend")
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        admin.create_topics({topic: {"num_partitions": 1, "configs": {"message.timestamp.type": "LogAppendTime"}}})
+        admin.wait_for_topics([topic], timeout_ms=30_000)
+    finally:
+        admin.close()
+    produce(kafka_bootstrap, topic, 1, timestamp=1)  # the producer's 1970 time is replaced by the broker's
+    source = open_source(settings(kafka_bootstrap, client, topic))
+    opened.append(source)
+    [record] = drain(source, 1)
+    assert record.timestamp_type == 1 and abs(record.timestamp_ms / 1000 - time.time()) < 300

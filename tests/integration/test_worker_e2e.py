@@ -110,11 +110,11 @@ def topics(kafka_bootstrap: str) -> Topics:
 
 
 class WorkerProcess:
-    def __init__(self, cmd: list[str], log_path: Path, port: int) -> None:
+    def __init__(self, cmd: list[str], log_path: Path, port: int, env: dict[str, str] | None = None) -> None:
         self.log_path, self.port = log_path, port
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
