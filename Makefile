@@ -1,5 +1,5 @@
 .DEFAULT_GOAL := help
-.PHONY: help setup run test unit integration lint bench-quality bench-throughput kafka-start kafka-stop
+.PHONY: help setup run test unit integration lint bench-quality bench-throughput bench-compression kafka-start kafka-stop
 
 help:  ## list the everyday commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -27,6 +27,9 @@ bench-quality:  ## detection quality vs IsolationForest and PyOD KNN (writes ben
 
 bench-throughput:  ## worker throughput and latency on a local broker (writes benchmarks/results/throughput.md)
 	.venv/bin/python -m benchmarks.throughput
+
+bench-compression:  ## bytes and publish time of alerts/dead letters per codec (writes benchmarks/results/output_compression.md)
+	.venv/bin/python -m benchmarks.output_compression
 
 kafka-start:  ## start a local single-node Kafka on 127.0.0.1:9092
 	bash deploy/kafka/kafka-local.sh start

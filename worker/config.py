@@ -151,15 +151,16 @@ class Settings:
 
     @property
     def output_compression(self) -> str:
-        """Codec for alerts and dead letters: as set, else lz4 with confluent-kafka and none with kafka-python.
+        """Codec for alerts and dead letters: as set, else zstd with confluent-kafka and none with kafka-python.
 
-        lz4 was the fastest codec in the throughput benchmark. kafka-python 3.0.12 stays uncompressed by
+        zstd sent the fewest bytes (94 % less than none) and published fastest in
+        benchmarks/results/output_compression.md. kafka-python 3.0.12 stays uncompressed by
         default: with a compressing producer in the worker its consumer group stalled in rebalances in our
         end-to-end tests (see CHANGELOG).
         """
         if self.compression is not None:
             return self.compression
-        return "lz4" if self.kafka_client == "confluent" else "none"
+        return "zstd" if self.kafka_client == "confluent" else "none"
 
 
 def _env_name(flag: str) -> str:
@@ -207,7 +208,7 @@ def parser() -> argparse.ArgumentParser:
     add("--isolation-level", choices=ISOLATION_LEVELS,
         help="read_committed (default) skips records of aborted upstream transactions")
     add("--compression", choices=COMPRESSION_CODECS,
-        help="codec for alerts and dead letters (default lz4 with confluent, none with kafka-python)")
+        help="codec for alerts and dead letters (default zstd with confluent, none with kafka-python)")
     add("--alert-headers", help="comma-separated input record header names copied into each alert document")
     return p
 

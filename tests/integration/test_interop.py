@@ -154,7 +154,7 @@ def test_every_codec_from_kcat_is_consumed_by_a_running_worker(
     assert metrics[("anomaly_events_scored_total", topic_label)] >= EVENTS_PER_CODEC * len(COMPRESSION_CODECS)
     assert metrics[("anomaly_undecodable_partitions", ())] == 0
 
-    alerts = kcat_consume(kafka_bootstrap, t.alerts)  # compressed by the worker (lz4 with confluent), read by kcat
+    alerts = kcat_consume(kafka_bootstrap, t.alerts)  # compressed by the worker (zstd with confluent), read by kcat
     documents = [json.loads(a["payload"]) for a in alerts]
     assert {d["source"]["partition"] for d in documents} == set(range(len(COMPRESSION_CODECS)))
     assert {(d["source"]["partition"], d["event_id"]) for d in documents} == {

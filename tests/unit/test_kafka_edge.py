@@ -38,7 +38,7 @@ def settings(**overrides: Any) -> Settings:
 def test_client_isolation_and_compression_defaults_flags_and_environment() -> None:
     s = from_args(REQUIRED, environ={})
     assert (s.kafka_client, s.isolation_level, s.output_compression, s.alert_headers) == (
-        "confluent", "read_committed", "lz4", ())
+        "confluent", "read_committed", "zstd", ())
     assert from_args([*REQUIRED, "--kafka-client", "kafka-python"], environ={}).output_compression == "none"
     s = from_args([*REQUIRED, "--kafka-client", "kafka-python", "--compression", "zstd", "--alert-headers",
                    "trace-id, tenant"], environ={"ANOMALY_ISOLATION_LEVEL": "READ_UNCOMMITTED"})
