@@ -20,29 +20,22 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import pandas as pd
 import pytest
 from confluent_kafka import Producer
 
 from tests.integration.test_worker_e2e import (
-    BIN,
-    SAMPLE,
     Topics,
     WorkerProcess,
-    _check_run,
-    _free_port,
     committed,
-    event_values,
     http_status,
     scrape,
 )
 from tests.kafka_broker import create_topics, unique_topic, wait_for
-from worker.config import COMPRESSION_CODECS, KAFKA_CLIENTS
+from worker.config import COMPRESSION_CODECS
 
 pytestmark = [
     pytest.mark.integration,
@@ -50,52 +43,8 @@ pytestmark = [
                        reason="kcat not on PATH; install it with scripts/install-kcat.sh (CI does)"),
 ]
 
-EVENTS_PER_CODEC = 200
+EVENTS_PER_CODEC = 200  # = len(sample_events)
 ALERT_HEADERS = ("trace", "tenant")
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small bundle whose threshold every event exceeds: each scored event becomes one alert."""
-    root = tmp_path_factory.mktemp("interop-model")
-    pd.read_csv(SAMPLE).iloc[:1000].to_csv(root / "train.csv", index=False)
-    _check_run([BIN / "anomaly-train", "--data", root / "train.csv", "--out", root / "bundle", "--label-column",
-                "label", "--normal-value", "normal", "--drop", "difficulty", "--epochs", "2", "--ensemble", "1",
-                "--seed", "1", "--threshold", "1e-9"])
-    return root / "bundle"
-
-
-@pytest.fixture(scope="module")
-def events(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
-    rows = pd.read_csv(SAMPLE).iloc[1000:1000 + EVENTS_PER_CODEC].copy()
-    rows.insert(0, "id", [f"e-{i}" for i in range(len(rows))])
-    return event_values(rows.drop(columns=["label", "difficulty"]), tmp_path_factory.mktemp("interop-events"))
-
-
-@pytest.fixture(params=KAFKA_CLIENTS)
-def kafka_client(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def start_worker(bundle: Path, kafka_bootstrap: str, kafka_client: str,
-                 tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    started: list[WorkerProcess] = []
-
-    def start(t: Topics, *extra: str, env: dict[str, str] | None = None) -> WorkerProcess:
-        port = _free_port()
-        cmd = [sys.executable, "-m", "worker.main", "--model", str(bundle), "--kafka-client", kafka_client,
-               "--bootstrap-servers", kafka_bootstrap, "--input-topic", t.input, "--alert-topic", t.alerts,
-               "--dead-letter-topic", t.dead_letters, "--group-id", t.group, "--metrics-host", "127.0.0.1",
-               "--metrics-port", str(port), "--max-wait-ms", "100", "--kafka-timeout-s", "10", *extra]
-        worker = WorkerProcess(cmd, tmp_path / f"worker-{len(started)}.log", port, env)
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in started:
-        worker.stop()
-        print(f"--- {worker.log_path.name} (exit {worker.proc.returncode}) ---\n{worker.output()[-6000:]}")
 
 
 def topics(bootstrap: str, partitions: int) -> Topics:
@@ -127,12 +76,12 @@ def headers_of(envelope: dict) -> dict[str, str | None]:
 
 
 def test_every_codec_from_kcat_is_consumed_by_a_running_worker(
-        kafka_bootstrap: str, kafka_client: str, events: list[bytes],
-        start_worker: Callable[..., WorkerProcess]) -> None:
+        kafka_bootstrap: str, kafka_client: str, sample_events: list[bytes],
+        launch_worker: Callable[..., WorkerProcess]) -> None:
     t = topics(kafka_bootstrap, partitions=len(COMPRESSION_CODECS))
     for partition, codec in enumerate(COMPRESSION_CODECS):
-        kcat_produce(kafka_bootstrap, t.input, events, "-z", codec, "-p", str(partition))
-    worker = start_worker(t)
+        kcat_produce(kafka_bootstrap, t.input, sample_events, "-z", codec, "-p", str(partition))
+    worker = launch_worker(t)
 
     def all_consumed() -> bool:
         assert worker.proc.poll() is None, f"worker exited with {worker.proc.returncode}"
@@ -164,15 +113,15 @@ def test_every_codec_from_kcat_is_consumed_by_a_running_worker(
 
 
 def test_keys_headers_tombstones_timestamps_and_transactions_from_other_producers(
-        kafka_bootstrap: str, kafka_client: str, events: list[bytes],
-        start_worker: Callable[..., WorkerProcess]) -> None:
+        kafka_bootstrap: str, kafka_client: str, sample_events: list[bytes],
+        launch_worker: Callable[..., WorkerProcess]) -> None:
     t = topics(kafka_bootstrap, partitions=1)
     # Transactions first, so the log ends with plain records and the group can commit to its end.
     txn = Producer({"bootstrap.servers": kafka_bootstrap, "transactional.id": unique_topic("interop-txn")})
     txn.init_transactions(30)
     for outcome in ("aborted", "committed"):
         txn.begin_transaction()
-        for i, value in enumerate(events[:20]):
+        for i, value in enumerate(sample_events[:20]):
             txn.produce(t.input, value=value.replace(b'"e-', f'"txn-{outcome}-{i}-'.encode(), 1), partition=0)
         assert txn.flush(30) == 0  # in the log before the outcome
         if outcome == "aborted":
@@ -181,7 +130,7 @@ def test_keys_headers_tombstones_timestamps_and_transactions_from_other_producer
             txn.commit_transaction(30)
 
     kcat_produce(kafka_bootstrap, t.input,
-                 [f"k-{i}|".encode() + v.replace(b'"e-', b'"kcat-', 1) for i, v in enumerate(events[:20])],
+                 [f"k-{i}|".encode() + v.replace(b'"e-', b'"kcat-', 1) for i, v in enumerate(sample_events[:20])],
                  "-K", "|", "-H", "trace=abc-123", "-H", "tenant=t1", "-z", "zstd")
     kcat_produce(kafka_bootstrap, t.input, [b"gone-1|", b"gone-2|"], "-K", "|", "-Z", "-H", "trace=tomb")
     kcat_produce(kafka_bootstrap, t.input, [b"bad|{not json"], "-K", "|", "-H", "trace=bad-1")
@@ -191,11 +140,11 @@ def test_keys_headers_tombstones_timestamps_and_transactions_from_other_producer
               "future": (None, now_ms + 30 * 60 * 1000, b""),
               "absurd": (None, None, b', "timestamp": 1e20'), "year-9999": (None, None, b', "timestamp": "9999-12-31"')}
     for name, (key, timestamp, extra) in shaped.items():
-        value = events[0].replace(b'"e-0"', f'"{name}"'.encode(), 1)[:-1] + extra + b"}"
+        value = sample_events[0].replace(b'"e-0"', f'"{name}"'.encode(), 1)[:-1] + extra + b"}"
         plain.produce(t.input, value=value, key=key, partition=0, **({"timestamp": timestamp} if timestamp else {}))
     assert plain.flush(30) == 0
 
-    worker = start_worker(t, "--alert-headers", ",".join(ALERT_HEADERS))
+    worker = launch_worker(t, "--alert-headers", ",".join(ALERT_HEADERS))
     expected_alerts = {f"txn-committed-{i}-{i}" for i in range(20)} | {f"kcat-{i}" for i in range(20)} | set(shaped)
     by_event: dict[str, dict] = {}
 
@@ -237,16 +186,16 @@ def test_keys_headers_tombstones_timestamps_and_transactions_from_other_producer
 
 @pytest.mark.parametrize("kafka_client", ["kafka-python"])
 def test_a_batch_the_client_cannot_decode_holds_its_partition_and_the_worker_keeps_running(
-        kafka_bootstrap: str, events: list[bytes], start_worker: Callable[..., WorkerProcess],
+        kafka_bootstrap: str, sample_events: list[bytes], launch_worker: Callable[..., WorkerProcess],
         tmp_path: Path) -> None:
     """An image without a codec library (simulated: `zstandard` cannot be imported) must not crash-loop."""
     hide = tmp_path / "hide-zstd"
     hide.mkdir()
     (hide / "sitecustomize.py").write_text("import sys\nsys.modules['zstandard'] = None  # import fails\n")
     t = topics(kafka_bootstrap, partitions=2)
-    kcat_produce(kafka_bootstrap, t.input, events[:50], "-p", "0")
-    kcat_produce(kafka_bootstrap, t.input, events[:50], "-p", "1", "-z", "zstd")
-    worker = start_worker(t, env={"PYTHONPATH": str(hide)})
+    kcat_produce(kafka_bootstrap, t.input, sample_events[:50], "-p", "0")
+    kcat_produce(kafka_bootstrap, t.input, sample_events[:50], "-p", "1", "-z", "zstd")
+    worker = launch_worker(t, env={"PYTHONPATH": str(hide)})
 
     def held() -> bool:
         assert worker.proc.poll() is None, f"worker exited with {worker.proc.returncode}"
