@@ -7,11 +7,12 @@ Run::
 1. Start a local broker with deploy/kafka/kafka-local.sh on a free port (unless `--bootstrap-servers`).
 2. Train one bundle with `anomaly-train` on data/sample/nsl-kdd-sample.csv (cached under the temp dir).
 3. Produce a backlog of `--events` JSON events (the sample's 41 feature fields, rows repeated, distinct `id`).
-4. (a) worker: the real `Worker` + `KafkaSource` + `KafkaSink` + `Pipeline`, wired as in worker/main.py,
-   reads the backlog from offset 0 with a fresh group until its committed offsets reach the end.
-5. (b) pass-through: the same consumer and producer objects (so the same kafka-python settings), plainly:
+4. (a) worker: the real `Worker` + Source + Sink of `--kafka-client` (default confluent) + `Pipeline`,
+   wired as in worker/main.py, reads the backlog from offset 0 with a fresh group until its committed
+   offsets reach the end.
+5. (b) pass-through: kafka-python's KafkaSource/KafkaSink consumer and producer objects, plainly:
    poll up to 1000 records, send each unchanged to another topic, flush, commit.
-6. (c) naive: the same Worker/KafkaSource/KafkaSink, but a pipeline that decodes each event with
+6. (c) naive: the same Worker/Source/Sink, but a pipeline that decodes each event with
    stdlib `json` and scores it with its own 1-row model call, on the first `--naive-events` events.
 7. (d) latency: `anomaly-worker` (subprocess) on a fresh topic while `anomaly-replay --rate --timestamp`
    offers half of (a)'s rate for `--latency-seconds`; a consumer of the alert topic measures
@@ -167,7 +168,7 @@ def produce(bootstrap: str, topic: str, values: Sequence[bytes]) -> dict[tuple[s
 
 
 class CommitTracker:
-    """A Source that delegates to KafkaSource and remembers when it first polled and what it committed."""
+    """A Source that delegates to the real one and remembers when it first polled and what it committed."""
 
     def __init__(self, source: Any) -> None:
         self.source = source
@@ -209,20 +210,20 @@ class CommitTracker:
         return all(self.committed.get(k, 0) >= v for k, v in ends.items())
 
 
-def worker_settings(bootstrap: str, bundle: Path, input_topic: str, tag: str) -> Any:
+def worker_settings(bootstrap: str, bundle: Path, input_topic: str, tag: str, client: str = "confluent") -> Any:
     from worker.config import Settings
 
     return Settings(model=bundle, bootstrap_servers=bootstrap, input_topic=input_topic,
                     alert_topic=f"{input_topic}-alerts", dead_letter_topic=f"{input_topic}-dlq",
                     group_id=f"throughput-{tag}-{uuid.uuid4().hex[:8]}", max_batch=MAX_BATCH,
-                    client_id=f"throughput-{tag}")
+                    client_id=f"throughput-{tag}", kafka_client=client)
 
 
 def run_worker(settings: Any, ends: dict[tuple[str, int], int], pipeline_class: type | None = None,
                deadline_s: float = 900.0) -> dict[str, Any]:
-    """Wire Worker + KafkaSource + KafkaSink + Pipeline as worker/main.py does; run until all is committed."""
+    """Wire Worker + Source + Sink (of `settings.kafka_client`) + Pipeline as worker/main.py does; run to the end."""
     from training.bundle import load_bundle
-    from worker.kafka_io import KafkaSink, KafkaSource
+    from worker.edge import open_sink, open_source
     from worker.loop import Worker
     from worker.main import observability
     from worker.pipeline import Pipeline
@@ -233,8 +234,8 @@ def run_worker(settings: Any, ends: dict[tuple[str, int], int], pipeline_class: 
     _, metrics, health = observability(settings, bundle)
     health.broker_ok = True
     worker_ref: list[Worker] = []
-    sink = KafkaSink(settings)
-    source = KafkaSource(settings, on_revoke=lambda parts: worker_ref[0].on_revoke(parts) if worker_ref else None)
+    sink = open_sink(settings)
+    source = open_source(settings, on_revoke=lambda parts: worker_ref[0].on_revoke(parts) if worker_ref else None)
     tracked = CommitTracker(source)
     worker = Worker(tracked, sink, pipeline, metrics, health, settings.input_topic)
     worker_ref.append(worker)
@@ -412,7 +413,7 @@ def _alert_collector(bootstrap: str, topic: str, latencies: list[float], stop: t
 
 
 def run_latency(bootstrap: str, bundle: Path, rows: Sequence[dict[str, Any]], rate: float, seconds: float,
-                workdir: Path) -> dict[str, Any]:
+                workdir: Path, client: str = "confluent") -> dict[str, Any]:
     """anomaly-worker (subprocess) + anomaly-replay --rate --timestamp + an alert-topic consumer."""
     topic = f"latency-{uuid.uuid4().hex[:8]}"
     alert_topic, dlq_topic = f"{topic}-alerts", f"{topic}-dlq"
@@ -428,7 +429,8 @@ def run_latency(bootstrap: str, bundle: Path, rows: Sequence[dict[str, Any]], ra
             writer.writerow([*(row[k] for k in names), i])
     metrics_port = _free_port()
     worker = subprocess.Popen(
-        [_bin("anomaly-worker"), "--model", str(bundle), "--bootstrap-servers", bootstrap, "--input-topic", topic,
+        [_bin("anomaly-worker"), "--model", str(bundle), "--kafka-client", client, "--bootstrap-servers", bootstrap,
+         "--input-topic", topic,
          "--alert-topic", alert_topic, "--dead-letter-topic", dlq_topic,
          "--group-id", f"throughput-latency-{uuid.uuid4().hex[:8]}", "--max-batch", str(MAX_BATCH),
          "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port), "--log-level", "WARNING"],
@@ -474,6 +476,7 @@ def run_latency(bootstrap: str, bundle: Path, rows: Sequence[dict[str, Any]], ra
 def render_markdown(report: dict[str, Any]) -> str:
     a, b, c, d = (report[k] for k in ("worker", "passthrough", "naive", "latency"))
     r = report["ratios"]
+    client = report["settings"].get("worker Kafka client (a, c, d)", "kafka-python")
 
     def met(value: float, goal: float) -> str:
         return f"{'met' if value >= goal else 'NOT met'} (goal >= {goal:g})"
@@ -485,7 +488,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "| | what | events | seconds | events/s |",
         "|---|---|---:|---:|---:|",
-        f"| (a) | worker: Worker + KafkaSource + KafkaSink + Pipeline | {a['events']:,} | {a['seconds']:.2f} "
+        f"| (a) | worker ({client}): Worker + "
+        f"Source + Sink + Pipeline | {a['events']:,} | {a['seconds']:.2f} "
         f"| **{a['events_per_s']:,.0f}** |",
         f"| (b) | kafka-python pass-through (consume, produce unchanged, flush, commit) | {b['events']:,} "
         f"| {b['seconds']:.2f} | **{b['events_per_s']:,.0f}** |",
@@ -537,15 +541,15 @@ METHOD = [
     "(a) and (b) read that same topic, each from offset 0 with a fresh consumer group; (c) reads a "
     "3-partition topic holding the first --naive-events of the same events.",
     "(a): in process, the classes worker/main.py wires: `load_bundle`, `Pipeline` (warmed up), `WorkerMetrics` "
-    "on a fresh registry, `KafkaSink`, `KafkaSource` (max_batch 1000, max_wait_ms 200), `Worker.run_once` in a "
-    "loop. A thin wrapper around KafkaSource records the first poll and each commit. Includes decode, "
-    "validate, encode, one model call per batch, explanations and alert documents for every alert, producing "
-    "alerts (acks=all, idempotent), flush, commit, metrics. No HTTP server.",
+    "on a fresh registry, the Sink and Source of --kafka-client (max_batch 1000, max_wait_ms 200), "
+    "`Worker.run_once` in a loop. A thin wrapper around the Source records the first poll and each commit. "
+    "Includes decode, validate, encode, one model call per batch, explanations and alert documents for every "
+    "alert, producing alerts (acks=all, idempotent), flush, commit, metrics. No HTTP server.",
     "(b): the KafkaConsumer and KafkaProducer objects built by KafkaSource and KafkaSink (so identical "
     "settings: max_poll_records 1000, acks=all, enable_idempotence, linger_ms 5, batch_size 256 KiB), used "
     "plainly: poll(max_records=1000), send every record unchanged to another topic, flush, check every "
     "future, commit the batch's next offsets. It produces every record, while (a) produces only alerts.",
-    "(c): the same in-process Worker + KafkaSource + KafkaSink as (a), with a Pipeline subclass whose process() "
+    "(c): the same in-process Worker + Source + Sink as (a), with a Pipeline subclass whose process() "
     "handles one event at a time: `json.loads`, `validate_event`, `events_to_columns` + `schema.encode` of a "
     "1-row batch, `bundle.scorer.score` on that 1-row matrix (one SavedModel call per event), then the same "
     "explanation and alert document for an anomalous event. Kafka batching, publishing and commits are as in (a).",
@@ -568,6 +572,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--naive-events", type=int, default=2_000, help="events for the naive design (c)")
     p.add_argument("--latency-seconds", type=float, default=40.0, help="duration of the offered load in (d)")
     p.add_argument("--bootstrap-servers", help="use this broker instead of starting one")
+    p.add_argument("--kafka-client", choices=("confluent", "kafka-python"), default="confluent",
+                   help="client of the worker in (a), (c) and (d); (b) is always kafka-python")
     p.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()), help="where the bundle is cached")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = p.parse_args(argv)
@@ -620,13 +626,15 @@ def _measure(args: argparse.Namespace, bootstrap: str, bundle: Path, workdir: Pa
     del values
     scoring = _step("scoring path only", lambda: scoring_only(bundle, subset))
 
-    worker = _step("(a) worker", lambda: run_worker(worker_settings(bootstrap, bundle, backlog, "worker"), ends))
+    client = args.kafka_client
+    worker = _step("(a) worker", lambda: run_worker(
+        worker_settings(bootstrap, bundle, backlog, "worker", client), ends))
     passthrough = _step("(b) pass-through", lambda: run_passthrough(
-        worker_settings(bootstrap, bundle, backlog, "passthrough"), copy_topic, ends))
+        worker_settings(bootstrap, bundle, backlog, "passthrough", "kafka-python"), copy_topic, ends))
     naive = _step("(c) naive", lambda: run_worker(
-        worker_settings(bootstrap, bundle, naive_topic, "naive"), naive_ends, naive_pipeline_class()))
+        worker_settings(bootstrap, bundle, naive_topic, "naive", client), naive_ends, naive_pipeline_class()))
     latency = _step("(d) latency", lambda: run_latency(
-        bootstrap, bundle, rows, worker["events_per_s"] / 2, args.latency_seconds, workdir))
+        bootstrap, bundle, rows, worker["events_per_s"] / 2, args.latency_seconds, workdir, client))
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} Linux, nproc {os.cpu_count()}",
@@ -638,6 +646,7 @@ def _measure(args: argparse.Namespace, bootstrap: str, bundle: Path, workdir: Pa
         "settings": {
             "nproc": os.cpu_count(),
             "python": platform.python_version(), "kafka-python": kafka.__version__,
+            "worker Kafka client (a, c, d)": client,
             "broker": "started by benchmark (deploy/kafka/kafka-local.sh, 1 node)" if not args.bootstrap_servers
                       else args.bootstrap_servers,
             "events (a, b)": args.events, "events (c)": args.naive_events,
