@@ -136,9 +136,10 @@ class KafkaSource:
         """Pause the partition whose next batch raised `exc` (see worker/edge.py for the policy).
 
         kafka-python 3.0.12 raises from poll() without naming the partition; the failing batch is still
-        its fetcher's next-in-line partition records, at the offset the consumer is positioned at. Polling
-        again without pausing it would spin on the exhausted batch inside poll(), so an unknown
-        partition stops the worker with the error instead.
+        its fetcher's next-in-line partition records, at the offset the consumer is positioned at. Those
+        records are drained: left in place, the exhausted iterator would make a later poll() spin forever
+        (after the partition is resumed by a rebalance, for instance); a fetch after a re-assignment fails
+        again and holds the partition again. An unknown partition stops the worker with the error instead.
         """
         part = getattr(getattr(self.consumer, "_fetcher", None), "_next_partition_records", None)
         tp = getattr(part, "topic_partition", None)
@@ -146,6 +147,9 @@ class KafkaSource:
             raise WorkerError(f"the Kafka client cannot decode a record batch and did not say where: {exc}") from exc
         offset = int(getattr(part, "next_fetch_offset", -1))
         self.consumer.pause(tp)
+        drain = getattr(part, "drain", None)
+        if callable(drain):
+            drain()
         self.quarantine.hold(tp.topic, tp.partition, offset, f"{type(exc).__name__}: {exc}")
 
     def assigned(self) -> set[tuple[str, int]]:

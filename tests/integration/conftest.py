@@ -49,7 +49,9 @@ def launch_worker(alerting_bundle: Path, kafka_bootstrap: str, kafka_client: str
         cmd = [sys.executable, "-m", "worker.main", "--model", str(alerting_bundle), "--kafka-client", kafka_client,
                "--bootstrap-servers", kafka_bootstrap, "--input-topic", t.input, "--alert-topic", t.alerts,
                "--dead-letter-topic", t.dead_letters, "--group-id", t.group, "--metrics-host", "127.0.0.1",
-               "--metrics-port", str(port), "--max-wait-ms", "100", "--kafka-timeout-s", "10", *extra]
+               "--metrics-port", str(port), "--max-wait-ms", "100", "--kafka-timeout-s", "10",
+               # kafka-python 3.0.12 can stall in a rebalance; the worker replaces such a consumer after this.
+               "--rejoin-timeout-s", "30", *extra]
         worker = WorkerProcess(cmd, tmp_path / f"worker-{len(started)}.log", port, env)
         started.append(worker)
         return worker

@@ -204,8 +204,10 @@ def test_a_batch_the_client_cannot_decode_holds_its_partition_and_the_worker_kee
     wait_for(held, 60, "the zstd partition to be held")
     wait_for(lambda: committed(kafka_bootstrap, t.group, t.input).get(0) == 50, 60, "partition 0 consumed")
     assert 1 not in committed(kafka_bootstrap, t.group, t.input), "nothing committed past the batch"
-    assert http_status(worker, "/readyz") == 503 and http_status(worker, "/healthz") == 200
+    # A rebalance releases the partition and the next fetch holds it again: wait for the held state.
+    wait_for(lambda: http_status(worker, "/readyz") == 503, 30, "/readyz 503 while the partition is held")
+    assert http_status(worker, "/healthz") == 200
     metrics = scrape(worker)
-    assert metrics[("anomaly_undecodable_batches_total", (("partition", "1"), ("topic", t.input)))] == 1
+    assert metrics[("anomaly_undecodable_batches_total", (("partition", "1"), ("topic", t.input)))] >= 1
     assert metrics[("anomaly_undecodable_partitions", ())] == 1
     assert worker.proc.poll() is None

@@ -148,7 +148,9 @@ def start_worker(model: Model, kafka_bootstrap: str, tmp_path: Path, kafka_clien
                "--bootstrap-servers", kafka_bootstrap, "--input-topic", t.input, "--alert-topic", t.alerts,
                "--dead-letter-topic", t.dead_letters, "--group-id", t.group, "--metrics-host", "127.0.0.1",
                "--metrics-port", str(port), "--max-wait-ms", "100", "--max-event-bytes", str(MAX_EVENT_BYTES),
-               "--shutdown-timeout-s", str(SHUTDOWN_TIMEOUT_S), "--kafka-timeout-s", "10"]
+               "--shutdown-timeout-s", str(SHUTDOWN_TIMEOUT_S), "--kafka-timeout-s", "10",
+               # kafka-python 3.0.12 can stall in a rebalance; the worker replaces such a consumer after this.
+               "--rejoin-timeout-s", "30"]
         worker = WorkerProcess(cmd, tmp_path / f"worker-{len(started)}.log", port)
         started.append(worker)
         return worker
