@@ -263,7 +263,7 @@ def run_worker(settings: Any, ends: dict[tuple[str, int], int], pipeline_class: 
 
 def naive_pipeline_class() -> type:
     """The design the issue rules out: stdlib json per event and one model call per event."""
-    from training.features import Invalid, events_to_columns, validate_event
+    from training.contract import Reason, event_columns
     from worker.alerts import build_alert
     from worker.pipeline import BatchResult, Pipeline
     from worker.records import DeadLetter
@@ -276,14 +276,17 @@ def naive_pipeline_class() -> type:
                 try:
                     event = json.loads(record.value)
                 except (TypeError, ValueError) as exc:
-                    dead.append(DeadLetter(record, "invalid_json", str(exc), self.bundle.version))
+                    dead.append(DeadLetter(record, Reason.INVALID_JSON, str(exc), self.bundle.version))
                     continue
-                problem = (validate_event(event, schema) if isinstance(event, dict)
-                           else Invalid("not_an_object", "expected a JSON object"))
-                if problem is not None:
+                if not isinstance(event, dict):
+                    dead.append(DeadLetter(record, Reason.NOT_AN_OBJECT, "expected a JSON object", self.bundle.version))
+                    continue
+                parsed = event_columns([event], schema.kinds)
+                if parsed.problems:
+                    problem = parsed.problems[0]
                     dead.append(DeadLetter(record, problem.reason, problem.message, self.bundle.version))
                     continue
-                matrix = schema.encode(events_to_columns([event], schema)).matrix
+                matrix = schema.encode(parsed.columns).matrix
                 result = self.scorer.score(matrix)
                 score = float(result.score[0])
                 scores.append(score)
@@ -546,7 +549,7 @@ METHOD = [
     "plainly: poll(max_records=1000), send every record unchanged to another topic, flush, check every "
     "future, commit the batch's next offsets. It produces every record, while (a) produces only alerts.",
     "(c): the same in-process Worker + KafkaSource + KafkaSink as (a), with a Pipeline subclass whose process() "
-    "handles one event at a time: `json.loads`, `validate_event`, `events_to_columns` + `schema.encode` of a "
+    "handles one event at a time: `json.loads`, `event_columns` (the data contract) + `schema.encode` of a "
     "1-row batch, `bundle.scorer.score` on that 1-row matrix (one SavedModel call per event), then the same "
     "explanation and alert document for an anomalous event. Kafka batching, publishing and commits are as in (a).",
     "(d): `anomaly-worker` as a subprocess (--max-batch 1000, defaults otherwise) on a fresh 3-partition topic; "

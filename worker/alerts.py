@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -18,21 +19,40 @@ def alert_id(model_version: str, record: Record) -> str:
     return f"{model_version}/{record.topic}/{record.partition}/{record.offset}"
 
 
+#: Event times outside what an ISO timestamp can show (years 1..9999) are treated as absent.
+_MIN_S = datetime(1, 1, 2, tzinfo=UTC).timestamp()
+_MAX_S = datetime(9999, 12, 30, tzinfo=UTC).timestamp()
+
+
 def event_time(event: Mapping[str, Any], record: Record) -> float | None:
-    """Event time in epoch seconds: the event's `timestamp` (ISO-8601, epoch s or ms), else the record's."""
-    value = event.get("timestamp")
+    """Event time in epoch seconds: the event's `timestamp` (ISO-8601, epoch s or ms), else the record's.
+
+    Total: a timestamp that cannot be read or lies outside years 1..9999 is ignored, never an error.
+    """
+    when = _plausible(_event_timestamp(event.get("timestamp")))
+    if when is None and record.timestamp_ms is not None and record.timestamp_ms >= 0:
+        when = _plausible(record.timestamp_ms / 1000.0)
+    return when
+
+
+def _event_timestamp(value: Any) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value) / 1000.0 if value > 1e11 else float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:
+            return None
+        return seconds / 1000.0 if abs(seconds) > 1e11 else seconds
     if isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            parsed = None
-        if parsed is not None:
             return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
-    if record.timestamp_ms is not None and record.timestamp_ms >= 0:
-        return record.timestamp_ms / 1000.0
+        except (ValueError, OverflowError, OSError):
+            return None
     return None
+
+
+def _plausible(seconds: float | None) -> float | None:
+    return seconds if seconds is not None and math.isfinite(seconds) and _MIN_S <= seconds <= _MAX_S else None
 
 
 def _key_text(key: bytes | None) -> str | None:

@@ -147,7 +147,10 @@ class Worker:
             return None
         self.pending.update(next_offsets(records))
         self._commit_pending()                                                     # 4
-        self._record(result, time.perf_counter() - started)                        # 5
+        try:
+            self._record(result, time.perf_counter() - started)                    # 5
+        except Exception:  # noqa: BLE001 - metrics never take the worker down after a commit
+            log.exception("updating metrics for a batch failed; the batch itself is delivered and committed")
         return result
 
     def _commit_pending(self) -> None:
@@ -198,6 +201,8 @@ class Worker:
         self.metrics.record_consumed(topic, result.consumed)
         for letter in result.dead_letters:
             self.metrics.record_dead_letter(topic, letter.reason)
+        if result.isolated:
+            self.metrics.record_isolated(topic, result.isolated)
         if result.scored:
             self.metrics.observe_scores(topic, result.scores.tolist())
             self.drift.update(result.scores.tolist())

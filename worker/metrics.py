@@ -14,15 +14,9 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-DEAD_LETTER_REASONS: tuple[str, ...] = (
-    "invalid_utf8",
-    "invalid_json",
-    "not_an_object",
-    "oversized",
-    "no_features",
-    "wrong_type",
-    "non_finite",
-)
+from training.contract import Reason
+
+DEAD_LETTER_REASONS: tuple[str, ...] = tuple(reason.value for reason in Reason)
 KAFKA_OPERATIONS: tuple[str, ...] = ("poll", "produce", "commit")
 
 BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
@@ -73,6 +67,11 @@ class WorkerMetrics:
         self.dead_letters = Counter(
             "anomaly_dead_letters", "Records sent to the dead-letter topic, by input topic and reason.",
             ["topic", "reason"], registry=registry,
+        )
+        self.isolated_records = Counter(
+            "anomaly_isolated_records",
+            "Records isolated by bisecting a batch that failed as a whole (each also a processing_error dead letter).",
+            ["topic"], registry=registry,
         )
         self.missing_values = Counter(
             "anomaly_missing_values", "Schema fields absent or null in scored events (imputed).",
@@ -141,6 +140,7 @@ class WorkerMetrics:
         self.events_consumed.labels(topic=topic)
         self.events_scored.labels(topic=topic)
         self.alerts_published.labels(topic=topic)
+        self.isolated_records.labels(topic=topic)
         for reason in DEAD_LETTER_REASONS:
             self.dead_letters.labels(topic=topic, reason=reason)
 
@@ -156,12 +156,16 @@ class WorkerMetrics:
         self.declare_topic(topic)
         self.events_consumed.labels(topic=topic).inc(_non_negative(count, "consumed count"))
 
-    def record_dead_letter(self, topic: str, reason: str, count: int = 1) -> None:
-        """Count records from `topic` sent to the dead-letter topic for `reason`."""
-        if reason not in DEAD_LETTER_REASONS:
-            raise ValueError(f"unknown dead-letter reason {reason!r}; expected one of {DEAD_LETTER_REASONS}")
+    def record_dead_letter(self, topic: str, reason: Reason, count: int = 1) -> None:
+        """Count records from `topic` sent to the dead-letter topic for `reason` (a `Reason`, so the label
+        set stays bounded; this never raises for a reason it has not declared, it runs after a commit)."""
         self.declare_topic(topic)
-        self.dead_letters.labels(topic=topic, reason=reason).inc(_non_negative(count, "dead-letter count"))
+        self.dead_letters.labels(topic=topic, reason=str(reason)).inc(_non_negative(count, "dead-letter count"))
+
+    def record_isolated(self, topic: str, count: int) -> None:
+        """Count records isolated by bisecting a failed batch."""
+        self.declare_topic(topic)
+        self.isolated_records.labels(topic=topic).inc(_non_negative(count, "isolated count"))
 
     def record_missing_values(self, counts: Mapping[str, int]) -> None:
         """Count imputed values per schema field (fields with 0 are skipped)."""
