@@ -205,6 +205,9 @@ class CommitTracker:
     def reachable(self) -> bool:
         return bool(self.source.reachable())
 
+    def close(self) -> None:
+        self.source.close()
+
     def reached(self, ends: dict[tuple[str, int], int]) -> bool:
         return all(self.committed.get(k, 0) >= v for k, v in ends.items())
 
@@ -220,24 +223,15 @@ def worker_settings(bootstrap: str, bundle: Path, input_topic: str, tag: str) ->
 
 def run_worker(settings: Any, ends: dict[tuple[str, int], int], pipeline_class: type | None = None,
                deadline_s: float = 900.0) -> dict[str, Any]:
-    """Wire Worker + KafkaSource + KafkaSink + Pipeline as worker/main.py does; run until all is committed."""
-    from training.bundle import load_bundle
-    from worker.kafka_io import KafkaSink, KafkaSource
-    from worker.loop import Worker
-    from worker.main import observability
+    """Build the worker exactly as worker/main.py does (worker.wiring); run until all is committed."""
     from worker.pipeline import Pipeline
+    from worker.wiring import build_runtime, build_worker
 
-    bundle = load_bundle(settings.model, settings.expected_schema_hash)
-    pipeline = (pipeline_class or Pipeline)(bundle, settings.max_event_bytes, settings.top_features)
-    pipeline.warm_up()
-    _, metrics, health = observability(settings, bundle)
-    health.broker_ok = True
-    worker_ref: list[Worker] = []
-    sink = KafkaSink(settings)
-    source = KafkaSource(settings, on_revoke=lambda parts: worker_ref[0].on_revoke(parts) if worker_ref else None)
-    tracked = CommitTracker(source)
-    worker = Worker(tracked, sink, pipeline, metrics, health, settings.input_topic)
-    worker_ref.append(worker)
+    runtime = build_runtime(settings, pipeline_class or Pipeline)
+    runtime.health.broker_ok = True
+    worker = build_worker(runtime, wrap_source=CommitTracker)
+    tracked = worker.source
+    assert isinstance(tracked, CommitTracker)
     alerts = dead = consumed = 0
     stop_at = time.monotonic() + deadline_s
     try:
@@ -250,8 +244,8 @@ def run_worker(settings: Any, ends: dict[tuple[str, int], int], pipeline_class: 
                 alerts += len(result.alerts)
                 dead += len(result.dead_letters)
     finally:
-        source.close()
-        sink.close()
+        worker.source.close()
+        worker.sink.close()
     assert tracked.first_poll is not None and tracked.first_records is not None and tracked.last_commit
     events = sum(ends.values())
     seconds = tracked.last_commit - tracked.first_poll

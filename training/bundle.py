@@ -10,7 +10,8 @@ Layout of a bundle directory (format 1)::
     report/                report.html and PNG plots (informational)
 
 Every file except the manifest is listed in the manifest with its SHA-256; loading refuses a bundle
-whose files, schema hash or format version do not match.
+with an unlisted, missing or changed file, a schema hash or format version that does not match, or a
+value out of range (threshold, histogram). `write_bundle` replaces only a bundle it wrote itself.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ THRESHOLD = "threshold.json"
 HISTOGRAM = "score_histogram.json"
 SAVED_MODEL = "saved_model"
 REPORT = "report"
+#: Files every bundle has; the manifest must list (and so hash) each of them, and every other file it holds.
+REQUIRED_FILES = (FEATURES, THRESHOLD, HISTOGRAM, f"{SAVED_MODEL}/saved_model.pb")
 
 
 @dataclass(frozen=True)
@@ -141,10 +144,7 @@ def write_bundle(out_dir: Path, contents: BundleContents) -> Manifest:
        is removed only after the rename). A failure before step 3 leaves `out_dir` untouched.
     """
     out_dir = out_dir.resolve()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise BundleError(f"{out_dir} is a file; --out must name a directory for the bundle")
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
-        raise BundleError(f"{out_dir} exists and is not a model bundle; choose an empty or new directory")
+    check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -178,6 +178,29 @@ def write_bundle(out_dir: Path, contents: BundleContents) -> Manifest:
         raise
 
 
+def check_replaceable(out_dir: Path) -> None:
+    """Refuse to write over anything but an empty directory or a bundle this product wrote.
+
+    A bundle we wrote has a readable manifest and holds nothing but the files that manifest lists; a
+    folder with anything else in it (a project, a bundle someone added notes to) is never replaced.
+    """
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise BundleError(f"{out_dir} is a file; --out must name a new directory or an existing model bundle")
+    if not any(out_dir.iterdir()):
+        return
+    try:
+        manifest = load_manifest(out_dir)
+    except BundleError as exc:
+        raise BundleError(f"{out_dir} exists and is not a model bundle ({exc}); choose a new or empty "
+                          f"directory for --out") from None
+    foreign = sorted(set(_file_hashes(out_dir)) - set(manifest.files))
+    if foreign:
+        raise BundleError(f"{out_dir} holds files the bundle did not write ({', '.join(foreign[:3])}); it is not "
+                          f"replaced. Choose another --out, or move those files away")
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
@@ -191,20 +214,40 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def load_manifest(path: Path) -> Manifest:
-    data = _read_json(path / MANIFEST)
+    where = path / MANIFEST
+    data = _read_json(where)
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise BundleError(f"{path}: bundle format {version!r} is not supported by this version "
                           f"(expects {FORMAT_VERSION}); retrain with the matching anomaly-train")
-    try:
-        return Manifest(
-            model_version=str(data["model_version"]), created_at=str(data["created_at"]),
-            data_sha256=str(data["data_sha256"]), schema_sha256=str(data["schema_sha256"]),
-            files={str(k): str(v) for k, v in data["files"].items()}, libraries=dict(data.get("libraries", {})),
-            training=dict(data.get("training", {})), metrics=dict(data.get("metrics", {})),
-            columns=dict(data.get("columns", {})))
-    except (KeyError, AttributeError, TypeError) as exc:
-        raise BundleError(f"{path}/{MANIFEST} lacks {exc}; the bundle is corrupt, retrain the model") from exc
+
+    def text(key: str) -> str:
+        value = data.get(key)
+        if not isinstance(value, str) or not value:
+            raise BundleError(f"{where}: {key!r} must be a non-empty string, got {value!r}; the bundle is corrupt, "
+                              f"retrain the model")
+        return value
+
+    def mapping(key: str) -> dict[str, Any]:
+        value = data.get(key, {})
+        if not isinstance(value, dict):
+            raise BundleError(f"{where}: {key!r} must be an object, got {json_name(value)}; the bundle is corrupt, "
+                              f"retrain the model")
+        return value
+
+    files = mapping("files")
+    if not files or not all(isinstance(v, str) and len(v) == 64 for v in files.values()):
+        raise BundleError(f"{where}: 'files' must map every bundle file to its SHA-256; the bundle is corrupt, "
+                          f"retrain the model")
+    return Manifest(model_version=text("model_version"), created_at=text("created_at"),
+                    data_sha256=text("data_sha256"), schema_sha256=text("schema_sha256"), files=dict(files),
+                    libraries=mapping("libraries"), training=mapping("training"), metrics=mapping("metrics"),
+                    columns=mapping("columns"))
+
+
+def json_name(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
 
 
 def load_bundle(path: Path, expected_schema_sha256: str | None = None) -> Bundle:
@@ -214,6 +257,14 @@ def load_bundle(path: Path, expected_schema_sha256: str | None = None) -> Bundle
         raise BundleError(f"{path}: no model bundle here; train one with anomaly-train --out {path}")
     manifest = load_manifest(path)
     actual = _file_hashes(path)
+    for name in REQUIRED_FILES:
+        if name not in manifest.files:
+            raise BundleError(f"{path / MANIFEST}: does not list {name}; every bundle file must be listed and "
+                              f"hashed. The bundle is corrupt, retrain the model")
+    unlisted = sorted(set(actual) - set(manifest.files))
+    if unlisted:
+        raise BundleError(f"{path}: file {unlisted[0]} is not listed in the manifest ({len(unlisted)} such); a "
+                          f"bundle holds only the files it lists. Remove it, or copy the bundle again")
     for name, digest in manifest.files.items():
         if name not in actual:
             raise BundleError(f"{path}: file {name} listed in the manifest is missing; the bundle is incomplete, "
@@ -228,6 +279,9 @@ def load_bundle(path: Path, expected_schema_sha256: str | None = None) -> Bundle
         raise BundleError(f"{path}: schema hash {manifest.schema_sha256[:12]} differs from the expected "
                           f"{expected_schema_sha256[:12]}: events shaped for the old model would be mis-scored. "
                           f"Deploy a bundle trained on the same schema, or update the expected hash")
-    threshold = Threshold.from_dict(_read_json(path / THRESHOLD))
-    histogram = ScoreHistogram.from_dict(_read_json(path / HISTOGRAM))
+    try:
+        threshold = Threshold.from_dict(_read_json(path / THRESHOLD))
+        histogram = ScoreHistogram.from_dict(_read_json(path / HISTOGRAM))
+    except BundleError as exc:
+        raise BundleError(f"{path}: {exc}") from exc
     return Bundle(path=path, manifest=manifest, schema=schema, threshold=threshold, histogram=histogram)

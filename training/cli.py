@@ -4,25 +4,58 @@ from __future__ import annotations
 
 import argparse
 import csv
+import signal
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
 
 import numpy as np
 
-from training.errors import AnomalyError
+from training.errors import AnomalyError, ConfigError
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so every cleanup (temporary folders, partial outputs) runs."""
+
+
+def _terminate(signum: int, _frame: FrameType | None) -> None:
+    raise Terminated(signal.Signals(signum).name)
 
 
 def _run(prog: str, body: Callable[[], int]) -> int:
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return body()
     except AnomalyError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+#: The columns anomaly-score writes after the passthrough ones; an existing --out must end with them.
+SCORE_COLUMNS = ["score", "is_anomaly", "top_feature", "top_feature_share"]
+
+
+def check_score_output(out: Path, data: Path) -> None:
+    """--out may be new or an earlier anomaly-score output, never the input or a file we did not write."""
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory; name a CSV file, e.g. --out {out / 'scores.csv'}")
+    if not out.exists():
+        return
+    if data.exists() and out.samefile(data):
+        raise ConfigError(f"--out {out} is the input file; write the scores to another file")
+    with out.open("r", errors="replace") as fh:
+        header = fh.readline().strip().split(",")
+    if header[-len(SCORE_COLUMNS):] != SCORE_COLUMNS:
+        raise ConfigError(f"--out {out} exists and was not written by anomaly-score; choose another file, or "
+                          f"move it away first")
 
 
 def _hidden(text: str) -> tuple[int, ...]:
@@ -115,25 +148,26 @@ def score_main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         from training.bundle import load_bundle
-        from training.data import check_columns, encode_frame, iter_frames
+        from training.data import check_columns, check_passthrough, encode_frame, iter_frames
 
+        check_score_output(args.out, args.data)
         bundle = load_bundle(args.model)
         scorer = bundle.scorer
         allowed = [*bundle.passthrough_columns, *args.passthrough]
         started, rows, anomalies = time.perf_counter(), 0, 0
-        tmp = args.out.with_name(args.out.name + ".partial")
+        tmp = args.out.with_name(f".{args.out.name}.partial-{uuid.uuid4().hex[:8]}")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         try:
             with tmp.open("w", newline="") as fh:
                 writer = csv.writer(fh)
-                writer.writerow([*args.passthrough, "score", "is_anomaly", "top_feature", "top_feature_share"])
+                writer.writerow([*args.passthrough, *SCORE_COLUMNS])
                 for first_row, chunk in iter_frames(args.data, args.chunk_rows):
                     check_columns(chunk, bundle.schema, allowed, args.data)
+                    extra = check_passthrough(chunk, args.passthrough, args.data)
                     scores = scorer.score(encode_frame(bundle.schema, chunk, args.data, first_row))
                     flags = scores.score > bundle.threshold.value
                     totals = np.maximum(scores.field_errors.sum(axis=1), 1e-30)
                     shares = scores.field_errors.max(axis=1) / totals
-                    extra = [chunk[c].tolist() for c in args.passthrough]
                     for i, (s, f, top, share) in enumerate(zip(scores.score, flags, scorer.top_fields(scores), shares,
                                                                strict=True)):
                         writer.writerow([*(col[i] for col in extra), f"{s:.9g}", int(f), top, f"{share:.4f}"])
@@ -150,6 +184,20 @@ def score_main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     return _run("anomaly-score", body)
+
+
+EVALUATION_FILES = ("report.html", "scores.png", "roc.png", "pr.png", "confusion.png")
+
+
+def check_report_dir(out: Path) -> None:
+    """The report directory may be new or hold only an earlier evaluation report: we overwrite nothing else."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--report-dir {out} is a file; name a directory")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in EVALUATION_FILES)
+        if foreign:
+            raise ConfigError(f"--report-dir {out} holds files the evaluation did not write ({', '.join(foreign[:3])});"
+                              f" choose a new directory with --report-dir")
 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
@@ -178,6 +226,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         scores = bundle.scorer.score(encode_frame(bundle.schema, frame, args.data)).score
         e = evaluate(scores, ~normal, bundle.threshold.value)
         out = args.report_dir or args.data.parent / f"evaluation-{args.data.stem}"
+        check_report_dir(out)
         out.mkdir(parents=True, exist_ok=True)
         report.score_histogram(out / "scores.png", scores[normal], scores[~normal], bundle.threshold.value)
         report.roc_pr_curves(out / "roc.png", out / "pr.png", scores, ~normal, e.roc_auc, e.pr_auc)

@@ -195,6 +195,15 @@ def check_columns(frame: pd.DataFrame, schema: FeatureSchema, allowed_extra: Seq
                         f"to the output, or remove it")
 
 
+def check_passthrough(frame: pd.DataFrame, names: Sequence[str], path: Path) -> list[list[Any]]:
+    """The values of the --passthrough columns (JSON Lines: an absent key is an empty cell)."""
+    absent = [n for n in names if n not in frame.columns]
+    if absent and FORMATS.get(path.suffix.lower()) != "jsonl":
+        raise DataError(f"{path}: --passthrough column(s) not found: {', '.join(absent)}; columns are "
+                        f"{', '.join(map(str, frame.columns[:10]))}")
+    return [frame[n].tolist() if n in frame.columns else [None] * len(frame) for n in names]
+
+
 @dataclass(frozen=True)
 class Labels:
     """Which rows are normal, from a label column and the value that means normal."""

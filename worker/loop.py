@@ -46,10 +46,12 @@ class Source(Protocol):
     def lag(self) -> dict[tuple[str, int], int]: ...
     def assigned(self) -> set[tuple[str, int]]: ...
     def reachable(self) -> bool: ...
+    def close(self) -> None: ...
 
 
 class Sink(Protocol):
     def publish(self, alerts: Sequence[Alert], dead_letters: Sequence[DeadLetter]) -> None: ...
+    def close(self) -> None: ...
 
 
 def next_offsets(records: Sequence[Record]) -> dict[tuple[str, int], int]:
@@ -89,11 +91,11 @@ class Worker:
 
     def __init__(self, source: Source, sink: Sink, pipeline: Pipeline, metrics: WorkerMetrics, health: HealthState,
                  input_topic: str, stop: threading.Event | None = None, backoff_max_s: float = 30.0,
-                 broker_check_interval_s: float = 2.0) -> None:
+                 broker_check_interval_s: float = 2.0, backoff_initial_s: float = 0.5) -> None:
         self.source, self.sink, self.pipeline = source, sink, pipeline
         self.metrics, self.health, self.input_topic = metrics, health, input_topic
         self.stop = stop or threading.Event()
-        self.backoff = Backoff(self.stop, maximum_s=backoff_max_s)
+        self.backoff = Backoff(self.stop, initial_s=backoff_initial_s, maximum_s=backoff_max_s)
         self.pending: dict[tuple[str, int], int] = {}
         self._commit_failing = False
         hist = pipeline.bundle.histogram

@@ -69,6 +69,9 @@ class FakeSource:
     def assigned(self) -> set[tuple[str, int]]:
         return set(self.data)
 
+    def close(self) -> None:
+        self.log.append(("close_source",))
+
     def reachable(self) -> bool:
         self.log.append(("reachable", self.broker_up))
         return self.broker_up
@@ -80,6 +83,9 @@ class FakeSink:
         self.fail_publishes = 0
         self.alerts: list[Alert] = []
         self.dead_letters: list[DeadLetter] = []
+
+    def close(self) -> None:
+        self.log.append(("close_sink",))
 
     def publish(self, alerts: Sequence[Alert], dead_letters: Sequence[DeadLetter]) -> None:
         if self.fail_publishes:

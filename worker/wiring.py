@@ -1,0 +1,86 @@
+"""Building a worker from settings: the one place main and the benchmarks assemble the product.
+
+`build_runtime` loads and verifies the bundle, builds the pipeline (warmed up), a fresh metrics
+registry and the health state; `build_worker` connects a source and a sink to it. Kafka stays behind
+the `connect` callable, so the benchmarks can wrap the source and the tests can pass fakes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry
+
+from training.bundle import Bundle, load_bundle
+from worker.config import Settings
+from worker.http import HealthState
+from worker.loop import Sink, Source, Worker
+from worker.metrics import WorkerMetrics
+from worker.pipeline import Pipeline
+
+#: Called with the partitions being revoked (inside the consumer's poll).
+OnRevoke = Callable[[set[tuple[str, int]]], None]
+#: Makes the source and sink for a worker; raises `BrokerUnavailable` while no broker answers.
+Connect = Callable[[Settings, OnRevoke], tuple[Source, Sink]]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Everything a worker needs besides Kafka."""
+
+    settings: Settings
+    bundle: Bundle
+    pipeline: Pipeline
+    registry: CollectorRegistry
+    metrics: WorkerMetrics
+    health: HealthState
+
+
+def observability(settings: Settings, bundle: Bundle) -> tuple[CollectorRegistry, WorkerMetrics, HealthState]:
+    """A fresh registry with the worker's metrics initialised for this model and topic, and health state."""
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics(registry)
+    metrics.set_model(bundle.version, bundle.threshold.value)
+    metrics.declare_topic(settings.input_topic)
+    metrics.declare_fields(bundle.schema.names)
+    health = HealthState(stale_after_seconds=settings.liveness_timeout_s)
+    health.model_loaded = True
+    return registry, metrics, health
+
+
+def build_runtime(settings: Settings, pipeline_class: type[Pipeline] = Pipeline) -> Runtime:
+    """Load and verify the bundle (a bad one raises BundleError), build and warm up the pipeline."""
+    bundle = load_bundle(settings.model, settings.expected_schema_hash)
+    pipeline = pipeline_class(bundle, settings.max_event_bytes, settings.top_features)
+    pipeline.warm_up()
+    registry, metrics, health = observability(settings, bundle)
+    return Runtime(settings=settings, bundle=bundle, pipeline=pipeline, registry=registry, metrics=metrics,
+                   health=health)
+
+
+def kafka_connect(settings: Settings, on_revoke: OnRevoke) -> tuple[Source, Sink]:
+    """The product's Kafka source and sink (the only Kafka imports are in worker/kafka_io.py)."""
+    from worker.kafka_io import KafkaSink, KafkaSource
+
+    sink = KafkaSink(settings)
+    try:
+        return KafkaSource(settings, on_revoke=on_revoke), sink
+    except BaseException:
+        sink.close()
+        raise
+
+
+def build_worker(runtime: Runtime, connect: Connect = kafka_connect, stop: threading.Event | None = None,
+                 wrap_source: Callable[[Source], Source] | None = None) -> Worker:
+    """Connect a source and sink and assemble the loop (revocations reach the worker that owns the offsets)."""
+    settings = runtime.settings
+    owner: list[Worker] = []
+    source, sink = connect(settings, lambda partitions: owner[0].on_revoke(partitions) if owner else None)
+    worker = Worker(wrap_source(source) if wrap_source else source, sink, runtime.pipeline, runtime.metrics,
+                    runtime.health, settings.input_topic, stop, backoff_initial_s=settings.retry_backoff_initial_s,
+                    backoff_max_s=settings.retry_backoff_max_s,
+                    broker_check_interval_s=settings.broker_check_interval_s)
+    owner.append(worker)
+    return worker
