@@ -10,8 +10,8 @@ numeric field      finite number -> float; ``true``/``false`` (JSON booleans or 
                    null, NaN -> missing; infinite or too large -> ``non_finite``; other text,
                    arrays, objects -> ``wrong_type``.
 categorical field  text with surrounding whitespace removed; NA-like text, null, NaN -> missing;
-                   a number -> its text (80 and 80.0 -> "80"); a boolean -> "true"/"false";
-                   arrays, objects -> ``wrong_type``.
+                   a number -> its text (80, 80.0 and the text "80.0" -> "80"); a boolean ->
+                   "true"/"false"; arrays, objects -> ``wrong_type``.
 a row or event     with no schema field present (all absent or missing) -> ``no_features``.
 =================  ==========================================================================
 
@@ -23,6 +23,7 @@ contract for users.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -39,6 +40,7 @@ NA_STRINGS = frozenset({
     "NA", "NULL", "NaN", "None", "n/a", "nan", "null",
 })
 _BOOLEAN_TEXT = {"true": 1.0, "false": 0.0}
+_WHOLE_NUMBER_TEXT = re.compile(r"-?\d+\.0+")
 
 
 class Reason(StrEnum):
@@ -116,7 +118,10 @@ def category(value: Any, field: str) -> str | None | Invalid:
         return None
     if isinstance(value, str):
         text = value.strip()
-        return None if text in NA_STRINGS else text
+        if text in NA_STRINGS:
+            return None
+        # "80.0" is how many writers render the number 80 (pandas, Spark): the same category as 80 and 80.0.
+        return text.split(".", 1)[0] if _WHOLE_NUMBER_TEXT.fullmatch(text) else text
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
@@ -210,7 +215,7 @@ def categorical_column(raw: np.ndarray | Sequence[Any], field: str) -> Column:
     for i, value in enumerate(objects.tolist()):
         # Plain text that needs no cleaning is by far the most common value: skip the call for it.
         if type(value) is str and value and value not in NA_STRINGS and not value[0].isspace() \
-                and not value[-1].isspace():
+                and not value[-1].isspace() and not value[-1] == "0":
             texts.append(value)
             continue
         result = category(value, field)

@@ -40,8 +40,8 @@ def signed_log1p(x: np.ndarray) -> np.ndarray:
 
 
 def signed_expm1(x: np.ndarray) -> np.ndarray:
-    """Inverse of `signed_log1p`."""
-    return np.sign(x) * np.expm1(np.abs(x))
+    """Inverse of `signed_log1p` (saturating at the largest float64 instead of overflowing)."""
+    return np.sign(x) * np.expm1(np.minimum(np.abs(x), 709.0))
 
 
 @dataclass(frozen=True)

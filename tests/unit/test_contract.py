@@ -55,7 +55,8 @@ def test_values_without_a_numeric_meaning_name_the_field(value: Any, reason: Rea
 
 
 @pytest.mark.parametrize(("value", "expected"), [
-    ("GET", "GET"), ("  GET ", "GET"), (80, "80"), (80.0, "80"), ("80", "80"), (0.5, "0.5"), (True, "true"),
+    ("GET", "GET"), ("  GET ", "GET"), (80, "80"), (80.0, "80"), ("80", "80"), ("80.0", "80"), ("-3.00", "-3"),
+    ("007", "007"), ("80.5", "80.5"), ("1e3", "1e3"), (0.5, "0.5"), (True, "true"),
     (None, None), ("NA", None), ("None", None), ("", None), (math.nan, None),
 ])
 def test_categorical_meaning_of_a_value(value: Any, expected: str | None) -> None:
