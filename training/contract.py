@@ -215,7 +215,7 @@ def categorical_column(raw: np.ndarray | Sequence[Any], field: str) -> Column:
     for i, value in enumerate(objects.tolist()):
         # Plain text that needs no cleaning is by far the most common value: skip the call for it.
         if type(value) is str and value and value not in NA_STRINGS and not value[0].isspace() \
-                and not value[-1].isspace() and not value[-1] == "0":
+                and not value[-1].isspace() and value[-1] != "0":
             texts.append(value)
             continue
         result = category(value, field)
