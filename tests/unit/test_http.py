@@ -196,11 +196,11 @@ def test_idle_keep_alive_connection_is_closed_after_the_timeout_and_its_thread_e
     try:
         with connect(srv) as client:
             assert exchange(client, "/healthz").startswith(b"HTTP/1.1 200")
+            last_request = time.monotonic()
             assert exchange(client, "/readyz").startswith(b"HTTP/1.1 503")  # kept alive between requests
             assert len(threads_since(baseline)) == 1
-            opened_idle = time.monotonic()
             assert client.recv(1) == b"", "the server should close the idle connection"  # EOF, not a timeout
-            assert time.monotonic() - opened_idle >= 0.25  # closed by the idle timeout, not at once
+            assert time.monotonic() - last_request >= 0.3  # closed by the idle timeout, not after the response
         wait_until(lambda: not threads_since(baseline), "the connection's thread ended")
     finally:
         srv.shutdown()
