@@ -17,6 +17,7 @@ import numpy as np
 from training.errors import BundleError
 from training.features import FeatureSchema, NumericField
 from training.model import SIGNATURE, SIGNATURE_INPUT, tf
+from training.tf_runtime import quiet_native_stderr
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,8 @@ class Scorer:
 
     def __init__(self, saved_model_dir: Path, schema: FeatureSchema, max_batch_rows: int = 16_384) -> None:
         try:
-            loaded = tf.saved_model.load(str(saved_model_dir))
+            with quiet_native_stderr():
+                loaded = tf.saved_model.load(str(saved_model_dir))
             self._signature = loaded.signatures[SIGNATURE]
         except Exception as exc:  # noqa: BLE001 - TensorFlow raises many types for a damaged SavedModel
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

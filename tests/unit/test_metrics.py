@@ -142,6 +142,13 @@ def test_custom_score_buckets_are_used_and_validated(registry: CollectorRegistry
         WorkerMetrics(CollectorRegistry(), score_buckets=[1.0, 0.5])
 
 
-def test_two_instances_on_separate_registries_do_not_clash() -> None:
-    WorkerMetrics(CollectorRegistry())
-    WorkerMetrics(CollectorRegistry())
+def test_two_instances_on_separate_registries_count_independently() -> None:
+    first_registry, second_registry = CollectorRegistry(), CollectorRegistry()
+    first, second = WorkerMetrics(first_registry), WorkerMetrics(second_registry)  # no duplicate-name error
+    first.record_consumed("events", 3)
+    second.record_consumed("events", 1)
+    second.record_commit(timestamp=1.0)
+    assert value(first_registry, "anomaly_events_consumed_total", topic="events") == 3.0
+    assert value(second_registry, "anomaly_events_consumed_total", topic="events") == 1.0
+    assert value(first_registry, "anomaly_commits_total") == 0.0
+    assert value(second_registry, "anomaly_commits_total") == 1.0
