@@ -41,6 +41,7 @@ NA_STRINGS = frozenset({
 })
 _BOOLEAN_TEXT = {"true": 1.0, "false": 0.0}
 _WHOLE_NUMBER_TEXT = re.compile(r"-?\d+\.0+")
+_TEXT_TYPES = frozenset({str, type(None)})
 
 
 class Reason(StrEnum):
@@ -150,7 +151,7 @@ class Column:
         """True where the value is missing (including rows with a problem)."""
         if self.values.dtype == np.float64:
             return np.isnan(self.values)
-        return np.fromiter((v is None for v in self.values), dtype=bool, count=len(self.values))
+        return np.equal(self.values, None)  # type: ignore[call-overload]
 
 
 def _as_objects(raw: np.ndarray | Sequence[Any]) -> np.ndarray:
@@ -207,17 +208,18 @@ def numeric_column(raw: np.ndarray | Sequence[Any], field: str) -> Column:
 
 
 def categorical_column(raw: np.ndarray | Sequence[Any], field: str) -> Column:
-    """`category` applied to every value."""
+    """`category` applied to every value (text-only columns: once per distinct value)."""
     objects = _as_objects(raw)
     values = np.empty(len(objects), dtype=object)
+    items = objects.tolist()
+    if set(map(type, items)) <= _TEXT_TYPES:
+        # The common case: text and nulls. Categories repeat, so each distinct value is parsed once.
+        meaning = {value: category(value, field) for value in set(items)}
+        values[:] = [meaning[value] for value in items]
+        return Column(values, {})
     problems: dict[int, Invalid] = {}
     texts: list[str | None] = []
-    for i, value in enumerate(objects.tolist()):
-        # Plain text that needs no cleaning is by far the most common value: skip the call for it.
-        if type(value) is str and value and value not in NA_STRINGS and not value[0].isspace() \
-                and not value[-1].isspace() and value[-1] != "0":
-            texts.append(value)
-            continue
+    for i, value in enumerate(items):
         result = category(value, field)
         if isinstance(result, Invalid):
             problems[i] = result
@@ -286,9 +288,9 @@ def build_columns(raw: Mapping[str, np.ndarray | Sequence[Any]], kinds: Mapping[
 
 def event_columns(events: Sequence[Mapping[str, Any]], kinds: Mapping[str, str]) -> Columns:
     """Decoded JSON events -> parsed columns (an absent key is a missing value)."""
-    raw: dict[str, np.ndarray] = {}
-    for name in kinds:
-        values = np.empty(len(events), dtype=object)
-        values[:] = [e.get(name) for e in events]
-        raw[name] = values
-    return build_columns(raw, kinds, len(events))
+    names = list(kinds)
+    table = np.empty((len(events), len(names)), dtype=object)
+    if events:
+        # One pass over the events with C-level lookups, then one column per field (no per-value Python loop).
+        table[:] = [tuple(map(event.get, names)) for event in events]
+    return build_columns({name: table[:, j] for j, name in enumerate(names)}, kinds, len(events))

@@ -17,9 +17,12 @@ import sys
 import threading
 from collections.abc import Sequence
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from training.errors import AnomalyError, ConfigError
-from worker.loop import Worker
+
+if TYPE_CHECKING:  # importing the loop imports TensorFlow, which must wait for the log level (tf_runtime)
+    from worker.loop import Worker
 
 log = logging.getLogger("worker")
 
@@ -60,7 +63,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     runtime = build_runtime(settings)
     bundle, metrics, health = runtime.bundle, runtime.metrics, runtime.health
     try:
-        server = start_http_server(settings.metrics_host, settings.metrics_port, runtime.registry, health)
+        server = start_http_server(settings.metrics_host, settings.metrics_port, runtime.registry, health,
+                                   max_connections=settings.http_max_connections,
+                                   idle_timeout_s=settings.http_idle_timeout_s)
     except OSError as exc:
         raise ConfigError(f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port} "
                           f"({exc.strerror or exc}); choose another --metrics-port or --metrics-host") from exc

@@ -327,7 +327,7 @@ def test_alerts_match_anomaly_score_and_bad_events_are_dead_lettered(
     for _bad, reason in MALFORMED:
         key = ("anomaly_dead_letters_total", (("reason", reason), ("topic", topics.input)))
         assert metrics[key] == sum(1 for x in letters if x.headers["dlq.reason"] == reason.encode()) >= 1, reason
-    assert metrics[("anomaly_dead_letters_total", (("reason", "non_finite"), ("topic", topics.input)))] == 0
+    assert metrics[("anomaly_dead_letters_total", (("reason", "processing_error"), ("topic", topics.input)))] == 0
     assert metrics[("anomaly_worker_ready", ())] == 1
     assert http_status(worker, "/readyz") == 200
 
