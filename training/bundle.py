@@ -285,3 +285,114 @@ def load_bundle(path: Path, expected_schema_sha256: str | None = None) -> Bundle
     except BundleError as exc:
         raise BundleError(f"{path}: {exc}") from exc
     return Bundle(path=path, manifest=manifest, schema=schema, threshold=threshold, histogram=histogram)
+
+
+# --- model repository: versions side by side, one of them current -------------------------------
+#
+#     REPO/versions/<model_version>/   bundles, each written atomically by write_bundle
+#     REPO/CURRENT                     the current version's name (replaced atomically)
+#     REPO/promotions.jsonl            every promotion, newest last (what a rollback reads)
+
+VERSIONS = "versions"
+CURRENT = "CURRENT"
+PROMOTIONS = "promotions.jsonl"
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where training writes: a bundle directory (replaced atomically) or a new version of a repository."""
+
+    path: Path
+    repository: bool = False
+
+    def check(self) -> None:
+        """Refuse early, before any training, a destination that write() would refuse."""
+        if self.repository:
+            if self.path.exists() and any(self.path.iterdir()) and not is_repository(self.path):
+                raise BundleError(f"{self.path} exists and is not a model repository (no {VERSIONS}/ folder); "
+                                  f"choose a new or empty directory for --repo")
+        else:
+            check_replaceable(self.path.resolve())
+
+    def write(self, contents: BundleContents) -> tuple[Path, Manifest]:
+        if self.repository:
+            return write_to_repository(self.path, contents)
+        return self.path, write_bundle(self.path, contents)
+
+
+def is_repository(path: Path) -> bool:
+    """A repository has a versions/ folder (and, once something is promoted, a CURRENT file)."""
+    return (Path(path) / VERSIONS).is_dir()
+
+
+def write_to_repository(repo: Path, contents: BundleContents) -> tuple[Path, Manifest]:
+    """Write a bundle as a new version of `repo` (created if absent); the version is the bundle's own id."""
+    repo = Path(repo)
+    Destination(repo, repository=True).check()
+    versions = repo / VERSIONS
+    versions.mkdir(parents=True, exist_ok=True)
+    incoming = versions / f".incoming-{uuid.uuid4().hex[:8]}"
+    manifest = write_bundle(incoming, contents)
+    final = versions / manifest.model_version
+    try:
+        os.rename(incoming, final)
+    except OSError:
+        shutil.rmtree(incoming, ignore_errors=True)
+        raise
+    return final, manifest
+
+
+def current_version(repo: Path) -> str | None:
+    """The promoted version's name, or None before the first promotion."""
+    try:
+        text = (Path(repo) / CURRENT).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return text or None
+
+
+def resolve_model(path: Path) -> Path:
+    """A bundle directory as given, or the current version of a repository."""
+    path = Path(path)
+    if not is_repository(path):
+        return path
+    version = current_version(path)
+    if version is None:
+        raise BundleError(f"{path}: the repository has no current version yet; promote one with "
+                          f"anomaly-promote --repo {path} VERSION")
+    return path / VERSIONS / version
+
+
+def promote(repo: Path, version: str, reason: str = "promote") -> Manifest:
+    """Make `version` current, atomically, after verifying that it loads; record it for rollbacks."""
+    repo = Path(repo)
+    if not is_repository(repo):
+        raise BundleError(f"{repo} is not a model repository; train into one with anomaly-train --repo {repo}")
+    if not version or "/" in version or version.startswith("."):
+        raise BundleError(f"{version!r} is not a version name; list them with: ls {repo / VERSIONS}")
+    target = repo / VERSIONS / version
+    if not target.is_dir():
+        known = sorted(p.name for p in (repo / VERSIONS).iterdir() if not p.name.startswith("."))
+        raise BundleError(f"{repo}: no version {version!r}; versions are {', '.join(known[-5:]) or 'none'}")
+    manifest = load_bundle(target).manifest
+    tmp = repo / f".{CURRENT}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(version + "\n")
+    os.replace(tmp, repo / CURRENT)
+    with (repo / PROMOTIONS).open("a") as fh:
+        fh.write(json.dumps({"version": version, "at": datetime.now(UTC).isoformat(), "action": reason}) + "\n")
+    return manifest
+
+
+def rollback(repo: Path) -> Manifest:
+    """Promote the version that was current before the current one."""
+    repo = Path(repo)
+    try:
+        lines = (repo / PROMOTIONS).read_text().splitlines()
+    except FileNotFoundError:
+        lines = []
+    history = [json.loads(line)["version"] for line in lines if line.strip()]
+    current = current_version(repo)
+    previous = next((v for v in reversed(history) if v != current), None)
+    if previous is None:
+        raise BundleError(f"{repo}: no earlier promoted version to roll back to")
+    return promote(repo, previous, reason="rollback")

@@ -71,7 +71,10 @@ def _hidden(text: str) -> tuple[int, ...]:
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="anomaly-train", description="Train an autoencoder bundle from an event file.")
     p.add_argument("--data", type=Path, required=True, help="CSV (with header), JSON Lines or Parquet file")
-    p.add_argument("--out", type=Path, required=True, help="bundle directory to write (replaced atomically)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", type=Path, help="bundle directory to write (replaced atomically)")
+    where.add_argument("--repo", type=Path, help="model repository: write a new version under REPO/versions/")
+    p.add_argument("--promote", action="store_true", help="with --repo: make the new version current")
     p.add_argument("--label-column", help="column that labels rows; only normal rows are trained on")
     p.add_argument("--normal-value", help="label value of normal rows (required with --label-column)")
     p.add_argument("--drop", nargs="+", default=[], metavar="COL", help="columns to ignore (ids, timestamps)")
@@ -98,14 +101,17 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     args = train_parser().parse_args(argv)
 
     def body() -> int:
+        from training.bundle import Destination, promote
         from training.data import Labels
-        from training.errors import ConfigError
         from training.model import FitConfig
         from training.threshold import ThresholdConfig
         from training.train import TrainConfig, train_file
 
         if (args.label_column is None) != (args.normal_value is None):
             raise ConfigError("--label-column and --normal-value go together")
+        if args.promote and args.repo is None:
+            raise ConfigError("--promote needs --repo (a bundle written with --out is used as it is)")
+        destination = Destination(args.repo, repository=True) if args.repo else Destination(args.out)
         config = TrainConfig(
             fit=FitConfig(hidden=args.hidden, epochs=args.epochs, batch_size=args.batch_size,
                           learning_rate=args.learning_rate, seed=args.seed,
@@ -114,9 +120,12 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                                       manual=args.threshold),
             categorical=tuple(args.categorical), drop=tuple(args.drop), weighting=args.weighting,
             labels=Labels(args.label_column, args.normal_value) if args.label_column else None)
-        result = train_file(args.data, args.out, config, log=lambda line: print(line, flush=True))
+        result = train_file(args.data, destination, config, log=lambda line: print(line, flush=True))
         m = result.manifest
         print(f"\nmodel {m.model_version} written to {result.out_dir} in {result.seconds:.1f} s")
+        if args.promote:
+            promote(args.repo, m.model_version)
+            print(f"  promoted: {args.repo} now serves {m.model_version}")
         print(f"  epochs run {m.training['epochs_run']} (best {m.training['best_epoch']}), "
               f"hidden {m.training['hidden']}, threshold {load_threshold(result.out_dir):.6g}")
         if result.evaluation is not None:
@@ -198,6 +207,34 @@ def check_report_dir(out: Path) -> None:
         if foreign:
             raise ConfigError(f"--report-dir {out} holds files the evaluation did not write ({', '.join(foreign[:3])});"
                               f" choose a new directory with --report-dir")
+
+
+def promote_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="anomaly-promote",
+                                description="Make a version of a model repository current (workers follow it).")
+    p.add_argument("--repo", type=Path, required=True, help="model repository written by anomaly-train --repo")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("version", nargs="?", help="version to make current (a folder name under REPO/versions/)")
+    which.add_argument("--rollback", action="store_true", help="make the previously current version current again")
+    which.add_argument("--list", action="store_true", help="list the versions, marking the current one")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        from training.bundle import VERSIONS, current_version, is_repository, promote, rollback
+
+        if args.list:
+            if not is_repository(args.repo):
+                raise ConfigError(f"{args.repo} is not a model repository")
+            current = current_version(args.repo)
+            for path in sorted((args.repo / VERSIONS).iterdir()):
+                if not path.name.startswith("."):
+                    print(f"{'*' if path.name == current else ' '} {path.name}")
+            return 0
+        manifest = rollback(args.repo) if args.rollback else promote(args.repo, args.version)
+        print(f"{args.repo}: current version is now {manifest.model_version}")
+        return 0
+
+    return _run("anomaly-promote", body)
 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:

@@ -109,6 +109,7 @@ class Settings:
     liveness_timeout_s: float = 60.0
     http_idle_timeout_s: float = 30.0
     http_max_connections: int = 32
+    reload_interval_s: float = 10.0
     expected_schema_hash: str | None = None
     client_id: str = "anomaly-worker"
     log_level: str = "INFO"
@@ -125,7 +126,7 @@ class Settings:
             raise ConfigError(f"metrics port must be in [0, 65535], got {self.metrics_port}")
         for name in ("shutdown_timeout_s", "kafka_timeout_s", "rejoin_timeout_s", "session_timeout_s",
                      "max_poll_interval_s", "broker_check_interval_s", "liveness_timeout_s", "http_idle_timeout_s",
-                     "retry_backoff_initial_s", "retry_backoff_max_s"):
+                     "retry_backoff_initial_s", "retry_backoff_max_s", "reload_interval_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive number of seconds, got {value}")
@@ -156,7 +157,10 @@ def parser() -> argparse.ArgumentParser:
         kw["help"] = f"{kw.get('help', '')} [env {_env_name(flag)}]".strip()
         p.add_argument(flag, **kw)
 
-    add("--model", type=Path, help="model bundle directory (from anomaly-train)")
+    add("--model", type=Path, help="model bundle directory, or a model repository whose current version is "
+                                   "followed (anomaly-train --repo, anomaly-promote)")
+    add("--reload-interval-s", type=float, help="with a repository: check for a promoted version this often; "
+                                                "SIGHUP checks at once (default 10)")
     add("--bootstrap-servers", help="Kafka bootstrap servers, host:port[,host:port]")
     add("--input-topic", help="topic of JSON events to score")
     add("--alert-topic", help="topic for alerts")
@@ -236,7 +240,8 @@ def from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | No
         ("metrics_port", int), ("shutdown_timeout_s", float), ("kafka_timeout_s", float),
         ("rejoin_timeout_s", float), ("session_timeout_s", float), ("max_poll_interval_s", float),
         ("broker_check_interval_s", float), ("retry_backoff_initial_s", float), ("retry_backoff_max_s", float),
-        ("liveness_timeout_s", float), ("http_idle_timeout_s", float), ("http_max_connections", int))}
+        ("liveness_timeout_s", float), ("http_idle_timeout_s", float), ("http_max_connections", int),
+        ("reload_interval_s", float))}
     for name in ("metrics_host", "expected_schema_hash", "client_id", "log_level"):
         overrides[name] = get(name)
     return Settings(

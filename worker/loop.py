@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from worker.drift import ScoreDrift
@@ -91,7 +91,8 @@ class Worker:
 
     def __init__(self, source: Source, sink: Sink, pipeline: Pipeline, metrics: WorkerMetrics, health: HealthState,
                  input_topic: str, stop: threading.Event | None = None, backoff_max_s: float = 30.0,
-                 broker_check_interval_s: float = 2.0, backoff_initial_s: float = 0.5) -> None:
+                 broker_check_interval_s: float = 2.0, backoff_initial_s: float = 0.5,
+                 model_updates: Callable[[], Pipeline | None] | None = None) -> None:
         self.source, self.sink, self.pipeline = source, sink, pipeline
         self.metrics, self.health, self.input_topic = metrics, health, input_topic
         self.stop = stop or threading.Event()
@@ -103,6 +104,19 @@ class Worker:
         self._last_lag = 0.0
         self.broker_check_interval_s = broker_check_interval_s
         self._last_broker_check = time.monotonic()
+        self.model_updates = model_updates
+
+    def swap_model(self, pipeline: Pipeline) -> None:
+        """Score from the next batch on with `pipeline` (a new model version); the drift baseline follows it."""
+        started = time.perf_counter()
+        old = self.pipeline.bundle.version
+        self.pipeline = pipeline
+        hist = pipeline.bundle.histogram
+        self.drift = ScoreDrift(hist.edges, hist.counts)
+        self.metrics.set_model(pipeline.bundle.version, pipeline.threshold)
+        self.metrics.record_model_reload("loaded")
+        log.info("model %s replaced %s between two batches (%.3f ms)", pipeline.bundle.version, old,
+                 (time.perf_counter() - started) * 1000)
 
     def on_revoke(self, partitions: set[tuple[str, int]]) -> None:
         """Forget delivered-but-uncommitted offsets of partitions being revoked (called from inside poll).
@@ -126,6 +140,8 @@ class Worker:
     def run_once(self) -> BatchResult | None:
         """One micro-batch through steps 1-5; returns the batch result, or None if nothing was polled."""
         self.health.heartbeat()
+        if self.model_updates is not None and (update := self.model_updates()) is not None:
+            self.swap_model(update)                                                # between two batches
         records = self.source.poll_batch()                                         # 1
         self.health.assigned_partitions = len(self.source.assigned())
         if not records:

@@ -61,6 +61,12 @@ def run(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     runtime = build_runtime(settings)
+    if runtime.watcher is not None:
+        watcher = runtime.watcher
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: watcher.request())
+        watcher.start()
+        log.info("following the current version of repository %s (every %.0f s, or on SIGHUP)", settings.model,
+                 settings.reload_interval_s)
     bundle, metrics, health = runtime.bundle, runtime.metrics, runtime.health
     try:
         server = start_http_server(settings.metrics_host, settings.metrics_port, runtime.registry, health,
@@ -93,6 +99,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         return 0
     finally:
         metrics.set_ready(False)
+        if runtime.watcher is not None:
+            runtime.watcher.stop()
         if worker is not None:
             worker.source.close()
             worker.sink.close()

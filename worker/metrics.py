@@ -18,6 +18,7 @@ from training.contract import Reason
 
 DEAD_LETTER_REASONS: tuple[str, ...] = tuple(reason.value for reason in Reason)
 KAFKA_OPERATIONS: tuple[str, ...] = ("poll", "produce", "commit")
+MODEL_RELOAD_RESULTS: tuple[str, ...] = ("loaded", "refused")
 
 BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 BATCH_DURATION_BUCKETS: tuple[float, ...] = (
@@ -127,8 +128,15 @@ class WorkerMetrics:
             registry=registry,
         )
 
+        self.model_reloads = Counter(
+            "anomaly_model_reloads", "Promoted model versions swapped in (loaded) or refused, by result.",
+            ["result"], registry=registry,
+        )
+
         for operation in KAFKA_OPERATIONS:
             self.kafka_errors.labels(operation=operation)
+        for result in MODEL_RELOAD_RESULTS:
+            self.model_reloads.labels(result=result)
 
     # -- label sets ---------------------------------------------------------------------------
 
@@ -221,6 +229,10 @@ class WorkerMetrics:
         self._threshold_value = float(threshold)
         self.model_info.labels(version=version).set(1)
         self.threshold.set(threshold)
+
+    def record_model_reload(self, result: str) -> None:
+        """Count a promoted version that was swapped in ("loaded") or refused ("refused")."""
+        self.model_reloads.labels(result=result).inc()
 
     def set_score_drift_psi(self, psi: float) -> None:
         """Publish the latest PSI of live scores against training scores."""

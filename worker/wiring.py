@@ -13,12 +13,13 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
-from training.bundle import Bundle, load_bundle
+from training.bundle import Bundle, is_repository, load_bundle, resolve_model
 from worker.config import Settings
 from worker.http import HealthState
 from worker.loop import Sink, Source, Worker
 from worker.metrics import WorkerMetrics
 from worker.pipeline import Pipeline
+from worker.reload import ModelWatcher
 
 #: Called with the partitions being revoked (inside the consumer's poll).
 OnRevoke = Callable[[set[tuple[str, int]]], None]
@@ -36,6 +37,7 @@ class Runtime:
     registry: CollectorRegistry
     metrics: WorkerMetrics
     health: HealthState
+    watcher: ModelWatcher | None = None  # set when --model is a repository: follows its current version
 
 
 def observability(settings: Settings, bundle: Bundle) -> tuple[CollectorRegistry, WorkerMetrics, HealthState]:
@@ -51,13 +53,21 @@ def observability(settings: Settings, bundle: Bundle) -> tuple[CollectorRegistry
 
 
 def build_runtime(settings: Settings, pipeline_class: type[Pipeline] = Pipeline) -> Runtime:
-    """Load and verify the bundle (a bad one raises BundleError), build and warm up the pipeline."""
-    bundle = load_bundle(settings.model, settings.expected_schema_hash)
-    pipeline = pipeline_class(bundle, settings.max_event_bytes, settings.top_features)
-    pipeline.warm_up()
+    """Load and verify the bundle (a repository's current version; a bad one raises BundleError), build and
+    warm up the pipeline; with a repository, a watcher that follows promotions (started by the caller)."""
+
+    def make_pipeline(bundle: Bundle) -> Pipeline:
+        pipeline = pipeline_class(bundle, settings.max_event_bytes, settings.top_features)
+        pipeline.warm_up()
+        return pipeline
+
+    bundle = load_bundle(resolve_model(settings.model), settings.expected_schema_hash)
+    pipeline = make_pipeline(bundle)
     registry, metrics, health = observability(settings, bundle)
+    watcher = ModelWatcher(settings.model, bundle, make_pipeline, metrics, settings.reload_interval_s,
+                           settings.expected_schema_hash) if is_repository(settings.model) else None
     return Runtime(settings=settings, bundle=bundle, pipeline=pipeline, registry=registry, metrics=metrics,
-                   health=health)
+                   health=health, watcher=watcher)
 
 
 def kafka_connect(settings: Settings, on_revoke: OnRevoke) -> tuple[Source, Sink]:
@@ -81,6 +91,7 @@ def build_worker(runtime: Runtime, connect: Connect = kafka_connect, stop: threa
     worker = Worker(wrap_source(source) if wrap_source else source, sink, runtime.pipeline, runtime.metrics,
                     runtime.health, settings.input_topic, stop, backoff_initial_s=settings.retry_backoff_initial_s,
                     backoff_max_s=settings.retry_backoff_max_s,
-                    broker_check_interval_s=settings.broker_check_interval_s)
+                    broker_check_interval_s=settings.broker_check_interval_s,
+                    model_updates=runtime.watcher.take if runtime.watcher else None)
     owner.append(worker)
     return worker
