@@ -64,8 +64,9 @@ def _iso(seconds: float | None) -> str | None:
 
 
 def build_alert(record: Record, event: Mapping[str, Any], score: float, threshold: float, model_version: str,
-                contributions: Sequence[Contribution], detected_at: float) -> Alert:
-    """Assemble one alert; `detected_at` is epoch seconds."""
+                contributions: Sequence[Contribution], detected_at: float, entity_field: str | None = None) -> Alert:
+    """Assemble one alert; `detected_at` is epoch seconds; `entity_field` names the event field that says
+    which entity (host, account) the alert is about, for flood control and for the reader."""
     when = event_time(event, record)
     ident = alert_id(model_version, record)
     event_id = event.get("id", event.get("event_id"))
@@ -83,4 +84,7 @@ def build_alert(record: Record, event: Mapping[str, Any], score: float, threshol
         "score_ratio": float(f"{score / threshold:.6g}") if threshold > 0 else None,
         "top_features": [c.to_dict() for c in contributions],
     }
+    if entity_field is not None:
+        entity = event.get(entity_field)
+        document["entity"] = None if entity is None or isinstance(entity, dict | list) else str(entity)
     return Alert(alert_id=ident, record=record, document=document, event_time_s=when)

@@ -110,6 +110,9 @@ class Settings:
     http_idle_timeout_s: float = 30.0
     http_max_connections: int = 32
     reload_interval_s: float = 10.0
+    alert_key_field: str | None = None
+    alert_cooldown_s: float = 0.0
+    max_alerts_per_s: float = 0.0
     expected_schema_hash: str | None = None
     client_id: str = "anomaly-worker"
     log_level: str = "INFO"
@@ -133,6 +136,13 @@ class Settings:
         if self.retry_backoff_initial_s > self.retry_backoff_max_s:
             raise ConfigError(f"--retry-backoff-initial-s ({self.retry_backoff_initial_s}) must not exceed "
                               f"--retry-backoff-max-s ({self.retry_backoff_max_s})")
+        for name in ("alert_cooldown_s", "max_alerts_per_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (0 turns it off), got {value}")
+        if self.alert_cooldown_s and not self.alert_key_field:
+            raise ConfigError("--alert-cooldown-s needs --alert-key-field: the event field that names the entity "
+                              "(host, account) whose alerts it spaces out")
         if self.http_max_connections < 1:
             raise ConfigError(f"--http-max-connections must be at least 1, got {self.http_max_connections}")
         if self.log_level.upper() not in LOG_LEVELS:
@@ -183,6 +193,12 @@ def parser() -> argparse.ArgumentParser:
     add("--liveness-timeout-s", type=float, help="/healthz fails when the loop is stuck this long (default 60)")
     add("--http-idle-timeout-s", type=float, help="close idle HTTP keep-alive connections after (default 30)")
     add("--http-max-connections", type=int, help="concurrent HTTP connections served (default 32)")
+    add("--alert-key-field", help="event field naming the entity an alert is about (host, account); added to "
+                                  "alerts as 'entity'")
+    add("--alert-cooldown-s", type=float, help="publish at most one alert per entity in this window; the rest "
+                                               "are counted into a summary alert (default 0 = off)")
+    add("--max-alerts-per-s", type=float, help="global alert budget; alerts beyond it are counted into summaries "
+                                               "(default 0 = off)")
     add("--expected-schema-hash", help="refuse a bundle whose schema hash differs")
     add("--client-id", help="Kafka client id (default anomaly-worker)")
     add("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
@@ -241,8 +257,8 @@ def from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | No
         ("rejoin_timeout_s", float), ("session_timeout_s", float), ("max_poll_interval_s", float),
         ("broker_check_interval_s", float), ("retry_backoff_initial_s", float), ("retry_backoff_max_s", float),
         ("liveness_timeout_s", float), ("http_idle_timeout_s", float), ("http_max_connections", int),
-        ("reload_interval_s", float))}
-    for name in ("metrics_host", "expected_schema_hash", "client_id", "log_level"):
+        ("reload_interval_s", float), ("alert_cooldown_s", float), ("max_alerts_per_s", float))}
+    for name in ("metrics_host", "expected_schema_hash", "client_id", "log_level", "alert_key_field"):
         overrides[name] = get(name)
     return Settings(
         model=Path(get("model")), bootstrap_servers=get("bootstrap_servers"), input_topic=get("input_topic"),

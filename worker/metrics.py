@@ -128,6 +128,14 @@ class WorkerMetrics:
             registry=registry,
         )
 
+        self.alerts_suppressed = Counter(
+            "anomaly_alerts_suppressed", "Alerts not published by flood control (cooldown, rate_limit); "
+            "scoring and commits are unaffected.", ["topic", "reason"], registry=registry,
+        )
+        self.alert_summaries = Counter(
+            "anomaly_alert_summaries_published", "Summary alerts of suppressed alerts, per entity and window.",
+            ["topic"], registry=registry,
+        )
         self.model_reloads = Counter(
             "anomaly_model_reloads", "Promoted model versions swapped in (loaded) or refused, by result.",
             ["result"], registry=registry,
@@ -149,6 +157,9 @@ class WorkerMetrics:
         self.events_scored.labels(topic=topic)
         self.alerts_published.labels(topic=topic)
         self.isolated_records.labels(topic=topic)
+        self.alert_summaries.labels(topic=topic)
+        for reason in ("cooldown", "rate_limit"):
+            self.alerts_suppressed.labels(topic=topic, reason=reason)
         for reason in DEAD_LETTER_REASONS:
             self.dead_letters.labels(topic=topic, reason=reason)
 
@@ -229,6 +240,14 @@ class WorkerMetrics:
         self._threshold_value = float(threshold)
         self.model_info.labels(version=version).set(1)
         self.threshold.set(threshold)
+
+    def record_alerts_suppressed(self, topic: str, reason: str, count: int) -> None:
+        """Count alerts flood control kept from the alert topic."""
+        self.alerts_suppressed.labels(topic=topic, reason=reason).inc(_non_negative(count, "suppressed count"))
+
+    def record_alert_summaries(self, topic: str, count: int) -> None:
+        """Count published suppression summaries."""
+        self.alert_summaries.labels(topic=topic).inc(_non_negative(count, "summary count"))
 
     def record_model_reload(self, result: str) -> None:
         """Count a promoted version that was swapped in ("loaded") or refused ("refused")."""

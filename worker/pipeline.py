@@ -64,8 +64,9 @@ class Pipeline:
     """Scores micro-batches with one model call per batch."""
 
     def __init__(self, bundle: Bundle, max_event_bytes: int = 1_048_576, top_features: int = 3,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, entity_field: str | None = None) -> None:
         self.bundle = bundle
+        self.entity_field = entity_field
         self.scorer = bundle.scorer
         self.threshold = bundle.threshold.value
         self.max_event_bytes = max_event_bytes
@@ -137,7 +138,7 @@ class Pipeline:
                 record = records[positions[valid[i]]]
                 try:
                     alerts.append(build_alert(record, event, float(scores[i]), self.threshold, self.bundle.version,
-                                              contributions, now))
+                                              contributions, now, self.entity_field))
                 except Exception as exc:  # noqa: BLE001 - this record's alert only
                     dead.append((positions[valid[i]], self._dead_letter(
                         record, Invalid(Reason.PROCESSING_ERROR, f"building the alert failed: {describe(exc)}"))))

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from training.bundle import Bundle, is_repository, load_bundle, resolve_model
 from worker.config import Settings
+from worker.flood import FloodControl
 from worker.http import HealthState
 from worker.loop import Sink, Source, Worker
 from worker.metrics import WorkerMetrics
@@ -57,7 +58,8 @@ def build_runtime(settings: Settings, pipeline_class: type[Pipeline] = Pipeline)
     warm up the pipeline; with a repository, a watcher that follows promotions (started by the caller)."""
 
     def make_pipeline(bundle: Bundle) -> Pipeline:
-        pipeline = pipeline_class(bundle, settings.max_event_bytes, settings.top_features)
+        pipeline = pipeline_class(bundle, settings.max_event_bytes, settings.top_features,
+                                  entity_field=settings.alert_key_field)
         pipeline.warm_up()
         return pipeline
 
@@ -92,6 +94,8 @@ def build_worker(runtime: Runtime, connect: Connect = kafka_connect, stop: threa
                     runtime.health, settings.input_topic, stop, backoff_initial_s=settings.retry_backoff_initial_s,
                     backoff_max_s=settings.retry_backoff_max_s,
                     broker_check_interval_s=settings.broker_check_interval_s,
-                    model_updates=runtime.watcher.take if runtime.watcher else None)
+                    model_updates=runtime.watcher.take if runtime.watcher else None,
+                    flood=FloodControl(settings.alert_key_field, settings.alert_cooldown_s, settings.max_alerts_per_s)
+                    if settings.alert_cooldown_s or settings.max_alerts_per_s else None)
     owner.append(worker)
     return worker
