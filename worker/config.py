@@ -110,6 +110,7 @@ class Settings:
     http_idle_timeout_s: float = 30.0
     http_max_connections: int = 32
     reload_interval_s: float = 10.0
+    shadow_model: Path | None = None
     alert_key_field: str | None = None
     alert_cooldown_s: float = 0.0
     max_alerts_per_s: float = 0.0
@@ -193,6 +194,8 @@ def parser() -> argparse.ArgumentParser:
     add("--liveness-timeout-s", type=float, help="/healthz fails when the loop is stuck this long (default 60)")
     add("--http-idle-timeout-s", type=float, help="close idle HTTP keep-alive connections after (default 30)")
     add("--http-max-connections", type=int, help="concurrent HTTP connections served (default 32)")
+    add("--shadow-model", type=Path, help="a candidate bundle that scores every batch too; its alerts are never "
+                                          "published, its alert rate and agreement with the live model are metrics")
     add("--alert-key-field", help="event field naming the entity an alert is about (host, account); added to "
                                   "alerts as 'entity'")
     add("--alert-cooldown-s", type=float, help="publish at most one alert per entity in this window; the rest "
@@ -260,6 +263,8 @@ def from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | No
         ("reload_interval_s", float), ("alert_cooldown_s", float), ("max_alerts_per_s", float))}
     for name in ("metrics_host", "expected_schema_hash", "client_id", "log_level", "alert_key_field"):
         overrides[name] = get(name)
+    if get("shadow_model") is not None:
+        overrides["shadow_model"] = Path(get("shadow_model"))
     return Settings(
         model=Path(get("model")), bootstrap_servers=get("bootstrap_servers"), input_topic=get("input_topic"),
         alert_topic=get("alert_topic"), dead_letter_topic=get("dead_letter_topic"), group_id=get("group_id"),

@@ -4,8 +4,9 @@ Order of side effects for every micro-batch (this order is the at-least-once gua
 
 0. Between two batches: swap in a newly promoted model, if the repository watcher has one ready.
 1. Poll a micro-batch from the source (at most `max_batch` records or `max_wait_ms`).
-2. Process it in memory: decode, validate, score, build alerts and dead letters (no I/O); flood
-   control (if configured) decides which alerts to publish and adds summaries of suppressed ones.
+2. Process it in memory: decode, validate, score, build alerts and dead letters (no I/O); a shadow
+   model (if configured) scores it too, for metrics only; flood control (if configured) decides
+   which alerts to publish and adds summaries of suppressed ones.
 3. Publish those alerts and every dead letter, flush, and check that each one was acknowledged.
 4. Only then commit the batch's next offsets. If step 3 failed, nothing is committed: the source is
    rewound to the batch's first offsets and the batch is read again after a backoff.
@@ -36,6 +37,7 @@ from worker.http import HealthState
 from worker.metrics import WorkerMetrics
 from worker.pipeline import BatchResult, Pipeline
 from worker.records import Alert, DeadLetter, Record
+from worker.shadow import ShadowScorer
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,7 @@ class Worker:
                  input_topic: str, stop: threading.Event | None = None, backoff_max_s: float = 30.0,
                  broker_check_interval_s: float = 2.0, backoff_initial_s: float = 0.5,
                  model_updates: Callable[[], Pipeline | None] | None = None,
-                 flood: FloodControl | None = None) -> None:
+                 flood: FloodControl | None = None, shadow: ShadowScorer | None = None) -> None:
         self.source, self.sink, self.pipeline = source, sink, pipeline
         self.metrics, self.health, self.input_topic = metrics, health, input_topic
         self.stop = stop or threading.Event()
@@ -110,6 +112,7 @@ class Worker:
         self._last_broker_check = time.monotonic()
         self.model_updates = model_updates
         self.flood = flood
+        self.shadow = shadow
 
     def swap_model(self, pipeline: Pipeline) -> None:
         """Score from the next batch on with `pipeline` (a new model version); the drift baseline follows it."""
@@ -159,6 +162,8 @@ class Worker:
             return None
         started = time.perf_counter()
         result = self.pipeline.process(records)                                    # 2
+        if self.shadow is not None:
+            self.shadow.compare(records, result)
         decision = self.flood.decide(result.alerts, time.time()) if self.flood else None
         alerts = result.alerts if decision is None else decision.publish + decision.summaries
         try:

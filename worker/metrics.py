@@ -136,6 +136,30 @@ class WorkerMetrics:
             "anomaly_alert_summaries_published", "Summary alerts of suppressed alerts, per entity and window.",
             ["topic"], registry=registry,
         )
+        self.shadow_model_info = Gauge(
+            "anomaly_shadow_model_info", "1 for the version of the shadow (candidate) model, if one is scoring.",
+            ["version"], registry=registry,
+        )
+        self.shadow_events_scored = Counter(
+            "anomaly_shadow_events_scored", "Events the shadow model scored.", ["topic"], registry=registry,
+        )
+        self.shadow_alerts = Counter(
+            "anomaly_shadow_alerts", "Alerts the shadow model would have raised (never published).",
+            ["topic"], registry=registry,
+        )
+        self.shadow_failures = Counter(
+            "anomaly_shadow_failures", "Batches the shadow model failed to score (the live path went on).",
+            ["topic"], registry=registry,
+        )
+        self.shadow_agreement = Gauge(
+            "anomaly_shadow_agreement_ratio",
+            "Share of recent events on which the live and shadow models agree (both alert or neither).",
+            registry=registry,
+        )
+        self.shadow_score_correlation = Gauge(
+            "anomaly_shadow_score_correlation", "Pearson correlation of live and shadow scores on recent events.",
+            registry=registry,
+        )
         self.model_reloads = Counter(
             "anomaly_model_reloads", "Promoted model versions swapped in (loaded) or refused, by result.",
             ["result"], registry=registry,
@@ -248,6 +272,21 @@ class WorkerMetrics:
     def record_alert_summaries(self, topic: str, count: int) -> None:
         """Count published suppression summaries."""
         self.alert_summaries.labels(topic=topic).inc(_non_negative(count, "summary count"))
+
+    def set_shadow_model(self, version: str) -> None:
+        """Publish the shadow model's version (one series)."""
+        self.shadow_model_info.clear()
+        self.shadow_model_info.labels(version=version).set(1)
+
+    def record_shadow(self, topic: str, scored: int, alerts: int, agreement: float, correlation: float) -> None:
+        """One batch scored by the shadow model, and the running comparison with the live one."""
+        self.shadow_events_scored.labels(topic=topic).inc(_non_negative(scored, "shadow scored"))
+        self.shadow_alerts.labels(topic=topic).inc(_non_negative(alerts, "shadow alerts"))
+        self.shadow_agreement.set(agreement)
+        self.shadow_score_correlation.set(correlation)
+
+    def record_shadow_failure(self, topic: str) -> None:
+        self.shadow_failures.labels(topic=topic).inc()
 
     def record_model_reload(self, result: str) -> None:
         """Count a promoted version that was swapped in ("loaded") or refused ("refused")."""

@@ -40,6 +40,7 @@ class BatchResult:
     scores: np.ndarray
     missing: dict[str, int] = field(default_factory=dict)
     isolated: int = 0  # records found by bisecting a batch whose processing failed as a whole
+    scored_records: list[Record] = field(default_factory=list)  # the record of each score, in order
 
     @property
     def scored(self) -> int:
@@ -52,7 +53,8 @@ class BatchResult:
         return BatchResult(consumed=self.consumed + other.consumed, alerts=self.alerts + other.alerts,
                            dead_letters=self.dead_letters + other.dead_letters,
                            scores=np.concatenate([self.scores, other.scores]), missing=missing,
-                           isolated=self.isolated + other.isolated)
+                           isolated=self.isolated + other.isolated,
+                           scored_records=self.scored_records + other.scored_records)
 
 
 def describe(exc: BaseException) -> str:
@@ -144,7 +146,7 @@ class Pipeline:
                         record, Invalid(Reason.PROCESSING_ERROR, f"building the alert failed: {describe(exc)}"))))
         dead.sort(key=lambda item: item[0])
         return BatchResult(consumed=len(records), alerts=alerts, dead_letters=[d for _, d in dead], scores=scores,
-                           missing=missing)
+                           missing=missing, scored_records=[records[positions[v]] for v in valid])
 
     def _dead_letter(self, record: Record, problem: Invalid) -> DeadLetter:
         log.warning("dead letter %s: %s (%s)", record.where, problem.reason, problem.message)

@@ -21,6 +21,7 @@ from worker.loop import Sink, Source, Worker
 from worker.metrics import WorkerMetrics
 from worker.pipeline import Pipeline
 from worker.reload import ModelWatcher
+from worker.shadow import ShadowScorer
 
 #: Called with the partitions being revoked (inside the consumer's poll).
 OnRevoke = Callable[[set[tuple[str, int]]], None]
@@ -39,6 +40,7 @@ class Runtime:
     metrics: WorkerMetrics
     health: HealthState
     watcher: ModelWatcher | None = None  # set when --model is a repository: follows its current version
+    shadow: ShadowScorer | None = None  # set with --shadow-model
 
 
 def observability(settings: Settings, bundle: Bundle) -> tuple[CollectorRegistry, WorkerMetrics, HealthState]:
@@ -68,8 +70,12 @@ def build_runtime(settings: Settings, pipeline_class: type[Pipeline] = Pipeline)
     registry, metrics, health = observability(settings, bundle)
     watcher = ModelWatcher(settings.model, bundle, make_pipeline, metrics, settings.reload_interval_s,
                            settings.expected_schema_hash) if is_repository(settings.model) else None
+    shadow = None
+    if settings.shadow_model is not None:
+        candidate = load_bundle(resolve_model(settings.shadow_model))
+        shadow = ShadowScorer(make_pipeline(candidate), metrics, settings.input_topic)
     return Runtime(settings=settings, bundle=bundle, pipeline=pipeline, registry=registry, metrics=metrics,
-                   health=health, watcher=watcher)
+                   health=health, watcher=watcher, shadow=shadow)
 
 
 def kafka_connect(settings: Settings, on_revoke: OnRevoke) -> tuple[Source, Sink]:
@@ -96,6 +102,7 @@ def build_worker(runtime: Runtime, connect: Connect = kafka_connect, stop: threa
                     broker_check_interval_s=settings.broker_check_interval_s,
                     model_updates=runtime.watcher.take if runtime.watcher else None,
                     flood=FloodControl(settings.alert_key_field, settings.alert_cooldown_s, settings.max_alerts_per_s)
-                    if settings.alert_cooldown_s or settings.max_alerts_per_s else None)
+                    if settings.alert_cooldown_s or settings.max_alerts_per_s else None,
+                    shadow=runtime.shadow)
     owner.append(worker)
     return worker

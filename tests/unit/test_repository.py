@@ -180,3 +180,49 @@ def test_a_broken_or_misfitting_version_is_refused_and_the_old_model_keeps_scori
     watcher.request()
     watcher.check()
     assert registry.get_sample_value("anomaly_model_reloads_total", {"result": "refused"}) == 2
+
+
+# --- shadow scoring -------------------------------------------------------------------------------------
+
+def test_a_shadow_model_scores_every_batch_but_publishes_nothing(repo: Path, trained_bundle: TrainedBundle) -> None:
+    from worker.shadow import ShadowScorer
+
+    first, second = versions(repo)
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics(registry)
+    live = load_bundle(repo / VERSIONS / first)
+    metrics.set_model(live.version, live.threshold.value)
+    shadow = ShadowScorer(Pipeline(load_bundle(repo / VERSIONS / second)), metrics, "events")
+    rows = trained_bundle.features.head(40).to_dict(orient="records")
+    batch = outliers(0, 5) + [Record("events", 0, 5 + i, None, orjson.dumps(r)) for i, r in enumerate(rows)]
+    batch.append(Record("events", 0, 100, None, b"not json"))
+    source, sink = ListSource([batch]), ListSink()
+    worker = Worker(source, sink, Pipeline(live), metrics, HealthState(), "events", threading.Event(), shadow=shadow)
+    result = worker.run_once()
+    assert result is not None
+    assert {a.document["model_version"] for a in sink.alerts} == {first}  # only the live model publishes
+    assert len(sink.alerts) == len(result.alerts)
+    value = registry.get_sample_value
+    assert value("anomaly_shadow_model_info", {"version": second}) == 1
+    assert value("anomaly_shadow_events_scored_total", {"topic": "events"}) == 45
+    assert value("anomaly_shadow_alerts_total", {"topic": "events"}) >= 5  # the outliers alert in both models
+    assert 0.5 <= value("anomaly_shadow_agreement_ratio", {}) <= 1.0
+    assert value("anomaly_shadow_score_correlation", {}) > 0.5
+
+
+def test_a_failing_shadow_model_never_stops_the_live_path(repo: Path) -> None:
+    from worker.shadow import ShadowScorer
+
+    first = versions(repo)[0]
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics(registry)
+    live = load_bundle(repo / VERSIONS / first)
+    metrics.set_model(live.version, live.threshold.value)
+    candidate = Pipeline(load_bundle(repo / VERSIONS / first))
+    candidate.process = lambda records: (_ for _ in ()).throw(RuntimeError("candidate broke"))  # type: ignore
+    source, sink = ListSource([outliers(0, 3)]), ListSink()
+    worker = Worker(source, sink, Pipeline(live), metrics, HealthState(), "events", threading.Event(),
+                    shadow=ShadowScorer(candidate, metrics, "events"))
+    worker.run_once()
+    assert len(sink.alerts) == 3 and source.committed == {("events", 0): 3}
+    assert registry.get_sample_value("anomaly_shadow_failures_total", {"topic": "events"}) == 1
