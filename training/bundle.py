@@ -6,6 +6,7 @@ Layout of a bundle directory (format 1)::
     features.json          feature schema, order and preprocessing stats (FeatureSchema.to_dict)
     threshold.json         decision threshold and how it was chosen
     score_histogram.json   normal-score distribution at training time (drift reference)
+    field_histograms.json  per-field training distributions (per-field drift reference; optional)
     saved_model/           TensorFlow SavedModel with the `serving_default` scoring signature
     report/                report.html and PNG plots (informational)
 
@@ -37,6 +38,7 @@ MANIFEST = "manifest.json"
 FEATURES = "features.json"
 THRESHOLD = "threshold.json"
 HISTOGRAM = "score_histogram.json"
+FIELD_HISTOGRAMS = "field_histograms.json"
 SAVED_MODEL = "saved_model"
 REPORT = "report"
 #: Files every bundle has; the manifest must list (and so hash) each of them, and every other file it holds.
@@ -77,6 +79,7 @@ class BundleContents:
     data_sha256: str
     write_saved_model: Callable[[Path], object]
     write_report: Callable[[Path], None] | None = None
+    field_histograms: dict[str, Any] | None = None
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     columns: dict[str, Any] = field(default_factory=dict)
@@ -91,6 +94,7 @@ class Bundle:
     schema: FeatureSchema
     threshold: Threshold
     histogram: ScoreHistogram
+    field_histograms: dict[str, ScoreHistogram] = field(default_factory=dict)
     _scorer: Any = None
 
     @property
@@ -152,6 +156,8 @@ def write_bundle(out_dir: Path, contents: BundleContents) -> Manifest:
         _write_json(tmp / FEATURES, contents.schema.to_dict())
         _write_json(tmp / THRESHOLD, contents.threshold.to_dict())
         _write_json(tmp / HISTOGRAM, contents.histogram.to_dict())
+        if contents.field_histograms is not None:
+            _write_json(tmp / FIELD_HISTOGRAMS, contents.field_histograms)
         contents.write_saved_model(tmp / SAVED_MODEL)
         if contents.write_report is not None:
             (tmp / REPORT).mkdir()
@@ -282,9 +288,28 @@ def load_bundle(path: Path, expected_schema_sha256: str | None = None) -> Bundle
     try:
         threshold = Threshold.from_dict(_read_json(path / THRESHOLD))
         histogram = ScoreHistogram.from_dict(_read_json(path / HISTOGRAM))
+        fields = _field_histograms(path, schema) if FIELD_HISTOGRAMS in manifest.files else {}
     except BundleError as exc:
         raise BundleError(f"{path}: {exc}") from exc
-    return Bundle(path=path, manifest=manifest, schema=schema, threshold=threshold, histogram=histogram)
+    return Bundle(path=path, manifest=manifest, schema=schema, threshold=threshold, histogram=histogram,
+                  field_histograms=fields)
+
+
+def _field_histograms(path: Path, schema: FeatureSchema) -> dict[str, ScoreHistogram]:
+    data = _read_json(path / FIELD_HISTOGRAMS)
+    try:
+        entries = {str(item["name"]): item for item in data["fields"]}
+    except (KeyError, TypeError) as exc:
+        raise BundleError(f"{FIELD_HISTOGRAMS} is malformed ({exc!r}); retrain the model") from exc
+    out = {}
+    for name in schema.names:
+        if name not in entries:
+            raise BundleError(f"{FIELD_HISTOGRAMS} lacks field {name!r}; retrain the model")
+        try:
+            out[name] = ScoreHistogram.from_dict(entries[name])
+        except BundleError as exc:
+            raise BundleError(f"{FIELD_HISTOGRAMS}, field {name!r}: {exc}") from exc
+    return out
 
 
 # --- model repository: versions side by side, one of them current -------------------------------

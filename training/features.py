@@ -297,3 +297,41 @@ def fit_schema(columns: Mapping[str, np.ndarray], categorical: Sequence[str]) ->
         else:
             fields.append(fit_numeric(name, np.asarray(values, dtype=np.float64)))
     return FeatureSchema(fields=tuple(fields))
+
+
+# --- per-field training distributions (the worker's per-field drift baseline) ---------------------
+
+#: Quantile bins per numeric field in the training histograms.
+FIELD_BINS = 10
+
+
+def field_histograms(schema: FeatureSchema, columns: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Training distribution of every field: numeric fields in quantile bins of their raw values,
+    categorical fields as counts per vocabulary entry plus unknown (`field_codes` maps live values to
+    the same bins). Missing values are left out: anomaly_missing_values_total counts them."""
+    out = []
+    for f in schema.fields:
+        if isinstance(f, NumericField):
+            values = np.asarray(columns[f.name], dtype=np.float64)
+            values = values[~np.isnan(values)]
+            edges = np.unique(np.quantile(values, np.linspace(0, 1, FIELD_BINS + 1))) if values.size else np.zeros(0)
+            if edges.size < 3:  # (nearly) constant: below, at and above the training value
+                center = float(edges[0]) if edges.size else 0.0
+                step = max(abs(center) * 1e-9, 1e-12)
+                edges = np.array([center - 1.0, center - step, center + step, center + 1.0])
+            counts, _ = np.histogram(np.clip(values, edges[0], edges[-1]), bins=edges)
+        else:
+            codes = field_codes(f, columns[f.name])
+            codes = codes[~np.isnan(codes)].astype(np.intp)
+            counts = np.bincount(codes, minlength=f.width)
+            edges = np.arange(f.width + 1, dtype=np.float64) - 0.5
+        out.append({"name": f.name, "edges": [float(e) for e in edges], "counts": [int(c) for c in counts]})
+    return {"bins": FIELD_BINS, "fields": out}
+
+
+def field_codes(f: CategoricalField, values: np.ndarray) -> np.ndarray:
+    """Category texts -> vocabulary index (unknown = len(vocabulary)), NaN for missing."""
+    index = {v: float(i) for i, v in enumerate(f.vocabulary)}
+    unknown = float(len(f.vocabulary))
+    return np.fromiter((math.nan if v is None else index.get(v, unknown) for v in values), dtype=np.float64,
+                       count=len(values))

@@ -23,7 +23,7 @@ from training.bundle import BundleContents, Destination, Manifest
 from training.data import Labels, file_sha256, infer_kinds, raw_columns, read_frame
 from training.errors import ConfigError, DataError
 from training.evaluate import Evaluation, evaluate
-from training.features import CATEGORICAL, fit_schema
+from training.features import CATEGORICAL, field_histograms, fit_schema
 from training.model import FitConfig, export_saved_model, fit
 from training.scoring import Scorer
 from training.threshold import Threshold, ThresholdConfig, calibrate, score_histogram
@@ -183,6 +183,7 @@ def train_frame(frame: pd.DataFrame, out_dir: Path | Destination, config: TrainC
 
         written, manifest = destination.write(BundleContents(
             schema=schema, threshold=threshold, histogram=score_histogram(reference), data_sha256=data_sha256,
+            field_histograms=field_histograms(schema, {k: v[train_rows] for k, v in columns.items()}),
             write_saved_model=lambda path: shutil.copytree(final, path), write_report=write_report,
             training=training_facts, metrics=evaluation.to_dict() if evaluation else {},
             columns={"ignored": [*config.drop, *label_col], "label": config.labels.column if config.labels else None,

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
-from worker.drift import ScoreDrift
+from worker.drift import FieldDrift, ScoreDrift
 from worker.errors import CommitError, DeliveryError, RebalanceInProgress
 from worker.flood import Decision, FloodControl
 from worker.http import HealthState
@@ -107,6 +107,7 @@ class Worker:
         self._commit_failing = False
         hist = pipeline.bundle.histogram
         self.drift = ScoreDrift(hist.edges, hist.counts)
+        self.field_drift = FieldDrift(pipeline.bundle.schema, pipeline.bundle.field_histograms)
         self._last_lag = 0.0
         self.broker_check_interval_s = broker_check_interval_s
         self._last_broker_check = time.monotonic()
@@ -121,6 +122,7 @@ class Worker:
         self.pipeline = pipeline
         hist = pipeline.bundle.histogram
         self.drift = ScoreDrift(hist.edges, hist.counts)
+        self.field_drift = FieldDrift(pipeline.bundle.schema, pipeline.bundle.field_histograms)
         self.metrics.set_model(pipeline.bundle.version, pipeline.threshold)
         self.metrics.record_model_reload("loaded")
         log.info("model %s replaced %s between two batches (%.3f ms)", pipeline.bundle.version, old,
@@ -264,6 +266,8 @@ class Worker:
             self.metrics.observe_scores(topic, result.scores.tolist())
             self.drift.update(result.scores.tolist())
             self.metrics.set_score_drift_psi(self.drift.psi())
+            self.field_drift.update(result.columns)
+            self.metrics.set_field_drift_psi(self.field_drift.psi())
         self.metrics.record_missing_values(result.missing)
         if published:
             self.metrics.record_alerts_published(topic, len(published))

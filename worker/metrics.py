@@ -107,6 +107,11 @@ class WorkerMetrics:
             "Population stability index of recent scores against the training score histogram.",
             registry=registry,
         )
+        self.field_drift_psi = Gauge(
+            "anomaly_field_drift_psi",
+            "Population stability index of each field's recent values against its training distribution.",
+            ["field"], registry=registry,
+        )
         self.consumer_lag = Gauge(
             "anomaly_consumer_lag_events", "End offset minus committed offset per assigned partition.",
             ["topic", "partition"], registry=registry,
@@ -291,6 +296,12 @@ class WorkerMetrics:
     def record_model_reload(self, result: str) -> None:
         """Count a promoted version that was swapped in ("loaded") or refused ("refused")."""
         self.model_reloads.labels(result=result).inc()
+
+    def set_field_drift_psi(self, psi: Mapping[str, float]) -> None:
+        """Publish the PSI of each followed field (fields without a value yet are skipped)."""
+        for name, value in psi.items():
+            if math.isfinite(value):
+                self.field_drift_psi.labels(field=name).set(value)
 
     def set_score_drift_psi(self, psi: float) -> None:
         """Publish the latest PSI of live scores against training scores."""

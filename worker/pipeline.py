@@ -41,6 +41,7 @@ class BatchResult:
     missing: dict[str, int] = field(default_factory=dict)
     isolated: int = 0  # records found by bisecting a batch whose processing failed as a whole
     scored_records: list[Record] = field(default_factory=list)  # the record of each score, in order
+    columns: dict[str, np.ndarray] = field(default_factory=dict)  # parsed fields of the scored events
 
     @property
     def scored(self) -> int:
@@ -54,7 +55,9 @@ class BatchResult:
                            dead_letters=self.dead_letters + other.dead_letters,
                            scores=np.concatenate([self.scores, other.scores]), missing=missing,
                            isolated=self.isolated + other.isolated,
-                           scored_records=self.scored_records + other.scored_records)
+                           scored_records=self.scored_records + other.scored_records,
+                           columns={name: np.concatenate([self.columns[name], values]) if name in self.columns
+                                    else values for name, values in other.columns.items()} or self.columns)
 
 
 def describe(exc: BaseException) -> str:
@@ -125,9 +128,11 @@ class Pipeline:
         alerts: list[Alert] = []
         scores = np.empty(0)
         missing: dict[str, int] = {}
+        columns: dict[str, np.ndarray] = {}
         if valid:
             # scale -> model -> score: one model call for the whole batch.
-            encoded = schema.encode(parsed.take(np.asarray(valid, dtype=np.intp)))
+            columns = parsed.take(np.asarray(valid, dtype=np.intp))
+            encoded = schema.encode(columns)
             result = self.scorer.score(encoded.matrix)
             scores = result.score
             missing = {k: v for k, v in encoded.missing.items() if v}
@@ -146,7 +151,7 @@ class Pipeline:
                         record, Invalid(Reason.PROCESSING_ERROR, f"building the alert failed: {describe(exc)}"))))
         dead.sort(key=lambda item: item[0])
         return BatchResult(consumed=len(records), alerts=alerts, dead_letters=[d for _, d in dead], scores=scores,
-                           missing=missing, scored_records=[records[positions[v]] for v in valid])
+                           missing=missing, scored_records=[records[positions[v]] for v in valid], columns=columns)
 
     def _dead_letter(self, record: Record, problem: Invalid) -> DeadLetter:
         log.warning("dead letter %s: %s (%s)", record.where, problem.reason, problem.message)

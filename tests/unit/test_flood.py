@@ -111,6 +111,11 @@ class AlertEverything:
         class histogram:  # noqa: N801
             edges, counts = [0.0, 1.0, 2.0], [5, 5]
 
+        class schema:  # noqa: N801
+            fields = ()
+
+        field_histograms: dict = {}
+
     threshold = 1.0
 
     def process(self, records: list[Record]) -> BatchResult:

@@ -102,7 +102,8 @@ class FakePipeline:
 
     def __init__(self, log: list[tuple]) -> None:
         self.log = log
-        self.bundle = SimpleNamespace(version=MODEL, histogram=SimpleNamespace(edges=[0.0, 1.0, 2.0], counts=[5, 5]))
+        self.bundle = SimpleNamespace(version=MODEL, histogram=SimpleNamespace(edges=[0.0, 1.0, 2.0], counts=[5, 5]),
+                                      schema=SimpleNamespace(fields=()), field_histograms={})
         self.stop_after_process: threading.Event | None = None
 
     def process(self, records: Sequence[Record]) -> BatchResult:
