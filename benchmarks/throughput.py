@@ -206,6 +206,9 @@ class CommitTracker:
     def reachable(self) -> bool:
         return bool(self.source.reachable())
 
+    def close(self) -> None:
+        self.source.close()
+
     def reached(self, ends: dict[tuple[str, int], int]) -> bool:
         return all(self.committed.get(k, 0) >= v for k, v in ends.items())
 
@@ -221,24 +224,15 @@ def worker_settings(bootstrap: str, bundle: Path, input_topic: str, tag: str, cl
 
 def run_worker(settings: Any, ends: dict[tuple[str, int], int], pipeline_class: type | None = None,
                deadline_s: float = 900.0) -> dict[str, Any]:
-    """Wire Worker + Source + Sink (of `settings.kafka_client`) + Pipeline as worker/main.py does; run to the end."""
-    from training.bundle import load_bundle
-    from worker.edge import open_sink, open_source
-    from worker.loop import Worker
-    from worker.main import observability
+    """Build the worker exactly as worker/main.py does (worker.wiring); run until all is committed."""
     from worker.pipeline import Pipeline
+    from worker.wiring import build_runtime, build_worker
 
-    bundle = load_bundle(settings.model, settings.expected_schema_hash)
-    pipeline = (pipeline_class or Pipeline)(bundle, settings.max_event_bytes, settings.top_features)
-    pipeline.warm_up()
-    _, metrics, health = observability(settings, bundle)
-    health.broker_ok = True
-    worker_ref: list[Worker] = []
-    sink = open_sink(settings)
-    source = open_source(settings, on_revoke=lambda parts: worker_ref[0].on_revoke(parts) if worker_ref else None)
-    tracked = CommitTracker(source)
-    worker = Worker(tracked, sink, pipeline, metrics, health, settings.input_topic)
-    worker_ref.append(worker)
+    runtime = build_runtime(settings, pipeline_class or Pipeline)
+    runtime.health.broker_ok = True
+    worker = build_worker(runtime, wrap_source=CommitTracker)
+    tracked = worker.source
+    assert isinstance(tracked, CommitTracker)
     alerts = dead = consumed = 0
     stop_at = time.monotonic() + deadline_s
     try:
@@ -251,8 +245,8 @@ def run_worker(settings: Any, ends: dict[tuple[str, int], int], pipeline_class: 
                 alerts += len(result.alerts)
                 dead += len(result.dead_letters)
     finally:
-        source.close()
-        sink.close()
+        worker.source.close()
+        worker.sink.close()
     assert tracked.first_poll is not None and tracked.first_records is not None and tracked.last_commit
     events = sum(ends.values())
     seconds = tracked.last_commit - tracked.first_poll
@@ -264,7 +258,7 @@ def run_worker(settings: Any, ends: dict[tuple[str, int], int], pipeline_class: 
 
 def naive_pipeline_class() -> type:
     """The design the issue rules out: stdlib json per event and one model call per event."""
-    from training.features import Invalid, events_to_columns, validate_event
+    from training.contract import Reason, event_columns
     from worker.alerts import build_alert
     from worker.pipeline import BatchResult, Pipeline
     from worker.records import DeadLetter
@@ -277,14 +271,17 @@ def naive_pipeline_class() -> type:
                 try:
                     event = json.loads(record.value)
                 except (TypeError, ValueError) as exc:
-                    dead.append(DeadLetter(record, "invalid_json", str(exc), self.bundle.version))
+                    dead.append(DeadLetter(record, Reason.INVALID_JSON, str(exc), self.bundle.version))
                     continue
-                problem = (validate_event(event, schema) if isinstance(event, dict)
-                           else Invalid("not_an_object", "expected a JSON object"))
-                if problem is not None:
+                if not isinstance(event, dict):
+                    dead.append(DeadLetter(record, Reason.NOT_AN_OBJECT, "expected a JSON object", self.bundle.version))
+                    continue
+                parsed = event_columns([event], schema.kinds)
+                if parsed.problems:
+                    problem = parsed.problems[0]
                     dead.append(DeadLetter(record, problem.reason, problem.message, self.bundle.version))
                     continue
-                matrix = schema.encode(events_to_columns([event], schema)).matrix
+                matrix = schema.encode(parsed.columns).matrix
                 result = self.scorer.score(matrix)
                 score = float(result.score[0])
                 scores.append(score)
@@ -550,7 +547,7 @@ METHOD = [
     "plainly: poll(max_records=1000), send every record unchanged to another topic, flush, check every "
     "future, commit the batch's next offsets. It produces every record, while (a) produces only alerts.",
     "(c): the same in-process Worker + Source + Sink as (a), with a Pipeline subclass whose process() "
-    "handles one event at a time: `json.loads`, `validate_event`, `events_to_columns` + `schema.encode` of a "
+    "handles one event at a time: `json.loads`, `event_columns` (the data contract) + `schema.encode` of a "
     "1-row batch, `bundle.scorer.score` on that 1-row matrix (one SavedModel call per event), then the same "
     "explanation and alert document for an anomalous event. Kafka batching, publishing and commits are as in (a).",
     "(d): `anomaly-worker` as a subprocess (--max-batch 1000, defaults otherwise) on a fresh 3-partition topic; "

@@ -6,11 +6,13 @@ Layout of a bundle directory (format 1)::
     features.json          feature schema, order and preprocessing stats (FeatureSchema.to_dict)
     threshold.json         decision threshold and how it was chosen
     score_histogram.json   normal-score distribution at training time (drift reference)
+    field_histograms.json  per-field training distributions (per-field drift reference; optional)
     saved_model/           TensorFlow SavedModel with the `serving_default` scoring signature
     report/                report.html and PNG plots (informational)
 
 Every file except the manifest is listed in the manifest with its SHA-256; loading refuses a bundle
-whose files, schema hash or format version do not match.
+with an unlisted, missing or changed file, a schema hash or format version that does not match, or a
+value out of range (threshold, histogram). `write_bundle` replaces only a bundle it wrote itself.
 """
 
 from __future__ import annotations
@@ -36,8 +38,11 @@ MANIFEST = "manifest.json"
 FEATURES = "features.json"
 THRESHOLD = "threshold.json"
 HISTOGRAM = "score_histogram.json"
+FIELD_HISTOGRAMS = "field_histograms.json"
 SAVED_MODEL = "saved_model"
 REPORT = "report"
+#: Files every bundle has; the manifest must list (and so hash) each of them, and every other file it holds.
+REQUIRED_FILES = (FEATURES, THRESHOLD, HISTOGRAM, f"{SAVED_MODEL}/saved_model.pb")
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,7 @@ class BundleContents:
     data_sha256: str
     write_saved_model: Callable[[Path], object]
     write_report: Callable[[Path], None] | None = None
+    field_histograms: dict[str, Any] | None = None
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     columns: dict[str, Any] = field(default_factory=dict)
@@ -88,6 +94,7 @@ class Bundle:
     schema: FeatureSchema
     threshold: Threshold
     histogram: ScoreHistogram
+    field_histograms: dict[str, ScoreHistogram] = field(default_factory=dict)
     _scorer: Any = None
 
     @property
@@ -141,10 +148,7 @@ def write_bundle(out_dir: Path, contents: BundleContents) -> Manifest:
        is removed only after the rename). A failure before step 3 leaves `out_dir` untouched.
     """
     out_dir = out_dir.resolve()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise BundleError(f"{out_dir} is a file; --out must name a directory for the bundle")
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
-        raise BundleError(f"{out_dir} exists and is not a model bundle; choose an empty or new directory")
+    check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -152,6 +156,8 @@ def write_bundle(out_dir: Path, contents: BundleContents) -> Manifest:
         _write_json(tmp / FEATURES, contents.schema.to_dict())
         _write_json(tmp / THRESHOLD, contents.threshold.to_dict())
         _write_json(tmp / HISTOGRAM, contents.histogram.to_dict())
+        if contents.field_histograms is not None:
+            _write_json(tmp / FIELD_HISTOGRAMS, contents.field_histograms)
         contents.write_saved_model(tmp / SAVED_MODEL)
         if contents.write_report is not None:
             (tmp / REPORT).mkdir()
@@ -178,6 +184,29 @@ def write_bundle(out_dir: Path, contents: BundleContents) -> Manifest:
         raise
 
 
+def check_replaceable(out_dir: Path) -> None:
+    """Refuse to write over anything but an empty directory or a bundle this product wrote.
+
+    A bundle we wrote has a readable manifest and holds nothing but the files that manifest lists; a
+    folder with anything else in it (a project, a bundle someone added notes to) is never replaced.
+    """
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise BundleError(f"{out_dir} is a file; --out must name a new directory or an existing model bundle")
+    if not any(out_dir.iterdir()):
+        return
+    try:
+        manifest = load_manifest(out_dir)
+    except BundleError as exc:
+        raise BundleError(f"{out_dir} exists and is not a model bundle ({exc}); choose a new or empty "
+                          f"directory for --out") from None
+    foreign = sorted(set(_file_hashes(out_dir)) - set(manifest.files))
+    if foreign:
+        raise BundleError(f"{out_dir} holds files the bundle did not write ({', '.join(foreign[:3])}); it is not "
+                          f"replaced. Choose another --out, or move those files away")
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
@@ -191,20 +220,40 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def load_manifest(path: Path) -> Manifest:
-    data = _read_json(path / MANIFEST)
+    where = path / MANIFEST
+    data = _read_json(where)
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise BundleError(f"{path}: bundle format {version!r} is not supported by this version "
                           f"(expects {FORMAT_VERSION}); retrain with the matching anomaly-train")
-    try:
-        return Manifest(
-            model_version=str(data["model_version"]), created_at=str(data["created_at"]),
-            data_sha256=str(data["data_sha256"]), schema_sha256=str(data["schema_sha256"]),
-            files={str(k): str(v) for k, v in data["files"].items()}, libraries=dict(data.get("libraries", {})),
-            training=dict(data.get("training", {})), metrics=dict(data.get("metrics", {})),
-            columns=dict(data.get("columns", {})))
-    except (KeyError, AttributeError, TypeError) as exc:
-        raise BundleError(f"{path}/{MANIFEST} lacks {exc}; the bundle is corrupt, retrain the model") from exc
+
+    def text(key: str) -> str:
+        value = data.get(key)
+        if not isinstance(value, str) or not value:
+            raise BundleError(f"{where}: {key!r} must be a non-empty string, got {value!r}; the bundle is corrupt, "
+                              f"retrain the model")
+        return value
+
+    def mapping(key: str) -> dict[str, Any]:
+        value = data.get(key, {})
+        if not isinstance(value, dict):
+            raise BundleError(f"{where}: {key!r} must be an object, got {json_name(value)}; the bundle is corrupt, "
+                              f"retrain the model")
+        return value
+
+    files = mapping("files")
+    if not files or not all(isinstance(v, str) and len(v) == 64 for v in files.values()):
+        raise BundleError(f"{where}: 'files' must map every bundle file to its SHA-256; the bundle is corrupt, "
+                          f"retrain the model")
+    return Manifest(model_version=text("model_version"), created_at=text("created_at"),
+                    data_sha256=text("data_sha256"), schema_sha256=text("schema_sha256"), files=dict(files),
+                    libraries=mapping("libraries"), training=mapping("training"), metrics=mapping("metrics"),
+                    columns=mapping("columns"))
+
+
+def json_name(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
 
 
 def load_bundle(path: Path, expected_schema_sha256: str | None = None) -> Bundle:
@@ -214,6 +263,14 @@ def load_bundle(path: Path, expected_schema_sha256: str | None = None) -> Bundle
         raise BundleError(f"{path}: no model bundle here; train one with anomaly-train --out {path}")
     manifest = load_manifest(path)
     actual = _file_hashes(path)
+    for name in REQUIRED_FILES:
+        if name not in manifest.files:
+            raise BundleError(f"{path / MANIFEST}: does not list {name}; every bundle file must be listed and "
+                              f"hashed. The bundle is corrupt, retrain the model")
+    unlisted = sorted(set(actual) - set(manifest.files))
+    if unlisted:
+        raise BundleError(f"{path}: file {unlisted[0]} is not listed in the manifest ({len(unlisted)} such); a "
+                          f"bundle holds only the files it lists. Remove it, or copy the bundle again")
     for name, digest in manifest.files.items():
         if name not in actual:
             raise BundleError(f"{path}: file {name} listed in the manifest is missing; the bundle is incomplete, "
@@ -228,6 +285,139 @@ def load_bundle(path: Path, expected_schema_sha256: str | None = None) -> Bundle
         raise BundleError(f"{path}: schema hash {manifest.schema_sha256[:12]} differs from the expected "
                           f"{expected_schema_sha256[:12]}: events shaped for the old model would be mis-scored. "
                           f"Deploy a bundle trained on the same schema, or update the expected hash")
-    threshold = Threshold.from_dict(_read_json(path / THRESHOLD))
-    histogram = ScoreHistogram.from_dict(_read_json(path / HISTOGRAM))
-    return Bundle(path=path, manifest=manifest, schema=schema, threshold=threshold, histogram=histogram)
+    try:
+        threshold = Threshold.from_dict(_read_json(path / THRESHOLD))
+        histogram = ScoreHistogram.from_dict(_read_json(path / HISTOGRAM))
+        fields = _field_histograms(path, schema) if FIELD_HISTOGRAMS in manifest.files else {}
+    except BundleError as exc:
+        raise BundleError(f"{path}: {exc}") from exc
+    return Bundle(path=path, manifest=manifest, schema=schema, threshold=threshold, histogram=histogram,
+                  field_histograms=fields)
+
+
+def _field_histograms(path: Path, schema: FeatureSchema) -> dict[str, ScoreHistogram]:
+    data = _read_json(path / FIELD_HISTOGRAMS)
+    try:
+        entries = {str(item["name"]): item for item in data["fields"]}
+    except (KeyError, TypeError) as exc:
+        raise BundleError(f"{FIELD_HISTOGRAMS} is malformed ({exc!r}); retrain the model") from exc
+    out = {}
+    for name in schema.names:
+        if name not in entries:
+            raise BundleError(f"{FIELD_HISTOGRAMS} lacks field {name!r}; retrain the model")
+        try:
+            out[name] = ScoreHistogram.from_dict(entries[name])
+        except BundleError as exc:
+            raise BundleError(f"{FIELD_HISTOGRAMS}, field {name!r}: {exc}") from exc
+    return out
+
+
+# --- model repository: versions side by side, one of them current -------------------------------
+#
+#     REPO/versions/<model_version>/   bundles, each written atomically by write_bundle
+#     REPO/CURRENT                     the current version's name (replaced atomically)
+#     REPO/promotions.jsonl            every promotion, newest last (what a rollback reads)
+
+VERSIONS = "versions"
+CURRENT = "CURRENT"
+PROMOTIONS = "promotions.jsonl"
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where training writes: a bundle directory (replaced atomically) or a new version of a repository."""
+
+    path: Path
+    repository: bool = False
+
+    def check(self) -> None:
+        """Refuse early, before any training, a destination that write() would refuse."""
+        if self.repository:
+            if self.path.exists() and any(self.path.iterdir()) and not is_repository(self.path):
+                raise BundleError(f"{self.path} exists and is not a model repository (no {VERSIONS}/ folder); "
+                                  f"choose a new or empty directory for --repo")
+        else:
+            check_replaceable(self.path.resolve())
+
+    def write(self, contents: BundleContents) -> tuple[Path, Manifest]:
+        if self.repository:
+            return write_to_repository(self.path, contents)
+        return self.path, write_bundle(self.path, contents)
+
+
+def is_repository(path: Path) -> bool:
+    """A repository has a versions/ folder (and, once something is promoted, a CURRENT file)."""
+    return (Path(path) / VERSIONS).is_dir()
+
+
+def write_to_repository(repo: Path, contents: BundleContents) -> tuple[Path, Manifest]:
+    """Write a bundle as a new version of `repo` (created if absent); the version is the bundle's own id."""
+    repo = Path(repo)
+    Destination(repo, repository=True).check()
+    versions = repo / VERSIONS
+    versions.mkdir(parents=True, exist_ok=True)
+    incoming = versions / f".incoming-{uuid.uuid4().hex[:8]}"
+    manifest = write_bundle(incoming, contents)
+    final = versions / manifest.model_version
+    try:
+        os.rename(incoming, final)
+    except OSError:
+        shutil.rmtree(incoming, ignore_errors=True)
+        raise
+    return final, manifest
+
+
+def current_version(repo: Path) -> str | None:
+    """The promoted version's name, or None before the first promotion."""
+    try:
+        text = (Path(repo) / CURRENT).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return text or None
+
+
+def resolve_model(path: Path) -> Path:
+    """A bundle directory as given, or the current version of a repository."""
+    path = Path(path)
+    if not is_repository(path):
+        return path
+    version = current_version(path)
+    if version is None:
+        raise BundleError(f"{path}: the repository has no current version yet; promote one with "
+                          f"anomaly-promote --repo {path} VERSION")
+    return path / VERSIONS / version
+
+
+def promote(repo: Path, version: str, reason: str = "promote") -> Manifest:
+    """Make `version` current, atomically, after verifying that it loads; record it for rollbacks."""
+    repo = Path(repo)
+    if not is_repository(repo):
+        raise BundleError(f"{repo} is not a model repository; train into one with anomaly-train --repo {repo}")
+    if not version or "/" in version or version.startswith("."):
+        raise BundleError(f"{version!r} is not a version name; list them with: ls {repo / VERSIONS}")
+    target = repo / VERSIONS / version
+    if not target.is_dir():
+        known = sorted(p.name for p in (repo / VERSIONS).iterdir() if not p.name.startswith("."))
+        raise BundleError(f"{repo}: no version {version!r}; versions are {', '.join(known[-5:]) or 'none'}")
+    manifest = load_bundle(target).manifest
+    tmp = repo / f".{CURRENT}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(version + "\n")
+    os.replace(tmp, repo / CURRENT)
+    with (repo / PROMOTIONS).open("a") as fh:
+        fh.write(json.dumps({"version": version, "at": datetime.now(UTC).isoformat(), "action": reason}) + "\n")
+    return manifest
+
+
+def rollback(repo: Path) -> Manifest:
+    """Promote the version that was current before the current one."""
+    repo = Path(repo)
+    try:
+        lines = (repo / PROMOTIONS).read_text().splitlines()
+    except FileNotFoundError:
+        lines = []
+    history = [json.loads(line)["version"] for line in lines if line.strip()]
+    current = current_version(repo)
+    previous = next((v for v in reversed(history) if v != current), None)
+    if previous is None:
+        raise BundleError(f"{repo}: no earlier promoted version to roll back to")
+    return promote(repo, previous, reason="rollback")

@@ -4,25 +4,58 @@ from __future__ import annotations
 
 import argparse
 import csv
+import signal
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
 
 import numpy as np
 
-from training.errors import AnomalyError
+from training.errors import AnomalyError, ConfigError
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so every cleanup (temporary folders, partial outputs) runs."""
+
+
+def _terminate(signum: int, _frame: FrameType | None) -> None:
+    raise Terminated(signal.Signals(signum).name)
 
 
 def _run(prog: str, body: Callable[[], int]) -> int:
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return body()
     except AnomalyError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+#: The columns anomaly-score writes after the passthrough ones; an existing --out must end with them.
+SCORE_COLUMNS = ["score", "is_anomaly", "top_feature", "top_feature_share"]
+
+
+def check_score_output(out: Path, data: Path) -> None:
+    """--out may be new or an earlier anomaly-score output, never the input or a file we did not write."""
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory; name a CSV file, e.g. --out {out / 'scores.csv'}")
+    if not out.exists():
+        return
+    if data.exists() and out.samefile(data):
+        raise ConfigError(f"--out {out} is the input file; write the scores to another file")
+    with out.open("r", errors="replace") as fh:
+        header = fh.readline().strip().split(",")
+    if header[-len(SCORE_COLUMNS):] != SCORE_COLUMNS:
+        raise ConfigError(f"--out {out} exists and was not written by anomaly-score; choose another file, or "
+                          f"move it away first")
 
 
 def _hidden(text: str) -> tuple[int, ...]:
@@ -38,7 +71,10 @@ def _hidden(text: str) -> tuple[int, ...]:
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="anomaly-train", description="Train an autoencoder bundle from an event file.")
     p.add_argument("--data", type=Path, required=True, help="CSV (with header), JSON Lines or Parquet file")
-    p.add_argument("--out", type=Path, required=True, help="bundle directory to write (replaced atomically)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", type=Path, help="bundle directory to write (replaced atomically)")
+    where.add_argument("--repo", type=Path, help="model repository: write a new version under REPO/versions/")
+    p.add_argument("--promote", action="store_true", help="with --repo: make the new version current")
     p.add_argument("--label-column", help="column that labels rows; only normal rows are trained on")
     p.add_argument("--normal-value", help="label value of normal rows (required with --label-column)")
     p.add_argument("--drop", nargs="+", default=[], metavar="COL", help="columns to ignore (ids, timestamps)")
@@ -65,14 +101,17 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     args = train_parser().parse_args(argv)
 
     def body() -> int:
+        from training.bundle import Destination, promote
         from training.data import Labels
-        from training.errors import ConfigError
         from training.model import FitConfig
         from training.threshold import ThresholdConfig
         from training.train import TrainConfig, train_file
 
         if (args.label_column is None) != (args.normal_value is None):
             raise ConfigError("--label-column and --normal-value go together")
+        if args.promote and args.repo is None:
+            raise ConfigError("--promote needs --repo (a bundle written with --out is used as it is)")
+        destination = Destination(args.repo, repository=True) if args.repo else Destination(args.out)
         config = TrainConfig(
             fit=FitConfig(hidden=args.hidden, epochs=args.epochs, batch_size=args.batch_size,
                           learning_rate=args.learning_rate, seed=args.seed,
@@ -81,9 +120,12 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                                       manual=args.threshold),
             categorical=tuple(args.categorical), drop=tuple(args.drop), weighting=args.weighting,
             labels=Labels(args.label_column, args.normal_value) if args.label_column else None)
-        result = train_file(args.data, args.out, config, log=lambda line: print(line, flush=True))
+        result = train_file(args.data, destination, config, log=lambda line: print(line, flush=True))
         m = result.manifest
         print(f"\nmodel {m.model_version} written to {result.out_dir} in {result.seconds:.1f} s")
+        if args.promote:
+            promote(args.repo, m.model_version)
+            print(f"  promoted: {args.repo} now serves {m.model_version}")
         print(f"  epochs run {m.training['epochs_run']} (best {m.training['best_epoch']}), "
               f"hidden {m.training['hidden']}, threshold {load_threshold(result.out_dir):.6g}")
         if result.evaluation is not None:
@@ -115,25 +157,26 @@ def score_main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         from training.bundle import load_bundle
-        from training.data import check_columns, encode_frame, iter_frames
+        from training.data import check_columns, check_passthrough, encode_frame, iter_frames
 
+        check_score_output(args.out, args.data)
         bundle = load_bundle(args.model)
         scorer = bundle.scorer
         allowed = [*bundle.passthrough_columns, *args.passthrough]
         started, rows, anomalies = time.perf_counter(), 0, 0
-        tmp = args.out.with_name(args.out.name + ".partial")
+        tmp = args.out.with_name(f".{args.out.name}.partial-{uuid.uuid4().hex[:8]}")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         try:
             with tmp.open("w", newline="") as fh:
                 writer = csv.writer(fh)
-                writer.writerow([*args.passthrough, "score", "is_anomaly", "top_feature", "top_feature_share"])
+                writer.writerow([*args.passthrough, *SCORE_COLUMNS])
                 for first_row, chunk in iter_frames(args.data, args.chunk_rows):
                     check_columns(chunk, bundle.schema, allowed, args.data)
+                    extra = check_passthrough(chunk, args.passthrough, args.data)
                     scores = scorer.score(encode_frame(bundle.schema, chunk, args.data, first_row))
                     flags = scores.score > bundle.threshold.value
                     totals = np.maximum(scores.field_errors.sum(axis=1), 1e-30)
                     shares = scores.field_errors.max(axis=1) / totals
-                    extra = [chunk[c].tolist() for c in args.passthrough]
                     for i, (s, f, top, share) in enumerate(zip(scores.score, flags, scorer.top_fields(scores), shares,
                                                                strict=True)):
                         writer.writerow([*(col[i] for col in extra), f"{s:.9g}", int(f), top, f"{share:.4f}"])
@@ -150,6 +193,48 @@ def score_main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     return _run("anomaly-score", body)
+
+
+EVALUATION_FILES = ("report.html", "scores.png", "roc.png", "pr.png", "confusion.png")
+
+
+def check_report_dir(out: Path) -> None:
+    """The report directory may be new or hold only an earlier evaluation report: we overwrite nothing else."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--report-dir {out} is a file; name a directory")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in EVALUATION_FILES)
+        if foreign:
+            raise ConfigError(f"--report-dir {out} holds files the evaluation did not write ({', '.join(foreign[:3])});"
+                              f" choose a new directory with --report-dir")
+
+
+def promote_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="anomaly-promote",
+                                description="Make a version of a model repository current (workers follow it).")
+    p.add_argument("--repo", type=Path, required=True, help="model repository written by anomaly-train --repo")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("version", nargs="?", help="version to make current (a folder name under REPO/versions/)")
+    which.add_argument("--rollback", action="store_true", help="make the previously current version current again")
+    which.add_argument("--list", action="store_true", help="list the versions, marking the current one")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        from training.bundle import VERSIONS, current_version, is_repository, promote, rollback
+
+        if args.list:
+            if not is_repository(args.repo):
+                raise ConfigError(f"{args.repo} is not a model repository")
+            current = current_version(args.repo)
+            for path in sorted((args.repo / VERSIONS).iterdir()):
+                if not path.name.startswith("."):
+                    print(f"{'*' if path.name == current else ' '} {path.name}")
+            return 0
+        manifest = rollback(args.repo) if args.rollback else promote(args.repo, args.version)
+        print(f"{args.repo}: current version is now {manifest.model_version}")
+        return 0
+
+    return _run("anomaly-promote", body)
 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
@@ -178,6 +263,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         scores = bundle.scorer.score(encode_frame(bundle.schema, frame, args.data)).score
         e = evaluate(scores, ~normal, bundle.threshold.value)
         out = args.report_dir or args.data.parent / f"evaluation-{args.data.stem}"
+        check_report_dir(out)
         out.mkdir(parents=True, exist_ok=True)
         report.score_histogram(out / "scores.png", scores[normal], scores[~normal], bundle.threshold.value)
         report.roc_pr_curves(out / "roc.png", out / "pr.png", scores, ~normal, e.roc_auc, e.pr_auc)

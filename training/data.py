@@ -9,12 +9,25 @@ import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import orjson
 import pandas as pd
 
+from training.contract import (
+    CATEGORICAL,
+    NA_STRINGS,
+    NUMERIC,
+    Invalid,
+    Reason,
+    build_columns,
+    categorical_column,
+    json_type,
+    numeric_share,
+)
 from training.errors import DataError
-from training.features import CATEGORICAL, NUMERIC, FeatureSchema, NumericField, category_text
+from training.features import FeatureSchema
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet",
            ".pq": "parquet"}
@@ -44,17 +57,15 @@ def _read_chunks(path: Path, chunk_rows: int | None) -> Iterator[pd.DataFrame]:
     fmt = file_format(path)
     try:
         if fmt == "csv":
+            # Every cell as text; NA-like text is missing (the contract, not pandas' defaults, decides).
+            opts: dict[str, Any] = {"dtype": str, "skipinitialspace": True, "keep_default_na": False,
+                                    "na_values": sorted(NA_STRINGS)}
             if chunk_rows is None:
-                yield pd.read_csv(path, dtype=str, skipinitialspace=True)
+                yield pd.read_csv(path, **opts)
             else:
-                yield from pd.read_csv(path, dtype=str, skipinitialspace=True, chunksize=chunk_rows)
+                yield from pd.read_csv(path, chunksize=chunk_rows, **opts)
         elif fmt == "jsonl":
-            opts = {"lines": True, "dtype": False, "convert_dates": False, "keep_default_dates": False}
-            if chunk_rows is None:
-                yield pd.read_json(path, **opts)  # type: ignore[call-overload]
-            else:
-                with pd.read_json(path, chunksize=chunk_rows, **opts) as reader:  # type: ignore[call-overload]
-                    yield from reader
+            yield from _read_jsonl(path, chunk_rows)
         else:
             import pyarrow.parquet as pq
 
@@ -67,6 +78,40 @@ def _read_chunks(path: Path, chunk_rows: int | None) -> Iterator[pd.DataFrame]:
         if isinstance(exc, DataError):
             raise
         raise DataError(f"{path}: cannot be read as {fmt}: {str(exc).splitlines()[0]}") from exc
+
+
+def _read_jsonl(path: Path, chunk_rows: int | None) -> Iterator[pd.DataFrame]:
+    """JSON Lines as object columns holding the decoded JSON values, exactly as an event carries them.
+
+    A key absent from a row is a missing value (as in an event); blank lines are skipped.
+    """
+    rows: list[dict[str, Any]] = []
+    with path.open("rb") as fh:
+        for line_number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                raise DataError(f"{path}: line {line_number} is not valid JSON: {exc}") from exc
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: line {line_number} is a JSON {json_type(row)}, expected an object")
+            rows.append(row)
+            if chunk_rows is not None and len(rows) >= chunk_rows:
+                yield _object_frame(rows)
+                rows = []
+    if rows or chunk_rows is None:
+        yield _object_frame(rows)
+
+
+def _object_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    names = list(dict.fromkeys(name for row in rows for name in row))
+    columns = {}
+    for name in names:
+        values = np.empty(len(rows), dtype=object)
+        values[:] = [row.get(name) for row in rows]
+        columns[name] = values
+    return pd.DataFrame(columns, index=pd.RangeIndex(len(rows)))
 
 
 def read_frame(path: Path) -> pd.DataFrame:
@@ -92,77 +137,71 @@ def iter_frames(path: Path, chunk_rows: int) -> Iterator[tuple[int, pd.DataFrame
         raise DataError(f"{path}: file has no data rows")
 
 
-def _is_missing(values: pd.Series) -> np.ndarray:
-    return np.asarray(values.isna(), dtype=bool)
-
-
-def numeric_column(values: pd.Series, column: str, path: Path, first_row: int = 1) -> np.ndarray:
-    """Coerce a column to float64 (NaN = missing); stray text or infinities raise DataError naming the row."""
-    if values.dtype == bool:
-        return values.to_numpy(dtype=np.float64)
-    parsed = pd.to_numeric(values, errors="coerce")
-    numbers = np.asarray(parsed, dtype=np.float64)
-    bad = np.flatnonzero(np.isnan(numbers) & ~_is_missing(values))
-    if bad.size:
-        row = int(bad[0])
-        raise DataError(f"{path}: column {column!r}, row {first_row + row}: {values.iloc[row]!r} is not a number "
-                        f"({bad.size} such rows in this chunk; fix the value, or declare the column "
-                        f"categorical with --categorical {column})")
-    inf = np.flatnonzero(np.isinf(numbers))
-    if inf.size:
-        row = int(inf[0])
-        raise DataError(f"{path}: column {column!r}, row {first_row + row}: infinite value "
-                        f"({inf.size} such rows); numbers must be finite")
-    return numbers
-
-
-def categorical_column(values: pd.Series) -> np.ndarray:
-    """Strings with None for missing; numbers become their text (80 -> '80')."""
-    out = np.empty(len(values), dtype=object)
-    missing = _is_missing(values)
-    out[:] = [None if m else category_text(v) for v, m in zip(values.tolist(), missing, strict=True)]
-    return out
+def raw_values(values: pd.Series) -> np.ndarray:
+    """A frame column as the contract takes it: a typed numeric array, or objects with None for missing."""
+    if not isinstance(values.dtype, pd.api.extensions.ExtensionDtype) and (
+            pd.api.types.is_bool_dtype(values.dtype) or pd.api.types.is_numeric_dtype(values.dtype)):
+        return values.to_numpy()
+    return values.to_numpy(dtype=object, na_value=None)  # type: ignore[call-overload]
 
 
 def infer_kinds(frame: pd.DataFrame, categorical: Sequence[str]) -> dict[str, str]:
-    """Kind of each column: declared categorical, typed numeric, or mostly-numeric text -> numeric."""
-    kinds: dict[str, str] = {}
-    for name in frame.columns:
-        col = frame[name]
-        if name in categorical:
-            kinds[name] = CATEGORICAL
-        elif pd.api.types.is_numeric_dtype(col.dtype) or pd.api.types.is_bool_dtype(col.dtype):
-            kinds[name] = NUMERIC
-        else:
-            present = col.dropna()
-            parsed = pd.to_numeric(present, errors="coerce")
-            share = float(parsed.notna().mean()) if len(present) else 1.0
-            kinds[name] = NUMERIC if share >= NUMERIC_SHARE else CATEGORICAL
-    return kinds
+    """Kind of each column: declared categorical, else numeric when most present values are numbers."""
+    return {str(name): CATEGORICAL if name in categorical or numeric_share(raw_values(frame[name])) < NUMERIC_SHARE
+            else NUMERIC for name in frame.columns}
 
 
 def raw_columns(frame: pd.DataFrame, kinds: dict[str, str], path: Path, first_row: int = 1) -> dict[str, np.ndarray]:
-    """DataFrame -> raw columns for the given kinds, validating numeric values."""
-    return {
-        name: numeric_column(frame[name], name, path, first_row) if kind == NUMERIC else categorical_column(frame[name])
-        for name, kind in kinds.items()
-    }
+    """DataFrame -> parsed columns for the given kinds; a value that breaks the contract is a DataError.
+
+    A kind whose column the frame lacks is missing in every row (a JSON Lines file may omit a key).
+    """
+    raw = {name: raw_values(frame[name]) for name in kinds if name in frame.columns}
+    parsed = build_columns(raw, kinds, len(frame))
+    if parsed.problems:
+        row, problem = next(iter(parsed.problems.items()))
+        raise DataError(_problem_message(path, first_row, row, problem, raw, kinds,
+                                         sum(p.field == problem.field for p in parsed.problems.values())))
+    return parsed.columns
 
 
-def schema_kinds(schema: FeatureSchema) -> dict[str, str]:
-    return {f.name: NUMERIC if isinstance(f, NumericField) else CATEGORICAL for f in schema.fields}
+def _problem_message(path: Path, first_row: int, row: int, problem: Invalid, raw: dict[str, np.ndarray],
+                     kinds: dict[str, str], count: int) -> str:
+    where = f"{path}: column {problem.field!r}, row {first_row + row}"
+    if problem.reason == Reason.NO_FEATURES or problem.field is None:
+        return (f"{path}: row {first_row + row}: none of the {len(kinds)} feature columns has a value "
+                f"({count} such rows in this chunk); fill them in or remove the row")
+    value = raw[problem.field][row] if problem.field in raw else None
+    if problem.reason == Reason.NON_FINITE:
+        return f"{where}: infinite value {value!r} ({count} such rows in this chunk); numbers must be finite"
+    if kinds[problem.field] == NUMERIC:
+        return (f"{where}: {value!r} is not a number ({count} such rows in this chunk; fix the value, or declare "
+                f"the column categorical with --categorical {problem.field})")
+    return f"{where}: a {json_type(value)} cannot be a category ({count} such rows in this chunk); use text"
 
 
 def check_columns(frame: pd.DataFrame, schema: FeatureSchema, allowed_extra: Sequence[str], path: Path) -> None:
-    """At scoring time the file must carry every schema column and nothing unexpected."""
+    """At scoring time the file must carry every schema column and nothing unexpected.
+
+    In JSON Lines an absent key is a missing value, as in an event, so only CSV and Parquet need every column.
+    """
     missing = [n for n in schema.names if n not in frame.columns]
-    if missing:
+    if missing and FORMATS.get(path.suffix.lower()) != "jsonl":
         raise DataError(f"{path}: missing column(s) required by the model: {', '.join(missing)}")
     extra = [c for c in frame.columns if c not in schema.names and c not in allowed_extra]
     if extra:
         raise DataError(f"{path}: unexpected column(s) {', '.join(map(str, extra))}; the model was trained on "
                         f"{len(schema.names)} columns. Pass --passthrough {extra[0]} to copy such a column "
                         f"to the output, or remove it")
+
+
+def check_passthrough(frame: pd.DataFrame, names: Sequence[str], path: Path) -> list[list[Any]]:
+    """The values of the --passthrough columns (JSON Lines: an absent key is an empty cell)."""
+    absent = [n for n in names if n not in frame.columns]
+    if absent and FORMATS.get(path.suffix.lower()) != "jsonl":
+        raise DataError(f"{path}: --passthrough column(s) not found: {', '.join(absent)}; columns are "
+                        f"{', '.join(map(str, frame.columns[:10]))}")
+    return [frame[n].tolist() if n in frame.columns else [None] * len(frame) for n in names]
 
 
 @dataclass(frozen=True)
@@ -176,11 +215,12 @@ class Labels:
         if self.column not in frame.columns:
             raise DataError(f"{path}: label column {self.column!r} not found; columns are "
                             f"{', '.join(map(str, frame.columns[:10]))}")
-        values = frame[self.column]
-        if values.isna().any():
-            row = int(np.flatnonzero(_is_missing(values))[0]) + 1
+        column = categorical_column(raw_values(frame[self.column]), self.column)
+        missing = column.missing()
+        if missing.any():
+            row = int(np.flatnonzero(missing)[0]) + 1
             raise DataError(f"{path}: label column {self.column!r}, row {row}: label is missing")
-        as_text = categorical_column(values)
+        as_text = column.values
         normal = np.asarray([v == self.normal_value for v in as_text], dtype=bool)
         if not normal.any():
             seen = sorted({str(v) for v in as_text})[:5]
@@ -191,4 +231,4 @@ class Labels:
 
 def encode_frame(schema: FeatureSchema, frame: pd.DataFrame, source: Path, first_row: int = 1) -> np.ndarray:
     """Encode a frame already checked to carry the schema's columns (validating numeric values)."""
-    return schema.encode(raw_columns(frame, schema_kinds(schema), source, first_row)).matrix
+    return schema.encode(raw_columns(frame, schema.kinds, source, first_row)).matrix

@@ -1,7 +1,8 @@
 """Feature schema: learned once from training rows, then used unchanged by training, batch scoring and the worker.
 
-Columns arrive as *raw columns*: a mapping from field name to a 1-D array, float64 with NaN for a
-missing numeric value, object (str or None) for a categorical value. `FeatureSchema.encode` turns
+Columns arrive as *parsed columns* (built by `training.contract`, the one type policy for files and
+events): a mapping from field name to a 1-D array, float64 with NaN for a missing numeric value,
+object (str or None) for a categorical value. `FeatureSchema.encode` turns
 raw columns into the model's float32 matrix; `FeatureSchema.decode_numeric` maps a reconstruction
 back to original units for explanations. The rules for heavy tails, constants and missing values
 are documented in docs/preprocessing.md.
@@ -19,10 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from training.contract import CATEGORICAL, NUMERIC
 from training.errors import BundleError, ConfigError
-
-NUMERIC = "numeric"
-CATEGORICAL = "categorical"
 
 #: A numeric column whose sample skewness exceeds this is compressed with signed log1p before scaling.
 SKEW_FOR_LOG = 2.0
@@ -41,8 +40,8 @@ def signed_log1p(x: np.ndarray) -> np.ndarray:
 
 
 def signed_expm1(x: np.ndarray) -> np.ndarray:
-    """Inverse of `signed_log1p`."""
-    return np.sign(x) * np.expm1(np.abs(x))
+    """Inverse of `signed_log1p` (saturating at the largest float64 instead of overflowing)."""
+    return np.sign(x) * np.expm1(np.minimum(np.abs(x), 709.0))
 
 
 @dataclass(frozen=True)
@@ -192,14 +191,9 @@ class FeatureSchema:
         return tuple(out)
 
     @cached_property
-    def _name_groups(self) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
-        """(all, numeric, categorical) field names, computed once for the per-event fast path."""
-        return tuple(self.names), tuple(self.numeric_names), tuple(self.categorical_names)
-
-    @cached_property
-    def _numeric_flags(self) -> tuple[tuple[str, bool], ...]:
-        """(name, is numeric) per field, computed once for the per-event validation loop."""
-        return tuple((f.name, isinstance(f, NumericField)) for f in self.fields)
+    def kinds(self) -> dict[str, str]:
+        """Field name -> NUMERIC or CATEGORICAL, in schema order (what `training.contract` parses by)."""
+        return {f.name: f.kind for f in self.fields}
 
     def fold_matrix(self) -> np.ndarray:
         """A (width x fields) 0/1 matrix summing encoded-column errors into per-field errors."""
@@ -305,106 +299,39 @@ def fit_schema(columns: Mapping[str, np.ndarray], categorical: Sequence[str]) ->
     return FeatureSchema(fields=tuple(fields))
 
 
-# --- events (the worker's input) -------------------------------------------------------------
+# --- per-field training distributions (the worker's per-field drift baseline) ---------------------
 
-#: Reason codes for events that cannot be scored; the worker's dead letters carry one of these.
-NO_FEATURES = "no_features"
-WRONG_TYPE = "wrong_type"
-NON_FINITE = "non_finite"
+#: Quantile bins per numeric field in the training histograms.
+FIELD_BINS = 10
 
 
-@dataclass(frozen=True)
-class Invalid:
-    """Why one event cannot be scored: a reason code and a message that names the field."""
-
-    reason: str
-    message: str
-
-
-def validate_event(event: Mapping[str, Any], schema: FeatureSchema) -> Invalid | None:
-    """Check one decoded event against the schema; None means it can be scored (absent/null = missing)."""
-    if _plainly_valid(event, schema):
-        return None
-    present = 0
-    for name, numeric in schema._numeric_flags:
-        if name not in event:
-            continue
-        present += 1
-        value = event[name]
-        if value is None:
-            continue
-        if isinstance(value, float) and not math.isfinite(value):
-            return Invalid(NON_FINITE, f"field {name!r} is {value}, numbers must be finite")
-        if numeric and (isinstance(value, bool) or not isinstance(value, int | float)):
-            return Invalid(WRONG_TYPE, f"field {name!r} must be a number, got {json_type(value)}")
-        if not numeric and (isinstance(value, bool) or not isinstance(value, str | int | float)):
-            return Invalid(WRONG_TYPE, f"field {name!r} must be a string, got {json_type(value)}")
-    if present == 0:
-        return Invalid(NO_FEATURES, f"none of the model's {len(schema.fields)} fields is present "
-                                    f"(expected e.g. {', '.join(schema.names[:3])})")
-    return None
-
-
-def json_type(value: Any) -> str:
-    """The JSON name of a decoded value's type, for error messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    return {"list": "array", "dict": "object"}.get(type(value).__name__, type(value).__name__)
-
-
-def category_text(value: Any) -> str | None:
-    """A categorical value as vocabulary text: 80, 80.0 and "80" are all "80"; None stays missing."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-_NUMBER_TYPES = frozenset({int, float, type(None)})
-_CATEGORY_TYPES = frozenset({str, int, type(None)})
-
-
-def _plainly_valid(event: Mapping[str, Any], schema: FeatureSchema) -> bool:
-    """Fast path of `validate_event` for the common event (exact JSON types, finite numbers, a field present).
-
-    True only where the field-by-field check would return None; False means "run that check".
-    """
-    names, numeric, categorical = schema._name_groups
-    get = event.get
-    numbers = list(map(get, numeric))
-    if not _NUMBER_TYPES.issuperset(map(type, numbers)):
-        return False
-    if not _CATEGORY_TYPES.issuperset(map(type, map(get, categorical))):
-        return False
-    try:
-        # A non-finite number makes the sum inf/nan (or raises); a finite sum means every number is finite.
-        if not math.isfinite(math.fsum(filter(None, numbers))):  # filter drops None (and zeros)
-            return False
-    except (OverflowError, ValueError):
-        return False
-    return any(map(event.__contains__, names))
-
-
-def events_to_columns(events: Sequence[Mapping[str, Any]], schema: FeatureSchema) -> dict[str, np.ndarray]:
-    """Valid events -> raw columns (absent or null fields become missing values)."""
-    numeric = schema.numeric_names
-    # One float64 conversion for all numeric fields of the batch (None becomes NaN), not one per value.
-    table = np.array([list(map(e.get, numeric)) for e in events], dtype=np.float64)
-    table = table.reshape(len(events), len(numeric)).T.copy()
-    numeric_columns = dict(zip(numeric, table, strict=True))
-    columns: dict[str, np.ndarray] = {}
+def field_histograms(schema: FeatureSchema, columns: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Training distribution of every field: numeric fields in quantile bins of their raw values,
+    categorical fields as counts per vocabulary entry plus unknown (`field_codes` maps live values to
+    the same bins). Missing values are left out: anomaly_missing_values_total counts them."""
+    out = []
     for f in schema.fields:
         if isinstance(f, NumericField):
-            col = numeric_columns[f.name]
+            values = np.asarray(columns[f.name], dtype=np.float64)
+            values = values[~np.isnan(values)]
+            edges = np.unique(np.quantile(values, np.linspace(0, 1, FIELD_BINS + 1))) if values.size else np.zeros(0)
+            if edges.size < 3:  # (nearly) constant: below, at and above the training value
+                center = float(edges[0]) if edges.size else 0.0
+                step = max(abs(center) * 1e-9, 1e-12)
+                edges = np.array([center - 1.0, center - step, center + step, center + 1.0])
+            counts, _ = np.histogram(np.clip(values, edges[0], edges[-1]), bins=edges)
         else:
-            col = np.empty(len(events), dtype=object)
-            col[:] = [category_text(e.get(f.name)) for e in events]
-        columns[f.name] = col
-    return columns
+            codes = field_codes(f, columns[f.name])
+            codes = codes[~np.isnan(codes)].astype(np.intp)
+            counts = np.bincount(codes, minlength=f.width)
+            edges = np.arange(f.width + 1, dtype=np.float64) - 0.5
+        out.append({"name": f.name, "edges": [float(e) for e in edges], "counts": [int(c) for c in counts]})
+    return {"bins": FIELD_BINS, "fields": out}
+
+
+def field_codes(f: CategoricalField, values: np.ndarray) -> np.ndarray:
+    """Category texts -> vocabulary index (unknown = len(vocabulary)), NaN for missing."""
+    index = {v: float(i) for i, v in enumerate(f.vocabulary)}
+    unknown = float(len(f.vocabulary))
+    return np.fromiter((math.nan if v is None else index.get(v, unknown) for v in values), dtype=np.float64,
+                       count=len(values))

@@ -11,10 +11,12 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
 from training.errors import ConfigError  # noqa: E402
+from training.tf_runtime import quiet_native_stderr  # noqa: E402
+
+with quiet_native_stderr():  # TensorFlow's native start-up lines (see training/tf_runtime.py)
+    import keras
+    import tensorflow as tf
 
 #: Name of the SavedModel signature the worker and batch scorer call.
 SIGNATURE = "serving_default"
@@ -77,6 +79,7 @@ def build(width: int, hidden: Sequence[int]) -> keras.Model:
     return keras.Model(inputs, outputs, name="autoencoder")
 
 
+@quiet_native_stderr()  # the first fit prints a native E0000 line that is not an error
 def fit(train: np.ndarray, validation: np.ndarray, config: FitConfig,
         on_epoch: Callable[[int, float, float], None] | None = None) -> FitResult:
     """Fit `config.ensemble` autoencoders (seeds seed, seed+1, ...) on normal rows, early-stopping each on

@@ -17,6 +17,7 @@ import numpy as np
 from training.errors import BundleError
 from training.features import FeatureSchema, NumericField
 from training.model import SIGNATURE, SIGNATURE_INPUT, tf
+from training.tf_runtime import quiet_native_stderr
 
 
 @dataclass(frozen=True)
@@ -68,11 +69,13 @@ class Scorer:
 
     def __init__(self, saved_model_dir: Path, schema: FeatureSchema, max_batch_rows: int = 16_384) -> None:
         try:
-            loaded = tf.saved_model.load(str(saved_model_dir))
+            with quiet_native_stderr():
+                loaded = tf.saved_model.load(str(saved_model_dir))
             self._signature = loaded.signatures[SIGNATURE]
-        except (OSError, KeyError, ValueError) as exc:
-            raise BundleError(f"{saved_model_dir}: cannot load the SavedModel signature {SIGNATURE!r} ({exc}); "
-                              f"retrain the model") from exc
+        except Exception as exc:  # noqa: BLE001 - TensorFlow raises many types for a damaged SavedModel
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BundleError(f"{saved_model_dir}: cannot load the SavedModel signature {SIGNATURE!r} ({first}); "
+                              f"copy the bundle again or retrain the model") from exc
         self._loaded = loaded  # keeps variables alive for the signature
         expected = self._signature.structured_input_signature[1][SIGNATURE_INPUT].shape[1]
         if expected != schema.width:

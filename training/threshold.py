@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -50,11 +51,15 @@ class Threshold:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Threshold:
         try:
-            return cls(value=float(data["value"]), method=str(data["method"]), parameter=float(data["parameter"]),
-                       calibration_rows=int(data["calibration_rows"]),
-                       calibration_fpr=float(data["calibration_fpr"]))
-        except (KeyError, TypeError, ValueError) as exc:
+            threshold = cls(value=float(data["value"]), method=str(data["method"]),
+                            parameter=float(data["parameter"]), calibration_rows=int(data["calibration_rows"]),
+                            calibration_fpr=float(data["calibration_fpr"]))
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise BundleError(f"threshold.json is malformed ({exc!r}); retrain the model") from exc
+        if not (math.isfinite(threshold.value) and threshold.value > 0):
+            raise BundleError(f"threshold.json: the threshold must be a finite positive score, got {threshold.value}; "
+                              f"retrain the model or set one with anomaly-train --threshold")
+        return threshold
 
 
 def calibrate(normal_scores: np.ndarray, config: ThresholdConfig) -> Threshold:
@@ -86,10 +91,15 @@ class ScoreHistogram:
     def from_dict(cls, data: Mapping[str, Any]) -> ScoreHistogram:
         try:
             hist = cls(edges=[float(e) for e in data["edges"]], counts=[int(c) for c in data["counts"]])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise BundleError(f"score_histogram.json is malformed ({exc!r}); retrain the model") from exc
-        if len(hist.edges) != len(hist.counts) + 1:
+        if len(hist.edges) != len(hist.counts) + 1 or not hist.counts:
             raise BundleError("score_histogram.json: edges must have one more entry than counts; retrain the model")
+        edges = np.asarray(hist.edges)
+        if not np.isfinite(edges).all() or np.any(np.diff(edges) <= 0):
+            raise BundleError("score_histogram.json: edges must be finite and strictly increasing; retrain the model")
+        if min(hist.counts) < 0:
+            raise BundleError("score_histogram.json: counts must not be negative; retrain the model")
         return hist
 
 

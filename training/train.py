@@ -19,11 +19,11 @@ import numpy as np
 import pandas as pd
 
 from training import report
-from training.bundle import BundleContents, Manifest, write_bundle
+from training.bundle import BundleContents, Destination, Manifest
 from training.data import Labels, file_sha256, infer_kinds, raw_columns, read_frame
 from training.errors import ConfigError, DataError
 from training.evaluate import Evaluation, evaluate
-from training.features import CATEGORICAL, fit_schema
+from training.features import CATEGORICAL, field_histograms, fit_schema
 from training.model import FitConfig, export_saved_model, fit
 from training.scoring import Scorer
 from training.threshold import Threshold, ThresholdConfig, calibrate, score_histogram
@@ -87,10 +87,12 @@ def feature_weights(errors: np.ndarray, weighting: str) -> np.ndarray:
     return (weights / weights.mean()).astype(np.float32)
 
 
-def train_frame(frame: pd.DataFrame, out_dir: Path, config: TrainConfig, data_sha256: str,
+def train_frame(frame: pd.DataFrame, out_dir: Path | Destination, config: TrainConfig, data_sha256: str,
                 source: Path = Path("<data>"), log: Callable[[str], None] = print) -> TrainResult:
     """Train a bundle from an in-memory frame (the CLI and the benchmarks both come through here)."""
     started = time.perf_counter()
+    destination = out_dir if isinstance(out_dir, Destination) else Destination(out_dir)
+    destination.check()
     unknown = [c for c in (*config.drop, *config.categorical) if c not in frame.columns]
     if unknown:
         raise DataError(f"{source}: column(s) named in --drop/--categorical not found: {', '.join(unknown)}")
@@ -179,17 +181,19 @@ def train_frame(frame: pd.DataFrame, out_dir: Path, config: TrainConfig, data_sh
                 facts.update({f"test {k}": v for k, v in evaluation.to_dict().items()})
             report.write_html(directory / "report.html", "Anomaly model training report", facts, images)
 
-        manifest = write_bundle(out_dir, BundleContents(
+        written, manifest = destination.write(BundleContents(
             schema=schema, threshold=threshold, histogram=score_histogram(reference), data_sha256=data_sha256,
+            field_histograms=field_histograms(schema, {k: v[train_rows] for k, v in columns.items()}),
             write_saved_model=lambda path: shutil.copytree(final, path), write_report=write_report,
             training=training_facts, metrics=evaluation.to_dict() if evaluation else {},
             columns={"ignored": [*config.drop, *label_col], "label": config.labels.column if config.labels else None,
                      "normal_value": config.labels.normal_value if config.labels else None}))
-    return TrainResult(manifest=manifest, evaluation=evaluation, out_dir=out_dir,
+    return TrainResult(manifest=manifest, evaluation=evaluation, out_dir=written,
                        seconds=time.perf_counter() - started)
 
 
-def train_file(data: Path, out_dir: Path, config: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
+def train_file(data: Path, out_dir: Path | Destination, config: TrainConfig,
+               log: Callable[[str], None] = print) -> TrainResult:
     """Train from a CSV/JSONL/Parquet file."""
     frame = read_frame(data)
     return train_frame(frame, out_dir, config, file_sha256(data), source=data, log=log)

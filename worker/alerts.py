@@ -20,28 +20,40 @@ def alert_id(model_version: str, record: Record) -> str:
     return f"{model_version}/{record.topic}/{record.partition}/{record.offset}"
 
 
+#: Event times outside what an ISO timestamp can show (years 1..9999) are treated as absent.
+_MIN_S = datetime(1, 1, 2, tzinfo=UTC).timestamp()
+_MAX_S = datetime(9999, 12, 30, tzinfo=UTC).timestamp()
+
+
 def event_time(event: Mapping[str, Any], record: Record) -> float | None:
-    """Event time in epoch seconds: the event's `timestamp` (ISO-8601, epoch s or ms), else the record's."""
-    value = event.get("timestamp")
+    """Event time in epoch seconds: the event's `timestamp` (ISO-8601, epoch s or ms), else the record's.
+
+    Total: a timestamp that cannot be read or lies outside years 1..9999 is ignored, never an error.
+    """
+    when = _plausible(_event_timestamp(event.get("timestamp")))
+    if when is None and record.timestamp_ms is not None and record.timestamp_ms >= 0:
+        when = _plausible(record.timestamp_ms / 1000.0)
+    return when
+
+
+def _event_timestamp(value: Any) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value) / 1000.0 if value > 1e11 else float(value)
-        if _representable(seconds):
-            return seconds
+        try:
+            seconds = float(value)
+        except OverflowError:
+            return None
+        return seconds / 1000.0 if abs(seconds) > 1e11 else seconds
     if isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            parsed = None
-        if parsed is not None:
             return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
-    if record.timestamp_ms is not None and record.timestamp_ms >= 0:
-        return record.timestamp_ms / 1000.0
+        except (ValueError, OverflowError, OSError):
+            return None
     return None
 
 
-def _representable(seconds: float) -> bool:
-    """A time an ISO-8601 date can show (years 1-9999); a producer's clock or field may be anything."""
-    return math.isfinite(seconds) and -62_135_596_800 <= seconds < 253_402_300_800
+def _plausible(seconds: float | None) -> float | None:
+    return seconds if seconds is not None and math.isfinite(seconds) and _MIN_S <= seconds <= _MAX_S else None
 
 
 def _key_text(key: bytes | None) -> str | None:
@@ -59,12 +71,6 @@ def _key_base64(key: bytes | None) -> str | None:
     return None
 
 
-def _iso(seconds: float | None) -> str | None:
-    if seconds is None or not _representable(seconds):
-        return None
-    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
-
-
 def selected_headers(record: Record, names: Sequence[str]) -> dict[str, str | None]:
     """The input record's headers named in `names` (last value wins), as text, for the alert document."""
     wanted = set(names)
@@ -72,9 +78,16 @@ def selected_headers(record: Record, names: Sequence[str]) -> dict[str, str | No
             for name, value in record.headers if name in wanted}
 
 
+def _iso(seconds: float | None) -> str | None:
+    return None if seconds is None else datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
+
+
 def build_alert(record: Record, event: Mapping[str, Any], score: float, threshold: float, model_version: str,
-                contributions: Sequence[Contribution], detected_at: float, header_names: Sequence[str] = ()) -> Alert:
-    """Assemble one alert; `detected_at` is epoch seconds; `header_names` are input headers to copy in."""
+                contributions: Sequence[Contribution], detected_at: float, entity_field: str | None = None,
+                header_names: Sequence[str] = ()) -> Alert:
+    """Assemble one alert; `detected_at` is epoch seconds; `entity_field` names the event field that says
+    which entity (host, account) the alert is about, for flood control and for the reader; `header_names`
+    are input record headers copied into the document."""
     when = event_time(event, record)
     ident = alert_id(model_version, record)
     event_id = event.get("id", event.get("event_id"))
@@ -92,6 +105,9 @@ def build_alert(record: Record, event: Mapping[str, Any], score: float, threshol
         "score_ratio": float(f"{score / threshold:.6g}") if threshold > 0 else None,
         "top_features": [c.to_dict() for c in contributions],
     }
+    if entity_field is not None:
+        entity = event.get(entity_field)
+        document["entity"] = None if entity is None or isinstance(entity, dict | list) else str(entity)
     if (key_base64 := _key_base64(record.key)) is not None:
         document["event_key_base64"] = key_base64
     if header_names:

@@ -8,6 +8,7 @@ Secrets (SASL password) may also come from a file (`--sasl-password-file`) and n
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 KAFKA_CLIENTS = ("confluent", "kafka-python")
 ISOLATION_LEVELS = ("read_committed", "read_uncommitted")
 COMPRESSION_CODECS = ("none", "gzip", "snappy", "lz4", "zstd")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 class Secret:
@@ -115,8 +117,20 @@ class Settings:
     metrics_port: int = 9108
     shutdown_timeout_s: float = 20.0
     kafka_timeout_s: float = 30.0
+    retry_backoff_initial_s: float = 0.5
     retry_backoff_max_s: float = 30.0
     rejoin_timeout_s: float = 60.0
+    session_timeout_s: float = 15.0
+    max_poll_interval_s: float = 300.0
+    broker_check_interval_s: float = 2.0
+    liveness_timeout_s: float = 60.0
+    http_idle_timeout_s: float = 30.0
+    http_max_connections: int = 32
+    reload_interval_s: float = 10.0
+    shadow_model: Path | None = None
+    alert_key_field: str | None = None
+    alert_cooldown_s: float = 0.0
+    max_alerts_per_s: float = 0.0
     expected_schema_hash: str | None = None
     client_id: str = "anomaly-worker"
     log_level: str = "INFO"
@@ -135,8 +149,26 @@ class Settings:
             raise ConfigError(f"max event size must be at least 64 bytes, got {self.max_event_bytes}")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics port must be in [0, 65535], got {self.metrics_port}")
-        if self.shutdown_timeout_s <= 0 or self.kafka_timeout_s <= 0 or self.rejoin_timeout_s <= 0:
-            raise ConfigError("shutdown, Kafka and rejoin timeouts must be positive")
+        for name in ("shutdown_timeout_s", "kafka_timeout_s", "rejoin_timeout_s", "session_timeout_s",
+                     "max_poll_interval_s", "broker_check_interval_s", "liveness_timeout_s", "http_idle_timeout_s",
+                     "retry_backoff_initial_s", "retry_backoff_max_s", "reload_interval_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive number of seconds, got {value}")
+        if self.retry_backoff_initial_s > self.retry_backoff_max_s:
+            raise ConfigError(f"--retry-backoff-initial-s ({self.retry_backoff_initial_s}) must not exceed "
+                              f"--retry-backoff-max-s ({self.retry_backoff_max_s})")
+        for name in ("alert_cooldown_s", "max_alerts_per_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (0 turns it off), got {value}")
+        if self.alert_cooldown_s and not self.alert_key_field:
+            raise ConfigError("--alert-cooldown-s needs --alert-key-field: the event field that names the entity "
+                              "(host, account) whose alerts it spaces out")
+        if self.http_max_connections < 1:
+            raise ConfigError(f"--http-max-connections must be at least 1, got {self.http_max_connections}")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         topics = {self.input_topic, self.alert_topic, self.dead_letter_topic}
         if len(topics) != 3 or "" in topics:
             raise ConfigError("input, alert and dead-letter topics must be three different, non-empty names")
@@ -178,7 +210,10 @@ def parser() -> argparse.ArgumentParser:
         kw["help"] = f"{kw.get('help', '')} [env {_env_name(flag)}]".strip()
         p.add_argument(flag, **kw)
 
-    add("--model", type=Path, help="model bundle directory (from anomaly-train)")
+    add("--model", type=Path, help="model bundle directory, or a model repository whose current version is "
+                                   "followed (anomaly-train --repo, anomaly-promote)")
+    add("--reload-interval-s", type=float, help="with a repository: check for a promoted version this often; "
+                                                "SIGHUP checks at once (default 10)")
     add("--bootstrap-servers", help="Kafka bootstrap servers, host:port[,host:port]")
     add("--input-topic", help="topic of JSON events to score")
     add("--alert-topic", help="topic for alerts")
@@ -193,6 +228,22 @@ def parser() -> argparse.ArgumentParser:
     add("--shutdown-timeout-s", type=float, help="deadline for finishing a batch on SIGTERM (default 20)")
     add("--kafka-timeout-s", type=float, help="timeout of each blocking Kafka call (default 30)")
     add("--rejoin-timeout-s", type=float, help="replace the consumer if a group rebalance takes longer (default 60)")
+    add("--session-timeout-s", type=float, help="consumer group session timeout (default 15)")
+    add("--max-poll-interval-s", type=float, help="consumer max poll interval (default 300)")
+    add("--broker-check-interval-s", type=float, help="while idle, check the broker this often (default 2)")
+    add("--retry-backoff-initial-s", type=float, help="first wait after a failed delivery or connect (default 0.5)")
+    add("--retry-backoff-max-s", type=float, help="longest wait between retries (default 30)")
+    add("--liveness-timeout-s", type=float, help="/healthz fails when the loop is stuck this long (default 60)")
+    add("--http-idle-timeout-s", type=float, help="close idle HTTP keep-alive connections after (default 30)")
+    add("--http-max-connections", type=int, help="concurrent HTTP connections served (default 32)")
+    add("--shadow-model", type=Path, help="a candidate bundle that scores every batch too; its alerts are never "
+                                          "published, its alert rate and agreement with the live model are metrics")
+    add("--alert-key-field", help="event field naming the entity an alert is about (host, account); added to "
+                                  "alerts as 'entity'")
+    add("--alert-cooldown-s", type=float, help="publish at most one alert per entity in this window; the rest "
+                                               "are counted into a summary alert (default 0 = off)")
+    add("--max-alerts-per-s", type=float, help="global alert budget; alerts beyond it are counted into summaries "
+                                               "(default 0 = off)")
     add("--expected-schema-hash", help="refuse a bundle whose schema hash differs")
     add("--client-id", help="Kafka client id (default anomaly-worker)")
     add("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
@@ -255,14 +306,19 @@ def from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | No
     overrides = {name: typed(name, kind) for name, kind in (
         ("max_batch", int), ("max_wait_ms", int), ("max_event_bytes", int), ("top_features", int),
         ("metrics_port", int), ("shutdown_timeout_s", float), ("kafka_timeout_s", float),
-        ("rejoin_timeout_s", float))}
-    for name in ("metrics_host", "expected_schema_hash", "client_id", "log_level"):
+        ("rejoin_timeout_s", float), ("session_timeout_s", float), ("max_poll_interval_s", float),
+        ("broker_check_interval_s", float), ("retry_backoff_initial_s", float), ("retry_backoff_max_s", float),
+        ("liveness_timeout_s", float), ("http_idle_timeout_s", float), ("http_max_connections", int),
+        ("reload_interval_s", float), ("alert_cooldown_s", float), ("max_alerts_per_s", float))}
+    for name in ("metrics_host", "expected_schema_hash", "client_id", "log_level", "alert_key_field"):
         overrides[name] = get(name)
     for name in ("kafka_client", "isolation_level", "compression"):
         overrides[name] = get(name) and get(name).lower()
     headers = get("alert_headers")
     if headers is not None:
         overrides["alert_headers"] = tuple(h.strip() for h in headers.split(",") if h.strip())
+    if get("shadow_model") is not None:
+        overrides["shadow_model"] = Path(get("shadow_model"))
     return Settings(
         model=Path(get("model")), bootstrap_servers=get("bootstrap_servers"), input_topic=get("input_topic"),
         alert_topic=get("alert_topic"), dead_letter_topic=get("dead_letter_topic"), group_id=get("group_id"),

@@ -1,4 +1,4 @@
-"""Score drift: population stability index of recent live scores against training scores.
+"""Drift: population stability index of recent live scores (and of each field) against training.
 
 PSI = sum_i (live_i - train_i) * ln(live_i / train_i) over the training histogram's bins, with
 proportions floored at `epsilon` so empty bins stay finite. Rule of thumb: < 0.1 stable,
@@ -8,10 +8,13 @@ proportions floored at `epsilon` so empty bins stay finite. Rule of thumb: < 0.1
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
+
+from training.features import CategoricalField, FeatureSchema, field_codes
+from training.threshold import ScoreHistogram
 
 
 class ScoreDrift:
@@ -118,3 +121,32 @@ class ScoreDrift:
     def _bin(self, values: npt.NDArray[np.float64]) -> npt.NDArray[np.intp]:
         # Index = number of inner edges <= value, which clamps out-of-range values to the end bins.
         return np.searchsorted(self._inner_edges, values, side="right").astype(np.intp)
+
+
+class FieldDrift:
+    """PSI per field of recent live values against the bundle's per-field training distributions.
+
+    Numeric fields are binned by their training quantiles, categorical fields by vocabulary entry
+    (unknown categories share one bin); missing values are left out. At most `max_fields` fields are
+    followed (schema order), which bounds the metric's label set.
+    """
+
+    def __init__(self, schema: FeatureSchema, histograms: Mapping[str, ScoreHistogram], window: int = 10_000,
+                 max_fields: int = 200) -> None:
+        self._categorical = {f.name: f for f in schema.fields if isinstance(f, CategoricalField)}
+        self._drifts = {name: ScoreDrift(h.edges, h.counts, window) for name, h in histograms.items()
+                        if sum(h.counts) > 0}
+        self._drifts = dict(list(self._drifts.items())[:max_fields])
+
+    def update(self, columns: Mapping[str, np.ndarray]) -> None:
+        """Add the parsed columns of scored events (float64 with NaN, or category text with None)."""
+        for name, drift in self._drifts.items():
+            values = columns.get(name)
+            if values is None or len(values) == 0:
+                continue
+            category = self._categorical.get(name)
+            drift.update(field_codes(category, values) if category is not None else values)
+
+    def psi(self) -> dict[str, float]:
+        """PSI per followed field (NaN until a value was seen)."""
+        return {name: drift.psi() for name, drift in self._drifts.items()}

@@ -21,3 +21,7 @@ class CommitError(WorkerError):
 
 class RebalanceInProgress(CommitError):
     """The consumer group is rebalancing: the commit waits until the member is stable again."""
+
+
+class ModelFailure(WorkerError):
+    """The model fails on a known-good row: not a record's fault, so the worker stops without committing."""

@@ -2,6 +2,11 @@
 
 Runs the standard library's ThreadingHTTPServer in a daemon thread so a slow scrape never blocks
 the consume loop; the loop only touches `HealthState`, which is thread-safe.
+
+Each connection gets a thread, so connections are bounded: at most `max_connections` are served at
+once (a connection beyond that gets a 503 and is closed at once), and a connection that sends nothing
+for `idle_timeout_s` (an idle keep-alive socket, a stalled client) is closed, ending its thread.
+A client that goes away mid-response is routine for probes and scrapers: it is logged at debug.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import json
 import logging
 import math
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -148,10 +154,69 @@ class MetricsServer:
         self._thread.join(timeout)
 
 
+_BUSY_BODY = b"too many connections, try again later\n"
+#: What a connection beyond `max_connections` gets before it is closed; sent without reading its request.
+_BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: "
+                  + str(len(_BUSY_BODY)).encode() + b"\r\nConnection: close\r\nRetry-After: 1\r\n\r\n" + _BUSY_BODY)
+
+#: Errors that only mean the client went away (or stalled past the idle timeout) before the exchange ended.
+_CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
+
+
 class _Server(ThreadingHTTPServer):
+    """One daemon thread per connection, at most `max_connections` of them; client hang-ups logged at debug."""
+
     daemon_threads = True
     registry: CollectorRegistry
     health: HealthState
+
+    def __init__(self, address: tuple[str, int], max_connections: int, idle_timeout_s: float) -> None:
+        super().__init__(address, _Handler)
+        self.idle_timeout_s = idle_timeout_s
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._max_connections = max_connections
+        self._saturated = False
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve the connection in a new thread if a slot is free; otherwise answer 503 and close it."""
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request, client_address)
+            return
+        self._saturated = False
+        thread = threading.Thread(target=self._serve_connection, args=(request, client_address),
+                                  name=f"http-{self.server_address[1]}-conn", daemon=True)
+        try:
+            thread.start()
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _serve_connection(self, request: Any, client_address: Any) -> None:
+        try:
+            self.process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse(self, request: socket.socket, client_address: Any) -> None:
+        if not self._saturated:
+            log.warning("HTTP: %d connections open (the maximum); refusing new ones until one closes",
+                        self._max_connections)
+            self._saturated = True
+        log.debug("HTTP: refused connection from %s", client_address)
+        try:
+            request.setblocking(False)  # the reply fits in the socket buffer; never wait on this client
+            request.send(_BUSY_RESPONSE)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Log instead of printing a traceback; a client that left early is not an error of ours."""
+        error = sys.exc_info()[1]
+        if isinstance(error, _CLIENT_GONE):
+            log.debug("HTTP: client %s went away: %s", client_address, error)
+        else:
+            log.exception("HTTP: error while serving %s", client_address)
 
 
 class _Server6(_Server):
@@ -161,6 +226,12 @@ class _Server6(_Server):
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        # A read or write that waits longer ends the connection: BaseHTTPRequestHandler closes an idle
+        # keep-alive connection on the timeout, and a stalled write reaches `_Server.handle_error`.
+        self.connection.settimeout(self.server.idle_timeout_s)
 
     def do_GET(self) -> None:  # noqa: N802 - name fixed by BaseHTTPRequestHandler
         path = self.path.split("?", 1)[0]
@@ -199,14 +270,25 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def start_http_server(
-    host: str, port: int, registry: CollectorRegistry, health: HealthState
+    host: str,
+    port: int,
+    registry: CollectorRegistry,
+    health: HealthState,
+    *,
+    max_connections: int = 32,
+    idle_timeout_s: float = 30.0,
 ) -> MetricsServer:
     """Serve `/metrics`, `/healthz` and `/readyz` on `host:port` from a daemon thread.
 
-    `port=0` binds a free port; read it back from the returned server's `port`.
+    `port=0` binds a free port; read it back from the returned server's `port`. At most
+    `max_connections` connections are served at once; one silent for `idle_timeout_s` is closed.
     """
+    if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
+        raise ValueError(f"max_connections must be a positive integer, got {max_connections!r}")
+    if not (math.isfinite(idle_timeout_s) and idle_timeout_s > 0):
+        raise ValueError(f"idle_timeout_s must be a positive number of seconds, got {idle_timeout_s}")
     server_class = _Server6 if ":" in host else _Server
-    httpd = server_class((host, port), _Handler)
+    httpd = server_class((host, port), max_connections, idle_timeout_s)
     httpd.registry = registry
     httpd.health = health
     thread = threading.Thread(

@@ -69,7 +69,8 @@ class ConfluentSource:
             **client_config(settings), "group.id": settings.group_id,
             "enable.auto.commit": False, "enable.auto.offset.store": False, "auto.offset.reset": "earliest",
             "isolation.level": settings.isolation_level, "partition.assignment.strategy": "cooperative-sticky",
-            "session.timeout.ms": 15_000, "max.poll.interval.ms": 300_000,
+            "session.timeout.ms": int(settings.session_timeout_s * 1000),
+            "max.poll.interval.ms": int(settings.max_poll_interval_s * 1000),
             "fetch.max.bytes": 64 * 1024 * 1024,
             "max.partition.fetch.bytes": max(settings.max_event_bytes * 2, 1024 * 1024),
             # A fetch waits at most one batch window for data, so a quiet topic adds no latency beyond it.

@@ -65,8 +65,10 @@ class KafkaSource:
                 group_id=settings.group_id, enable_auto_commit=False, auto_offset_reset="earliest",
                 max_poll_records=settings.max_batch, fetch_max_bytes=64 * 1024 * 1024,
                 max_partition_fetch_bytes=max(settings.max_event_bytes * 2, 1024 * 1024),
-                request_timeout_ms=int(settings.kafka_timeout_s * 1000), session_timeout_ms=15_000,
-                max_poll_interval_ms=300_000, isolation_level=settings.isolation_level, **client_options(settings))
+                request_timeout_ms=int(settings.kafka_timeout_s * 1000),
+                session_timeout_ms=int(settings.session_timeout_s * 1000),
+                max_poll_interval_ms=int(settings.max_poll_interval_s * 1000), isolation_level=settings.isolation_level,
+                **client_options(settings))
         except KafkaError as exc:
             raise BrokerUnavailable(f"no Kafka broker reachable at {settings.bootstrap_servers}") from exc
         # Know the topic's partitions before the first join, so it does not end with an empty assignment.

@@ -2,9 +2,12 @@
 
 Order of side effects for every micro-batch (this order is the at-least-once guarantee):
 
+0. Between two batches: swap in a newly promoted model, if the repository watcher has one ready.
 1. Poll a micro-batch from the source (at most `max_batch` records or `max_wait_ms`).
-2. Process it in memory: decode, validate, score, build alerts and dead letters (no I/O).
-3. Publish every alert and dead letter, flush, and check that each one was acknowledged.
+2. Process it in memory: decode, validate, score, build alerts and dead letters (no I/O); a shadow
+   model (if configured) scores it too, for metrics only; flood control (if configured) decides
+   which alerts to publish and adds summaries of suppressed ones.
+3. Publish those alerts and every dead letter, flush, and check that each one was acknowledged.
 4. Only then commit the batch's next offsets. If step 3 failed, nothing is committed: the source is
    rewound to the batch's first offsets and the batch is read again after a backoff.
    If step 4 fails, the offsets stay pending and are committed with the next batch (or on revoke).
@@ -24,15 +27,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
-from worker.drift import ScoreDrift
+from worker.drift import FieldDrift, ScoreDrift
 from worker.errors import CommitError, DeliveryError, RebalanceInProgress
+from worker.flood import Decision, FloodControl
 from worker.http import HealthState
 from worker.metrics import WorkerMetrics
 from worker.pipeline import BatchResult, Pipeline
 from worker.records import Alert, DeadLetter, Record
+from worker.shadow import ShadowScorer
 
 log = logging.getLogger(__name__)
 
@@ -91,18 +96,37 @@ class Worker:
 
     def __init__(self, source: Source, sink: Sink, pipeline: Pipeline, metrics: WorkerMetrics, health: HealthState,
                  input_topic: str, stop: threading.Event | None = None, backoff_max_s: float = 30.0,
-                 broker_check_interval_s: float = 2.0) -> None:
+                 broker_check_interval_s: float = 2.0, backoff_initial_s: float = 0.5,
+                 model_updates: Callable[[], Pipeline | None] | None = None,
+                 flood: FloodControl | None = None, shadow: ShadowScorer | None = None) -> None:
         self.source, self.sink, self.pipeline = source, sink, pipeline
         self.metrics, self.health, self.input_topic = metrics, health, input_topic
         self.stop = stop or threading.Event()
-        self.backoff = Backoff(self.stop, maximum_s=backoff_max_s)
+        self.backoff = Backoff(self.stop, initial_s=backoff_initial_s, maximum_s=backoff_max_s)
         self.pending: dict[tuple[str, int], int] = {}
         self._commit_failing = False
         hist = pipeline.bundle.histogram
         self.drift = ScoreDrift(hist.edges, hist.counts)
+        self.field_drift = FieldDrift(pipeline.bundle.schema, pipeline.bundle.field_histograms)
         self._last_lag = 0.0
         self.broker_check_interval_s = broker_check_interval_s
         self._last_broker_check = time.monotonic()
+        self.model_updates = model_updates
+        self.flood = flood
+        self.shadow = shadow
+
+    def swap_model(self, pipeline: Pipeline) -> None:
+        """Score from the next batch on with `pipeline` (a new model version); the drift baseline follows it."""
+        started = time.perf_counter()
+        old = self.pipeline.bundle.version
+        self.pipeline = pipeline
+        hist = pipeline.bundle.histogram
+        self.drift = ScoreDrift(hist.edges, hist.counts)
+        self.field_drift = FieldDrift(pipeline.bundle.schema, pipeline.bundle.field_histograms)
+        self.metrics.set_model(pipeline.bundle.version, pipeline.threshold)
+        self.metrics.record_model_reload("loaded")
+        log.info("model %s replaced %s between two batches (%.3f ms)", pipeline.bundle.version, old,
+                 (time.perf_counter() - started) * 1000)
 
     def on_revoke(self, partitions: set[tuple[str, int]]) -> None:
         """Forget delivered-but-uncommitted offsets of partitions being revoked (called from inside poll).
@@ -126,6 +150,8 @@ class Worker:
     def run_once(self) -> BatchResult | None:
         """One micro-batch through steps 1-5; returns the batch result, or None if nothing was polled."""
         self.health.heartbeat()
+        if self.model_updates is not None and (update := self.model_updates()) is not None:
+            self.swap_model(update)                                                # between two batches
         records = self.source.poll_batch()                                         # 1
         self.health.assigned_partitions = len(self.source.assigned())
         if not records:
@@ -133,12 +159,17 @@ class Worker:
                 self._commit_pending()
             else:
                 self._check_broker()
+            self._publish_due_summaries()
             self._update_lag()
             return None
         started = time.perf_counter()
         result = self.pipeline.process(records)                                    # 2
+        if self.shadow is not None:
+            self.shadow.compare(records, result)
+        decision = self.flood.decide(result.alerts, time.time()) if self.flood else None
+        alerts = result.alerts if decision is None else decision.publish + decision.summaries
         try:
-            self.sink.publish(result.alerts, result.dead_letters)                  # 3
+            self.sink.publish(alerts, result.dead_letters)                         # 3
         except DeliveryError as exc:
             log.error("batch of %d records not delivered, will be read again: %s", len(records), exc)
             self.metrics.record_kafka_error("produce")
@@ -147,9 +178,14 @@ class Worker:
             self.source.rewind(first_offsets(records))
             self.backoff.wait()
             return None
+        if decision is not None:
+            self._apply_flood_decision(decision)
         self.pending.update(next_offsets(records))
         self._commit_pending()                                                     # 4
-        self._record(result, time.perf_counter() - started)                        # 5
+        try:
+            self._record(result, alerts, time.perf_counter() - started)            # 5
+        except Exception:  # noqa: BLE001 - metrics never take the worker down after a commit
+            log.exception("updating metrics for a batch failed; the batch itself is delivered and committed")
         return result
 
     def _commit_pending(self) -> None:
@@ -195,21 +231,49 @@ class Worker:
         self.health.broker_ok = ok
         self.metrics.set_ready(self.health.is_ready())
 
-    def _record(self, result: BatchResult, seconds: float) -> None:
+    def _apply_flood_decision(self, decision: Decision) -> None:
+        assert self.flood is not None
+        self.flood.apply(decision)
+        for reason, count in decision.suppressed.items():
+            if count:
+                self.metrics.record_alerts_suppressed(self.input_topic, reason, count)
+        if decision.summaries:
+            self.metrics.record_alert_summaries(self.input_topic, len(decision.summaries))
+
+    def _publish_due_summaries(self) -> None:
+        """While idle, publish the summaries of suppression windows that have ended (retried if it fails)."""
+        if self.flood is None:
+            return
+        decision = self.flood.decide([], time.time())
+        if not decision.summaries:
+            return
+        try:
+            self.sink.publish(decision.summaries, [])
+        except DeliveryError as exc:
+            log.warning("%d suppression summaries not delivered, retried later: %s", len(decision.summaries), exc)
+            self.metrics.record_kafka_error("produce")
+            return
+        self._apply_flood_decision(decision)
+
+    def _record(self, result: BatchResult, published: Sequence[Alert], seconds: float) -> None:
         topic = self.input_topic
         self.metrics.record_consumed(topic, result.consumed)
         for letter in result.dead_letters:
             self.metrics.record_dead_letter(topic, letter.reason)
+        if result.isolated:
+            self.metrics.record_isolated(topic, result.isolated)
         if result.scored:
             self.metrics.observe_scores(topic, result.scores.tolist())
             self.drift.update(result.scores.tolist())
             self.metrics.set_score_drift_psi(self.drift.psi())
+            self.field_drift.update(result.columns)
+            self.metrics.set_field_drift_psi(self.field_drift.psi())
         self.metrics.record_missing_values(result.missing)
-        if result.alerts:
-            self.metrics.record_alerts_published(topic, len(result.alerts))
+        if published:
+            self.metrics.record_alerts_published(topic, len(published))
             now = time.time()
             self.metrics.observe_end_to_end_latency(
-                [now - a.event_time_s for a in result.alerts if a.event_time_s is not None])
+                [now - a.event_time_s for a in published if a.event_time_s is not None])
         self.metrics.observe_batch(result.consumed, seconds)
         self._update_lag()
 

@@ -1,8 +1,9 @@
 """anomaly-worker: wiring (settings, bundle, metrics, HTTP, Kafka), signals and the main loop.
 
-Start-up: load and verify the bundle (a bad bundle stops the process with a one-line error), serve
-/metrics, /healthz and /readyz, connect to Kafka (retrying with backoff while the broker is away),
-then run `worker.loop.Worker` until SIGTERM/SIGINT. On a signal the current batch is finished,
+Start-up (assembled by `worker.wiring`): load and verify the bundle, serve /metrics, /healthz and
+/readyz, connect to Kafka (retrying with backoff while the broker is away), then run
+`worker.loop.Worker` until SIGTERM/SIGINT. A bad flag, bundle or metrics port stops the process with
+a one-line error and exit code 2. On a signal the current batch is finished,
 flushed and committed, the clients are closed, and the process exits 0; if that takes longer than
 `--shutdown-timeout-s` it exits 1 without committing anything more.
 """
@@ -16,14 +17,12 @@ import sys
 import threading
 from collections.abc import Sequence
 from types import FrameType
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry
+from training.errors import AnomalyError, ConfigError
 
-from training.bundle import Bundle
-from training.errors import AnomalyError
-from worker.config import Settings
-from worker.http import HealthState
-from worker.metrics import WorkerMetrics
+if TYPE_CHECKING:  # importing the loop imports TensorFlow, which must wait for the log level (tf_runtime)
+    from worker.loop import Worker
 
 log = logging.getLogger("worker")
 
@@ -35,25 +34,12 @@ def _watchdog(deadline_s: float, done: threading.Event) -> None:
         os._exit(1)
 
 
-def observability(settings: Settings, bundle: Bundle) -> tuple[CollectorRegistry, WorkerMetrics, HealthState]:
-    """A fresh registry with the worker's metrics initialised for this model and topic, and health state."""
-    registry = CollectorRegistry()
-    metrics = WorkerMetrics(registry)
-    metrics.set_model(bundle.version, bundle.threshold.value)
-    metrics.declare_topic(settings.input_topic)
-    metrics.declare_fields(bundle.schema.names)
-    health = HealthState()
-    health.model_loaded = True
-    return registry, metrics, health
-
-
 def run(argv: Sequence[str] | None = None) -> int:
-    from training.bundle import load_bundle
     from worker.config import from_args
     from worker.errors import BrokerUnavailable
     from worker.http import start_http_server
-    from worker.loop import Backoff, Worker
-    from worker.pipeline import Pipeline
+    from worker.loop import Backoff
+    from worker.wiring import build_runtime, build_worker
 
     settings = from_args(argv)
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
@@ -76,40 +62,38 @@ def run(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    bundle = load_bundle(settings.model, settings.expected_schema_hash)
-    pipeline = Pipeline(bundle, settings.max_event_bytes, settings.top_features,
-                        alert_headers=settings.alert_headers)
-    pipeline.warm_up()
-    registry, metrics, health = observability(settings, bundle)
-    server = start_http_server(settings.metrics_host, settings.metrics_port, registry, health)
+    runtime = build_runtime(settings)
+    if runtime.watcher is not None:
+        watcher = runtime.watcher
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: watcher.request())
+        watcher.start()
+        log.info("following the current version of repository %s (every %.0f s, or on SIGHUP)", settings.model,
+                 settings.reload_interval_s)
+    bundle, metrics, health = runtime.bundle, runtime.metrics, runtime.health
+    try:
+        server = start_http_server(settings.metrics_host, settings.metrics_port, runtime.registry, health,
+                                   max_connections=settings.http_max_connections,
+                                   idle_timeout_s=settings.http_idle_timeout_s)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port} "
+                          f"({exc.strerror or exc}); choose another --metrics-port or --metrics-host") from exc
     log.info("model %s loaded from %s (threshold %.6g, %d fields); metrics on %s/metrics",
              bundle.version, settings.model, bundle.threshold.value, len(bundle.schema.fields), server.url)
 
-    from worker.edge import Quarantine, open_sink, open_source
-    from worker.loop import Sink, Source
-
-    source: Source | None = None
-    sink: Sink | None = None
-    quarantine = Quarantine(metrics, health)
-    worker_ref: list[Worker] = []
-    backoff = Backoff(stop, maximum_s=settings.retry_backoff_max_s)
+    worker: Worker | None = None
+    backoff = Backoff(stop, initial_s=settings.retry_backoff_initial_s, maximum_s=settings.retry_backoff_max_s)
     try:
-        while not stop.is_set() and (source is None or sink is None):
+        while not stop.is_set() and worker is None:
             try:
-                sink = sink or open_sink(settings)
-                source = open_source(settings, on_revoke=lambda parts: worker_ref[0].on_revoke(parts)
-                                     if worker_ref else None, quarantine=quarantine)
+                worker = build_worker(runtime, stop=stop)
             except BrokerUnavailable as exc:
                 health.heartbeat()
                 health.broker_ok = False
                 log.warning("%s; retrying in %.1f s", exc, backoff.delay_s)
                 backoff.wait()
-        if source is None or sink is None:
+        if worker is None:
             return 0
         health.broker_ok = True
-        worker = Worker(source, sink, pipeline, metrics, health, settings.input_topic, stop,
-                        settings.retry_backoff_max_s)
-        worker_ref.append(worker)
         log.info("consuming %s as group %s with %s (%s); alerts -> %s, dead letters -> %s (%s)",
                  settings.input_topic, settings.group_id, settings.kafka_client, settings.isolation_level,
                  settings.alert_topic, settings.dead_letter_topic, settings.output_compression)
@@ -118,15 +102,17 @@ def run(argv: Sequence[str] | None = None) -> int:
         return 0
     finally:
         metrics.set_ready(False)
-        if source is not None:
-            source.close()
-        if sink is not None:
-            sink.close()
+        if runtime.watcher is not None:
+            runtime.watcher.stop()
+        if worker is not None:
+            worker.source.close()
+            worker.sink.close()
         server.shutdown()
         done.set()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the worker; every user error (flag, bundle, port) is one line on stderr and exit code 2."""
     try:
         return run(argv)
     except AnomalyError as exc:

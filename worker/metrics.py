@@ -14,17 +14,11 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-DEAD_LETTER_REASONS: tuple[str, ...] = (
-    "invalid_utf8",
-    "invalid_json",
-    "not_an_object",
-    "oversized",
-    "no_features",
-    "wrong_type",
-    "non_finite",
-    "tombstone",
-)
+from training.contract import Reason
+
+DEAD_LETTER_REASONS: tuple[str, ...] = tuple(reason.value for reason in Reason)
 KAFKA_OPERATIONS: tuple[str, ...] = ("poll", "produce", "commit")
+MODEL_RELOAD_RESULTS: tuple[str, ...] = ("loaded", "refused")
 
 BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 BATCH_DURATION_BUCKETS: tuple[float, ...] = (
@@ -75,6 +69,11 @@ class WorkerMetrics:
             "anomaly_dead_letters", "Records sent to the dead-letter topic, by input topic and reason.",
             ["topic", "reason"], registry=registry,
         )
+        self.isolated_records = Counter(
+            "anomaly_isolated_records",
+            "Records isolated by bisecting a batch that failed as a whole (each also a processing_error dead letter).",
+            ["topic"], registry=registry,
+        )
         self.missing_values = Counter(
             "anomaly_missing_values", "Schema fields absent or null in scored events (imputed).",
             ["field"], registry=registry,
@@ -108,6 +107,11 @@ class WorkerMetrics:
             "Population stability index of recent scores against the training score histogram.",
             registry=registry,
         )
+        self.field_drift_psi = Gauge(
+            "anomaly_field_drift_psi",
+            "Population stability index of each field's recent values against its training distribution.",
+            ["field"], registry=registry,
+        )
         self.consumer_lag = Gauge(
             "anomaly_consumer_lag_events", "End offset minus committed offset per assigned partition.",
             ["topic", "partition"], registry=registry,
@@ -138,8 +142,47 @@ class WorkerMetrics:
             registry=registry,
         )
 
+        self.alerts_suppressed = Counter(
+            "anomaly_alerts_suppressed", "Alerts not published by flood control (cooldown, rate_limit); "
+            "scoring and commits are unaffected.", ["topic", "reason"], registry=registry,
+        )
+        self.alert_summaries = Counter(
+            "anomaly_alert_summaries_published", "Summary alerts of suppressed alerts, per entity and window.",
+            ["topic"], registry=registry,
+        )
+        self.shadow_model_info = Gauge(
+            "anomaly_shadow_model_info", "1 for the version of the shadow (candidate) model, if one is scoring.",
+            ["version"], registry=registry,
+        )
+        self.shadow_events_scored = Counter(
+            "anomaly_shadow_events_scored", "Events the shadow model scored.", ["topic"], registry=registry,
+        )
+        self.shadow_alerts = Counter(
+            "anomaly_shadow_alerts", "Alerts the shadow model would have raised (never published).",
+            ["topic"], registry=registry,
+        )
+        self.shadow_failures = Counter(
+            "anomaly_shadow_failures", "Batches the shadow model failed to score (the live path went on).",
+            ["topic"], registry=registry,
+        )
+        self.shadow_agreement = Gauge(
+            "anomaly_shadow_agreement_ratio",
+            "Share of recent events on which the live and shadow models agree (both alert or neither).",
+            registry=registry,
+        )
+        self.shadow_score_correlation = Gauge(
+            "anomaly_shadow_score_correlation", "Pearson correlation of live and shadow scores on recent events.",
+            registry=registry,
+        )
+        self.model_reloads = Counter(
+            "anomaly_model_reloads", "Promoted model versions swapped in (loaded) or refused, by result.",
+            ["result"], registry=registry,
+        )
+
         for operation in KAFKA_OPERATIONS:
             self.kafka_errors.labels(operation=operation)
+        for result in MODEL_RELOAD_RESULTS:
+            self.model_reloads.labels(result=result)
 
     # -- label sets ---------------------------------------------------------------------------
 
@@ -151,6 +194,10 @@ class WorkerMetrics:
         self.events_consumed.labels(topic=topic)
         self.events_scored.labels(topic=topic)
         self.alerts_published.labels(topic=topic)
+        self.isolated_records.labels(topic=topic)
+        self.alert_summaries.labels(topic=topic)
+        for reason in ("cooldown", "rate_limit"):
+            self.alerts_suppressed.labels(topic=topic, reason=reason)
         for reason in DEAD_LETTER_REASONS:
             self.dead_letters.labels(topic=topic, reason=reason)
 
@@ -166,12 +213,16 @@ class WorkerMetrics:
         self.declare_topic(topic)
         self.events_consumed.labels(topic=topic).inc(_non_negative(count, "consumed count"))
 
-    def record_dead_letter(self, topic: str, reason: str, count: int = 1) -> None:
-        """Count records from `topic` sent to the dead-letter topic for `reason`."""
-        if reason not in DEAD_LETTER_REASONS:
-            raise ValueError(f"unknown dead-letter reason {reason!r}; expected one of {DEAD_LETTER_REASONS}")
+    def record_dead_letter(self, topic: str, reason: Reason, count: int = 1) -> None:
+        """Count records from `topic` sent to the dead-letter topic for `reason` (a `Reason`, so the label
+        set stays bounded; this never raises for a reason it has not declared, it runs after a commit)."""
         self.declare_topic(topic)
-        self.dead_letters.labels(topic=topic, reason=reason).inc(_non_negative(count, "dead-letter count"))
+        self.dead_letters.labels(topic=topic, reason=str(reason)).inc(_non_negative(count, "dead-letter count"))
+
+    def record_isolated(self, topic: str, count: int) -> None:
+        """Count records isolated by bisecting a failed batch."""
+        self.declare_topic(topic)
+        self.isolated_records.labels(topic=topic).inc(_non_negative(count, "isolated count"))
 
     def record_missing_values(self, counts: Mapping[str, int]) -> None:
         """Count imputed values per schema field (fields with 0 are skipped)."""
@@ -227,6 +278,39 @@ class WorkerMetrics:
         self._threshold_value = float(threshold)
         self.model_info.labels(version=version).set(1)
         self.threshold.set(threshold)
+
+    def record_alerts_suppressed(self, topic: str, reason: str, count: int) -> None:
+        """Count alerts flood control kept from the alert topic."""
+        self.alerts_suppressed.labels(topic=topic, reason=reason).inc(_non_negative(count, "suppressed count"))
+
+    def record_alert_summaries(self, topic: str, count: int) -> None:
+        """Count published suppression summaries."""
+        self.alert_summaries.labels(topic=topic).inc(_non_negative(count, "summary count"))
+
+    def set_shadow_model(self, version: str) -> None:
+        """Publish the shadow model's version (one series)."""
+        self.shadow_model_info.clear()
+        self.shadow_model_info.labels(version=version).set(1)
+
+    def record_shadow(self, topic: str, scored: int, alerts: int, agreement: float, correlation: float) -> None:
+        """One batch scored by the shadow model, and the running comparison with the live one."""
+        self.shadow_events_scored.labels(topic=topic).inc(_non_negative(scored, "shadow scored"))
+        self.shadow_alerts.labels(topic=topic).inc(_non_negative(alerts, "shadow alerts"))
+        self.shadow_agreement.set(agreement)
+        self.shadow_score_correlation.set(correlation)
+
+    def record_shadow_failure(self, topic: str) -> None:
+        self.shadow_failures.labels(topic=topic).inc()
+
+    def record_model_reload(self, result: str) -> None:
+        """Count a promoted version that was swapped in ("loaded") or refused ("refused")."""
+        self.model_reloads.labels(result=result).inc()
+
+    def set_field_drift_psi(self, psi: Mapping[str, float]) -> None:
+        """Publish the PSI of each followed field (fields without a value yet are skipped)."""
+        for name, value in psi.items():
+            if math.isfinite(value):
+                self.field_drift_psi.labels(field=name).set(value)
 
     def set_score_drift_psi(self, psi: float) -> None:
         """Publish the latest PSI of live scores against training scores."""

@@ -2,6 +2,12 @@
 
 decode -> validate -> features -> scale -> model -> score -> threshold -> alert
 (publishing and committing happen afterwards, in worker/loop.py).
+
+No record can stop the batch: whatever one record holds, it is scored or becomes a dead letter with a
+reason. A failure that belongs to one record (its alert cannot be built) dead-letters that record as
+`processing_error`; a failure of a whole-batch step is isolated by bisecting the batch until the
+record that causes it is found. Only a failure that a known-good row also meets (the model itself is
+broken) stops the worker, with nothing committed.
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ from typing import Any
 import numpy as np
 
 from training.bundle import Bundle
-from training.features import Invalid, events_to_columns, validate_event
+from training.contract import Invalid, Reason, event_columns
 from worker.alerts import build_alert
 from worker.decode import decode
+from worker.errors import ModelFailure
 from worker.records import Alert, DeadLetter, Record
 
 log = logging.getLogger(__name__)
@@ -32,58 +39,123 @@ class BatchResult:
     dead_letters: list[DeadLetter]
     scores: np.ndarray
     missing: dict[str, int] = field(default_factory=dict)
+    isolated: int = 0  # records found by bisecting a batch whose processing failed as a whole
+    scored_records: list[Record] = field(default_factory=list)  # the record of each score, in order
+    columns: dict[str, np.ndarray] = field(default_factory=dict)  # parsed fields of the scored events
 
     @property
     def scored(self) -> int:
         return int(self.scores.size)
+
+    def __add__(self, other: BatchResult) -> BatchResult:
+        missing = dict(self.missing)
+        for name, count in other.missing.items():
+            missing[name] = missing.get(name, 0) + count
+        return BatchResult(consumed=self.consumed + other.consumed, alerts=self.alerts + other.alerts,
+                           dead_letters=self.dead_letters + other.dead_letters,
+                           scores=np.concatenate([self.scores, other.scores]), missing=missing,
+                           isolated=self.isolated + other.isolated,
+                           scored_records=self.scored_records + other.scored_records,
+                           columns={name: np.concatenate([self.columns[name], values]) if name in self.columns
+                                    else values for name, values in other.columns.items()} or self.columns)
+
+
+def describe(exc: BaseException) -> str:
+    """`ExceptionClass: message`, the text a processing_error dead letter carries."""
+    return f"{type(exc).__name__}: {exc}"
 
 
 class Pipeline:
     """Scores micro-batches with one model call per batch."""
 
     def __init__(self, bundle: Bundle, max_event_bytes: int = 1_048_576, top_features: int = 3,
-                 clock: Callable[[], float] = time.time, alert_headers: Sequence[str] = ()) -> None:
+                 clock: Callable[[], float] = time.time, entity_field: str | None = None,
+                 alert_headers: Sequence[str] = ()) -> None:
         self.bundle = bundle
+        self.entity_field = entity_field
+        self.alert_headers = tuple(alert_headers)
         self.scorer = bundle.scorer
         self.threshold = bundle.threshold.value
         self.max_event_bytes = max_event_bytes
         self.top_features = top_features
         self.clock = clock
-        self.alert_headers = tuple(alert_headers)
 
     def warm_up(self) -> None:
         """Trace the model once so the first real batch does not pay for it."""
         self.scorer.score(np.zeros((1, self.bundle.schema.width), dtype=np.float32))
 
     def process(self, records: Sequence[Record]) -> BatchResult:
+        """Score a batch; if that fails as a whole, bisect it so only the offending records are dead letters."""
+        try:
+            return self._process(records)
+        except Exception as exc:  # noqa: BLE001 - isolate whatever one record provokes
+            if len(records) > 1:
+                middle = len(records) // 2
+                log.warning("batch of %d records failed (%s); bisecting to isolate the record",
+                            len(records), describe(exc))
+                return self.process(records[:middle]) + self.process(records[middle:])
+            self._check_model(exc)
+            record = records[0]
+            log.error("dead letter %s: processing_error (%s)", record.where, describe(exc))
+            letter = DeadLetter(record=record, reason=Reason.PROCESSING_ERROR, error=describe(exc),
+                                model_version=self.bundle.version)
+            return BatchResult(consumed=1, alerts=[], dead_letters=[letter], scores=np.empty(0), isolated=1)
+
+    def _check_model(self, cause: Exception) -> None:
+        """A record fails alone: make sure the model still scores a known-good row, else it is not the record."""
+        try:
+            self.warm_up()
+        except Exception as exc:  # noqa: BLE001
+            raise ModelFailure(f"the model fails on a known-good row ({describe(exc)}) after "
+                               f"{describe(cause)}; restart the worker or deploy another bundle") from cause
+
+    def _process(self, records: Sequence[Record]) -> BatchResult:
         schema = self.bundle.schema
-        # decode + validate: each record becomes an event to score or a dead letter.
+        # decode: bytes -> event object, or a dead letter.
+        dead: list[tuple[int, DeadLetter]] = []
         events: list[dict[str, Any]] = []
-        sources: list[Record] = []
-        dead: list[DeadLetter] = []
-        for record in records:
+        positions: list[int] = []
+        for position, record in enumerate(records):
             event = decode(record.value, self.max_event_bytes)
-            problem = event if isinstance(event, Invalid) else validate_event(event, schema)
-            if problem is not None:
-                log.warning("dead letter %s: %s (%s)", record.where, problem.reason, problem.message)
-                dead.append(DeadLetter(record=record, reason=problem.reason, error=problem.message,
-                                       model_version=self.bundle.version))
-                continue
-            assert isinstance(event, dict)
-            events.append(event)
-            sources.append(record)
-        if not events:
-            return BatchResult(consumed=len(records), alerts=[], dead_letters=dead, scores=np.empty(0))
-        # features + scale -> model -> score: one model call for the whole batch.
-        columns = events_to_columns(events, schema)
-        encoded = schema.encode(columns)
-        scores = self.scorer.score(encoded.matrix)
-        # threshold -> alert, explained by the fields with the largest share of the error.
-        now = self.clock()
-        flagged = np.flatnonzero(scores.score > self.threshold).tolist()
-        explained = self.scorer.explain_rows(scores, flagged, [events[i] for i in flagged], self.top_features)
-        alerts = [build_alert(sources[i], events[i], float(scores.score[i]), self.threshold, self.bundle.version,
-                              contributions, now, self.alert_headers)
-                  for i, contributions in zip(flagged, explained, strict=True)]
-        return BatchResult(consumed=len(records), alerts=alerts, dead_letters=dead, scores=scores.score,
-                           missing={k: v for k, v in encoded.missing.items() if v})
+            if isinstance(event, Invalid):
+                dead.append((position, self._dead_letter(record, event)))
+            else:
+                events.append(event)
+                positions.append(position)
+        # validate + features: the data contract parses each field of the whole batch at once.
+        parsed = event_columns(events, schema.kinds)
+        for row, problem in parsed.problems.items():
+            dead.append((positions[row], self._dead_letter(records[positions[row]], problem)))
+        valid = parsed.valid_rows().tolist()
+        alerts: list[Alert] = []
+        scores = np.empty(0)
+        missing: dict[str, int] = {}
+        columns: dict[str, np.ndarray] = {}
+        if valid:
+            # scale -> model -> score: one model call for the whole batch.
+            columns = parsed.take(np.asarray(valid, dtype=np.intp))
+            encoded = schema.encode(columns)
+            result = self.scorer.score(encoded.matrix)
+            scores = result.score
+            missing = {k: v for k, v in encoded.missing.items() if v}
+            # threshold -> alert, explained by the fields with the largest share of the error.
+            now = self.clock()
+            flagged = np.flatnonzero(scores > self.threshold).tolist()
+            flagged_events = [events[valid[i]] for i in flagged]
+            explained = self.scorer.explain_rows(result, flagged, flagged_events, self.top_features)
+            for i, event, contributions in zip(flagged, flagged_events, explained, strict=True):
+                record = records[positions[valid[i]]]
+                try:
+                    alerts.append(build_alert(record, event, float(scores[i]), self.threshold, self.bundle.version,
+                                              contributions, now, self.entity_field, self.alert_headers))
+                except Exception as exc:  # noqa: BLE001 - this record's alert only
+                    dead.append((positions[valid[i]], self._dead_letter(
+                        record, Invalid(Reason.PROCESSING_ERROR, f"building the alert failed: {describe(exc)}"))))
+        dead.sort(key=lambda item: item[0])
+        return BatchResult(consumed=len(records), alerts=alerts, dead_letters=[d for _, d in dead], scores=scores,
+                           missing=missing, scored_records=[records[positions[v]] for v in valid], columns=columns)
+
+    def _dead_letter(self, record: Record, problem: Invalid) -> DeadLetter:
+        log.warning("dead letter %s: %s (%s)", record.where, problem.reason, problem.message)
+        return DeadLetter(record=record, reason=problem.reason, error=problem.message,
+                          model_version=self.bundle.version)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from training.contract import Reason
+
 
 @dataclass(frozen=True)
 class Record:
@@ -40,7 +42,7 @@ class DeadLetter:
     """An event that cannot be scored: original bytes plus why, published to the dead-letter topic."""
 
     record: Record
-    reason: str
+    reason: Reason
     error: str
     model_version: str = ""
     headers: list[tuple[str, bytes]] = field(default_factory=list)

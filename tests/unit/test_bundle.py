@@ -125,6 +125,18 @@ def bundle_copy(trained_bundle: TrainedBundle, tmp_path: Path) -> Path:
     return Path(shutil.copytree(trained_bundle.path, tmp_path / "bundle"))
 
 
+def _placeholder_model(path: Path) -> None:
+    path.mkdir()
+    (path / "saved_model.pb").write_bytes(b"not a real model")
+
+
+def _rehash(bundle: Path) -> None:
+    """Make the manifest's hashes match the files again, as someone hand-editing a bundle would."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"] = {name: hashlib.sha256((bundle / name).read_bytes()).hexdigest() for name in manifest["files"]}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
 def _edit_manifest(bundle: Path, **changes: object) -> None:
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest.update(changes)
@@ -186,10 +198,97 @@ def test_write_refuses_to_replace_a_directory_that_is_not_a_bundle(trained_bundl
 def test_write_then_load_without_a_model(tmp_path: Path, trained_bundle: TrainedBundle) -> None:
     bundle = load_bundle(trained_bundle.path)
     contents = BundleContents(schema=bundle.schema, threshold=bundle.threshold, histogram=bundle.histogram,
-                              data_sha256="ab" * 32, write_saved_model=lambda path: path.mkdir())
+                              data_sha256="ab" * 32, write_saved_model=_placeholder_model)
     manifest = write_bundle(tmp_path / "b", contents)
     again = load_bundle(tmp_path / "b")
     assert again.manifest == manifest
     assert again.schema == bundle.schema and isinstance(again.schema, FeatureSchema)
     assert again.threshold == bundle.threshold and again.histogram == bundle.histogram
     assert not (tmp_path / "b" / "report").exists()
+
+
+# --- issue 7: every bundle file is verified, every value range-checked ---------------------------
+
+def test_load_refuses_a_manifest_with_an_empty_or_partial_file_map(bundle_copy: Path) -> None:
+    features = json.loads((bundle_copy / "features.json").read_text())
+    features["fields"][0]["center"] = 1e6  # an edit that an empty map used to let through
+    (bundle_copy / "features.json").write_text(json.dumps(features))
+    _edit_manifest(bundle_copy, files={})
+    with pytest.raises(BundleError, match="'files' must map every bundle file to its SHA-256"):
+        load_bundle(bundle_copy)
+
+
+def test_load_refuses_a_manifest_that_leaves_a_file_out(bundle_copy: Path) -> None:
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    del manifest["files"]["features.json"]
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="does not list features.json"):
+        load_bundle(bundle_copy)
+
+
+def test_load_refuses_a_file_the_manifest_does_not_list(bundle_copy: Path) -> None:
+    (bundle_copy / "saved_model" / "extra.bin").write_bytes(b"x")
+    with pytest.raises(BundleError, match=r"file saved_model/extra\.bin is not listed in the manifest"):
+        load_bundle(bundle_copy)
+
+
+def test_load_refuses_a_truncated_variables_file(bundle_copy: Path) -> None:
+    variables = next((bundle_copy / "saved_model").rglob("variables.data-*"))
+    variables.write_bytes(variables.read_bytes()[:10])
+    with pytest.raises(BundleError, match="does not match its hash"):
+        load_bundle(bundle_copy)
+    _rehash(bundle_copy)  # even with matching hashes, TensorFlow's failure becomes one line
+    with pytest.raises(BundleError, match="cannot load the SavedModel signature"):
+        load_bundle(bundle_copy).scorer  # noqa: B018
+
+
+@pytest.mark.parametrize("value", [float("nan"), -1.0, 0.0, "high"])
+def test_load_refuses_a_threshold_that_is_not_a_finite_positive_score(bundle_copy: Path, value: object) -> None:
+    threshold = json.loads((bundle_copy / "threshold.json").read_text())
+    threshold["value"] = value
+    (bundle_copy / "threshold.json").write_text(json.dumps(threshold))
+    _rehash(bundle_copy)
+    with pytest.raises(BundleError, match=r"threshold\.json"):
+        load_bundle(bundle_copy)
+
+
+def test_load_refuses_histogram_edges_that_do_not_increase(bundle_copy: Path) -> None:
+    histogram = json.loads((bundle_copy / "score_histogram.json").read_text())
+    histogram["edges"] = list(reversed(histogram["edges"]))
+    (bundle_copy / "score_histogram.json").write_text(json.dumps(histogram))
+    _rehash(bundle_copy)
+    with pytest.raises(BundleError, match="edges must be finite and strictly increasing"):
+        load_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"files": []}, "'files' must be an object"),
+    ({"model_version": 5}, "'model_version' must be a non-empty string"),
+    ({"training": "fast"}, "'training' must be an object"),
+])
+def test_load_refuses_wrong_types_in_the_manifest(bundle_copy: Path, change: dict, message: str) -> None:
+    _edit_manifest(bundle_copy, **change)
+    with pytest.raises(BundleError, match=message):
+        load_bundle(bundle_copy)
+
+
+def test_write_never_replaces_a_folder_that_merely_holds_a_manifest(trained_bundle: TrainedBundle,
+                                                                     tmp_path: Path) -> None:
+    # Issue 7, defect 4: a project folder with index.html, src/ and a manifest.json of its own was destroyed.
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "index.html").write_text("<html>")
+    (project / "src" / "app.js").write_text("x")
+    (project / "manifest.json").write_text('{"name": "my web app"}')
+    bundle = load_bundle(trained_bundle.path)
+    contents = BundleContents(schema=bundle.schema, threshold=bundle.threshold, histogram=bundle.histogram,
+                              data_sha256="0" * 64, write_saved_model=_placeholder_model)
+    with pytest.raises(BundleError, match="is not a model bundle"):
+        write_bundle(project, contents)
+    # A real bundle with a file added by hand is not replaced either.
+    ours = Path(shutil.copytree(trained_bundle.path, tmp_path / "ours"))
+    (ours / "notes.txt").write_text("mine")
+    with pytest.raises(BundleError, match=r"holds files the bundle did not write \(notes\.txt\)"):
+        write_bundle(ours, contents)
+    assert sorted(p.name for p in project.rglob("*")) == ["app.js", "index.html", "manifest.json", "src"]
+    assert (ours / "notes.txt").read_text() == "mine" and leftovers(tmp_path) == []

@@ -160,7 +160,7 @@ def score(trained: TrainedBundle, data: Path, capsys, *extra: str) -> tuple[int,
 def assert_no_output(data: Path) -> None:
     out = data.with_suffix(".scores.csv")
     assert not out.exists()
-    assert not out.with_name(out.name + ".partial").exists()
+    assert not list(out.parent.glob(f".{out.name}.partial*"))
 
 
 def test_score_refuses_missing_column(trained_bundle: TrainedBundle, tmp_path: Path, capsys) -> None:
@@ -285,3 +285,93 @@ def test_evaluate_needs_anomalous_rows(trained_bundle: TrainedBundle, tmp_path: 
                                  "--normal-value", "normal"], capsys)
     assert_user_error(result, "anomaly-evaluate", "normal.csv: every row is normal")
     assert not (tmp_path / "evaluation-normal").exists()
+
+
+# --- issue 7: never destroy what we did not write ---------------------------------------------------
+
+def test_score_refuses_to_write_over_its_input(trained_bundle: TrainedBundle, tmp_path: Path, capsys) -> None:
+    data = Path(shutil.copy(trained_bundle.csv, tmp_path / "events.csv"))
+    before = data.read_bytes()
+    result = run(score_main, ["--model", trained_bundle.path, "--data", data, "--out", tmp_path / "." / "events.csv"],
+                 capsys)
+    assert_user_error(result, "anomaly-score", "is the input file")
+    assert data.read_bytes() == before
+
+
+def test_score_refuses_a_directory_or_a_file_it_did_not_write(trained_bundle: TrainedBundle, tmp_path: Path,
+                                                             capsys) -> None:
+    result = run(score_main, ["--model", trained_bundle.path, "--data", trained_bundle.csv, "--out", tmp_path],
+                 capsys)
+    assert_user_error(result, "anomaly-score", "is a directory")
+    notes = tmp_path / "notes.csv"
+    notes.write_text("name,comment\nalice,keep me\n")
+    result = run(score_main, ["--model", trained_bundle.path, "--data", trained_bundle.csv, "--out", notes], capsys)
+    assert_user_error(result, "anomaly-score", "exists and was not written by anomaly-score")
+    assert notes.read_text() == "name,comment\nalice,keep me\n"
+    # An earlier anomaly-score output is ours to replace.
+    out = tmp_path / "scores.csv"
+    for _ in range(2):
+        code, _, err = run(score_main, ["--model", trained_bundle.path, "--data", trained_bundle.csv, "--out", out],
+                           capsys)
+        assert code == 0, err
+    assert len(pd.read_csv(out)) == len(trained_bundle.frame)
+
+
+def test_score_names_a_missing_passthrough_column(trained_bundle: TrainedBundle, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "new.csv"
+    trained_bundle.frame.to_csv(data, index=False)
+    assert_user_error(score(trained_bundle, data, capsys, "--passthrough", "event_id", "request_id"),
+                      "anomaly-score", "--passthrough column(s) not found: request_id")
+    assert_no_output(data)
+
+
+def test_evaluate_refuses_a_report_dir_holding_other_files(trained_bundle: TrainedBundle, tmp_path: Path,
+                                                          capsys) -> None:
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "index.html").write_text("mine")
+    result = run(evaluate_main, ["--model", trained_bundle.path, "--data", trained_bundle.csv, "--label-column",
+                                 "label", "--normal-value", "normal", "--report-dir", tmp_path / "docs"], capsys)
+    assert_user_error(result, "anomaly-evaluate", "holds files the evaluation did not write (index.html)")
+    assert [p.name for p in (tmp_path / "docs").iterdir()] == ["index.html"]
+
+
+def test_train_refuses_to_replace_a_project_folder(tmp_path: Path, events: pd.DataFrame, capsys) -> None:
+    data = tmp_path / "events.csv"
+    events.to_csv(data, index=False)
+    project = tmp_path / "model"
+    (project / "src").mkdir(parents=True)
+    (project / "manifest.json").write_text('{"name": "web app"}')
+    (project / "index.html").write_text("<html>")
+    assert_user_error(train(tmp_path, data, capsys), "anomaly-train", "is not a model bundle")
+    assert sorted(p.name for p in project.iterdir()) == ["index.html", "manifest.json", "src"]
+
+
+def test_sigterm_during_training_leaves_nothing_behind(tmp_path: Path, events: pd.DataFrame) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.kafka_broker import wait_for
+
+    data = tmp_path / "events.csv"
+    synthetic_events(n=3000, seed=2).to_csv(data, index=False)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    out = tmp_path / "models" / "m"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from training.cli import train_main; sys.exit(train_main(sys.argv[1:]))",
+         "--data", str(data), "--out", str(out), "--label-column", "label", "--normal-value", "normal",
+         "--drop", "event_id", "--epochs", "3", "--hidden", "8,3", "--ensemble", "1"],
+        env={**os.environ, "TMPDIR": str(scratch)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Wait until the run holds its temporary files (the SavedModel export), then stop it there.
+    wait_for(lambda: any(p.name.startswith("anomaly-train-") for p in scratch.iterdir()) or proc.poll() is not None,
+             timeout=240, what="training to reach its export step", interval=0.01)
+    assert proc.poll() is None, "training finished before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err.decode()
+    assert b"Traceback" not in err
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith("anomaly-train-")]
+    assert not out.exists()
+    assert not out.parent.exists() or not [p.name for p in out.parent.iterdir() if ".tmp-" in p.name]

@@ -14,7 +14,6 @@ from training.data import (
     file_format,
     infer_kinds,
     iter_frames,
-    numeric_column,
     raw_columns,
     read_frame,
 )
@@ -58,23 +57,25 @@ def test_parquet_without_rows_is_refused(tmp_path: Path) -> None:
         read_frame(path)
 
 
-def test_unparseable_file_names_file_and_format(tmp_path: Path) -> None:
+def test_unparseable_file_names_file_and_line(tmp_path: Path) -> None:
     path = _write(tmp_path / "bad.jsonl", '{"a": 1}\n{"a": \n')
-    with pytest.raises(DataError, match=r"bad\.jsonl: cannot be read as jsonl"):
+    with pytest.raises(DataError, match=r"bad\.jsonl: line 2 is not valid JSON"):
         read_frame(path)
+    with pytest.raises(DataError, match=r"a\.jsonl: line 1 is a JSON array, expected an object"):
+        read_frame(_write(tmp_path / "a.jsonl", "[1]\n"))
 
 
 def test_empty_csv_cells_and_jsonl_nulls_are_missing_values(tmp_path: Path) -> None:
-    csv = _write(tmp_path / "a.csv", "x,kind\n1.5,GET\n,\n3,POST\n")
-    jsonl = _write(tmp_path / "a.jsonl", '{"x": 1.5, "kind": "GET"}\n{"x": null, "kind": null}\n'
-                                         '{"x": 3, "kind": "POST"}\n')
+    csv = _write(tmp_path / "a.csv", "x,kind\n1.5,GET\n,PUT\n3,\n")
+    jsonl = _write(tmp_path / "a.jsonl", '{"x": 1.5, "kind": "GET"}\n{"x": null, "kind": "PUT"}\n'
+                                         '{"x": 3}\n')
     for path in (csv, jsonl):
         frame = read_frame(path)
         kinds = infer_kinds(frame, categorical=[])
         assert kinds == {"x": NUMERIC, "kind": CATEGORICAL}
         columns = raw_columns(frame, kinds, path)
         np.testing.assert_array_equal(columns["x"], [1.5, np.nan, 3.0])
-        assert list(columns["kind"]) == ["GET", None, "POST"]
+        assert list(columns["kind"]) == ["GET", "PUT", None]
 
 
 def test_mostly_numeric_text_column_stays_numeric_and_stray_text_names_the_row(tmp_path: Path) -> None:
@@ -88,12 +89,49 @@ def test_mostly_numeric_text_column_stays_numeric_and_stray_text_names_the_row(t
 def test_declared_categorical_wins_and_numbers_become_their_text() -> None:
     frame = pd.DataFrame({"port": [80.0, 443.0, np.nan], "code": [1, 2, 3]})
     assert infer_kinds(frame, categorical=["port"]) == {"port": CATEGORICAL, "code": NUMERIC}
-    assert list(raw_columns(frame, {"port": CATEGORICAL}, Path("x"))["port"]) == ["80", "443", None]
+    kinds = {"port": CATEGORICAL, "code": NUMERIC}
+    assert list(raw_columns(frame, kinds, Path("x"))["port"]) == ["80", "443", None]
 
 
 def test_infinite_value_names_the_row() -> None:
     with pytest.raises(DataError, match=r"column 'x', row 12: infinite value"):
-        numeric_column(pd.Series(["1", "-inf"]), "x", Path("f.csv"), first_row=11)
+        raw_columns(pd.DataFrame({"x": ["1", "-inf"]}), {"x": NUMERIC}, Path("f.csv"), first_row=11)
+
+
+def test_na_like_text_is_missing_in_numeric_and_categorical_columns(tmp_path: Path) -> None:
+    # Issue 7: the worker and the file reader must agree; the contract says NA-like text is missing everywhere.
+    path = _write(tmp_path / "a.csv", "x,kind\nNA,GET\n n/a ,PUT\n2,None\n3,null \n4,NaN\n")
+    frame = read_frame(path)
+    kinds = infer_kinds(frame, categorical=[])
+    assert kinds == {"x": NUMERIC, "kind": CATEGORICAL}
+    columns = raw_columns(frame, kinds, path)
+    np.testing.assert_array_equal(columns["x"], [np.nan, np.nan, 2.0, 3.0, 4.0])
+    assert list(columns["kind"]) == ["GET", "PUT", None, None, None]
+
+
+def test_boolean_columns_mean_one_and_zero_in_every_format(tmp_path: Path) -> None:
+    csv = _write(tmp_path / "a.csv", "flag,n\ntrue,1\nFalse,2\n,3\n")
+    jsonl = _write(tmp_path / "a.jsonl", '{"flag": true, "n": 1}\n{"flag": false, "n": 2}\n{"flag": null, "n": 3}\n')
+    parquet = tmp_path / "a.parquet"
+    pd.DataFrame({"flag": pd.array([True, False, None], dtype="boolean"), "n": [1, 2, 3]}).to_parquet(parquet)
+    for path in (csv, jsonl, parquet):
+        frame = read_frame(path)
+        assert infer_kinds(frame, []) == {"flag": NUMERIC, "n": NUMERIC}, path
+        np.testing.assert_array_equal(raw_columns(frame, {"flag": NUMERIC, "n": NUMERIC}, path)["flag"],
+                                      [1.0, 0.0, np.nan])
+
+
+def test_row_without_any_feature_value_is_refused_like_an_event(tmp_path: Path) -> None:
+    path = _write(tmp_path / "a.csv", "x,kind\n1,GET\n,NA\n")
+    frame = read_frame(path)
+    with pytest.raises(DataError, match=r"a\.csv: row 2: none of the 2 feature columns has a value"):
+        raw_columns(frame, {"x": NUMERIC, "kind": CATEGORICAL}, path)
+
+
+def test_nested_jsonl_values_are_refused_with_their_row(tmp_path: Path) -> None:
+    path = _write(tmp_path / "a.jsonl", '{"x": 1, "kind": "a"}\n{"x": 2, "kind": ["a"]}\n')
+    with pytest.raises(DataError, match=r"column 'kind', row 2: a array cannot be a category"):
+        raw_columns(read_frame(path), {"x": NUMERIC, "kind": CATEGORICAL}, path)
 
 
 def test_row_numbers_count_across_chunks(tmp_path: Path) -> None:

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-from worker.config import ENV_PREFIX, Settings, parser
+from training.errors import ConfigError
+from worker.config import ENV_PREFIX, Settings, from_args
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -24,22 +25,25 @@ K8S = DEPLOY / "k8s"
 COMPOSE = DEPLOY / "docker-compose.yml"
 DOCKERFILE = DEPLOY / "Dockerfile"
 
-# Environment-only settings the worker reads that have no flag of their own (worker/config.py).
-ENV_ONLY = {"ANOMALY_SASL_PASSWORD"}
 EXPECTED_KINDS = {
     "ConfigMap", "Secret", "PersistentVolumeClaim", "Deployment", "Service", "PodDisruptionBudget",
     "TriggerAuthentication", "ScaledObject",
 }
 
 
-def worker_env_names() -> set[str]:
-    """ANOMALY_* names the worker understands: one per flag of worker.config.parser()."""
-    names = set()
-    for action in parser()._actions:
-        for option in action.option_strings:
-            if option.startswith("--") and option != "--help":
-                names.add(ENV_PREFIX + option[2:].replace("-", "_").upper())
-    return names | ENV_ONLY
+def unread_env_names(environ: dict[str, str]) -> list[str]:
+    """ANOMALY_* names in `environ` that the worker ignores: changing one neither changes its settings
+    nor is refused by `worker.config.from_args` (a typo, or a setting the worker no longer has)."""
+    base = from_args([], environ=environ)
+    unread = []
+    for name in sorted(n for n in environ if n.startswith(ENV_PREFIX)):
+        try:
+            read = from_args([], environ={**environ, name: "x-not-a-valid-value"}) != base
+        except (ConfigError, ValueError):
+            read = True
+        if not read:
+            unread.append(name)
+    return unread
 
 
 def k8s_documents() -> list[dict[str, Any]]:
@@ -69,12 +73,6 @@ def compose_env(service: dict[str, Any]) -> dict[str, str]:
     if isinstance(env, list):  # KEY=value list form
         env = dict(item.split("=", 1) for item in env)
     return {str(k): str(v) for k, v in env.items()}
-
-
-def test_the_flag_set_is_built_from_the_parser() -> None:
-    names = worker_env_names()
-    assert {"ANOMALY_BOOTSTRAP_SERVERS", "ANOMALY_SASL_PASSWORD_FILE", "ANOMALY_METRICS_PORT"} <= names
-    assert "ANOMALY_HELP" not in names
 
 
 # -- Kubernetes ------------------------------------------------------------------------------------
@@ -170,12 +168,17 @@ def test_secret_holds_only_placeholders() -> None:
         assert "CHANGE-ME" in secret["stringData"][key], key
 
 
-def test_k8s_env_names_are_worker_flags() -> None:
+def test_k8s_environment_is_a_worker_configuration_that_reads_every_name(tmp_path: Path) -> None:
     container = worker_container()
-    names = set(by_kind("ConfigMap")["data"]) | {e["name"] for e in container.get("env", [])}
-    anomaly = {n for n in names if n.startswith(ENV_PREFIX)}
-    assert anomaly, "no ANOMALY_* settings found"
-    assert anomaly - worker_env_names() == set()
+    environ = {str(k): str(v) for k, v in by_kind("ConfigMap")["data"].items()}
+    environ |= {e["name"]: "from-a-secret" for e in container.get("env", []) if "valueFrom" in e}
+    password_file = tmp_path / "sasl-password"  # mounted from the Secret in the pod
+    password_file.write_text("placeholder\n")
+    environ["ANOMALY_SASL_PASSWORD_FILE"] = str(password_file)
+    settings = from_args([], environ=environ)
+    assert settings.metrics_port == int(environ["ANOMALY_METRICS_PORT"])
+    assert settings.security.sasl_password is not None
+    assert unread_env_names(environ) == []
 
 
 def test_service_and_selectors_match_the_pods() -> None:
@@ -219,11 +222,12 @@ def test_compose_has_the_demo_services() -> None:
     assert "--rate" in " ".join(services["replay"]["command"])
 
 
-def test_compose_env_names_are_worker_flags() -> None:
-    names = {name for service in compose()["services"].values() for name in compose_env(service)}
-    anomaly = {n for n in names if n.startswith(ENV_PREFIX)}
-    assert "ANOMALY_BOOTSTRAP_SERVERS" in anomaly
-    assert anomaly - worker_env_names() == set()
+def test_compose_worker_environment_is_a_worker_configuration_that_reads_every_name() -> None:
+    environ = compose_env(compose()["services"]["worker"])
+    assert from_args([], environ=environ).bootstrap_servers == environ["ANOMALY_BOOTSTRAP_SERVERS"]
+    others = {name: value for service, spec in compose()["services"].items() if service != "worker"
+              for name, value in compose_env(spec).items() if name.startswith(ENV_PREFIX)}
+    assert unread_env_names(others | environ) == []
 
 
 def test_compose_train_command_parses_with_the_training_cli() -> None:

@@ -79,3 +79,29 @@ def test_empty_bins_stay_finite_and_nan_is_ignored() -> None:
 def test_invalid_arguments_are_rejected(edges: list[float], counts: list[int], window: int, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         ScoreDrift(edges, counts, window=window)
+
+
+def test_field_drift_follows_each_field_against_its_training_distribution(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Per-field PSI: a field whose live values moved drifts, the others stay near 0."""
+    import pandas as pd
+
+    from training.bundle import load_bundle
+    from training.model import FitConfig
+    from training.train import TrainConfig, train_frame
+    from worker.drift import FieldDrift
+
+    rng = np.random.default_rng(0)
+    n = 2000
+    frame = pd.DataFrame({"bytes": rng.lognormal(5, 1, n), "port": rng.choice(["80", "443"], n, p=[0.7, 0.3]),
+                          "flag": np.zeros(n)})
+    train_frame(frame, tmp_path / "b", TrainConfig(fit=FitConfig(epochs=1, hidden=(4, 2), ensemble=1),
+                                                   categorical=("port",)), "0" * 64, log=lambda _l: None)
+    bundle = load_bundle(tmp_path / "b")
+    assert set(bundle.field_histograms) == {"bytes", "port", "flag"}
+    drift = FieldDrift(bundle.schema, bundle.field_histograms, window=1000)
+    port = np.empty(1000, dtype=object)
+    port[:] = ["22"] * 1000  # an unknown category for every event
+    drift.update({"bytes": rng.lognormal(5, 1, 1000), "port": port, "flag": np.zeros(1000)})
+    psi = drift.psi()
+    assert psi["bytes"] < 0.1 and psi["flag"] < 0.1
+    assert psi["port"] > 1.0

@@ -3,27 +3,20 @@
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from training.errors import BundleError, ConfigError
 from training.features import (
     CLIP,
-    NO_FEATURES,
-    NON_FINITE,
     UNKNOWN,
-    WRONG_TYPE,
     CategoricalField,
     FeatureSchema,
     NumericField,
-    events_to_columns,
     fit_categorical,
     fit_numeric,
     fit_schema,
-    validate_event,
 )
 
 
@@ -197,58 +190,3 @@ def test_absurd_value_is_clipped_not_overflowed(schema: FeatureSchema) -> None:
     matrix = schema.encode({"amount": [1e308], "latency": [-1e308], "method": _objects("GET")}).matrix
     assert np.all(np.isfinite(matrix)) and np.abs(matrix).max() <= CLIP
     assert np.all(np.isfinite(matrix.astype(np.float32) ** 2))
-
-
-# --- events ----------------------------------------------------------------------------------
-
-@pytest.mark.parametrize(("event", "reason", "field"), [
-    ({"amount": "12", "latency": 1.0}, WRONG_TYPE, "amount"),
-    ({"amount": True}, WRONG_TYPE, "amount"),
-    ({"amount": [1.0]}, WRONG_TYPE, "amount"),
-    ({"method": False}, WRONG_TYPE, "method"),
-    ({"method": [1]}, WRONG_TYPE, "method"),
-    ({"method": {"verb": "GET"}}, WRONG_TYPE, "method"),
-    ({"latency": math.nan}, NON_FINITE, "latency"),
-    ({"latency": -math.inf, "amount": 3}, NON_FINITE, "latency"),
-])
-def test_validate_event_names_reason_and_field(schema: FeatureSchema, event: dict, reason: str, field: str) -> None:
-    invalid = validate_event(event, schema)
-    assert invalid is not None
-    assert invalid.reason == reason
-    assert repr(field) in invalid.message
-
-
-@pytest.mark.parametrize("event", [{}, {"unrelated": 1, "other": "x"}])
-def test_event_without_any_schema_field_has_no_features(schema: FeatureSchema, event: dict) -> None:
-    invalid = validate_event(event, schema)
-    assert invalid is not None and invalid.reason == NO_FEATURES
-    assert "amount" in invalid.message
-
-
-@pytest.mark.parametrize("event", [
-    {"amount": 1, "latency": 2.5, "method": "GET"},
-    {"amount": None, "latency": None, "method": None},  # null = missing
-    {"latency": 3.0},  # absent = missing
-    {"method": 80, "extra": "ignored"},  # an int category is its text
-])
-def test_valid_events_pass_and_encode(schema: FeatureSchema, event: dict) -> None:
-    assert validate_event(event, schema) is None
-    encoded = schema.encode(events_to_columns([event], schema))
-    assert np.all(np.isfinite(encoded.matrix))
-
-
-def test_events_to_columns_turns_null_and_absent_into_missing(schema: FeatureSchema) -> None:
-    columns = events_to_columns([{"amount": 5, "method": None}, {"latency": 1.5, "method": "GET"}], schema)
-    np.testing.assert_array_equal(columns["amount"], [5.0, np.nan])
-    np.testing.assert_array_equal(columns["latency"], [np.nan, 1.5])
-    assert list(columns["method"]) == [None, "GET"]
-    assert schema.encode(columns).missing == {"amount": 1, "latency": 1, "method": 1}
-
-
-def test_numeric_categories_are_the_same_category_in_events_and_files() -> None:
-    from training.data import categorical_column
-    from training.features import category_text
-
-    assert category_text(80) == category_text(80.0) == category_text("80") == "80"
-    assert category_text(None) is None and category_text(math.nan) is None
-    assert list(categorical_column(pd.Series([80.0, None, "x"]))) == ["80", None, "x"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -99,10 +101,43 @@ def test_expected_values_are_in_original_units(trained_bundle: TrainedBundle, sc
             assert c.expected == record["method"]
         else:
             assert c.expected == pytest.approx(record[c.field], rel=1e-5)
-    assert c.to_dict()["field"] == c.field
 
 
-def test_top_fields_match_largest_field_error(scorer: Scorer, scored: tuple[np.ndarray, Scores]) -> None:
+def test_explanations_are_plain_json(trained_bundle: TrainedBundle, scorer: Scorer,
+                                     scored: tuple[np.ndarray, Scores]) -> None:
+    # Alerts embed these dicts as they are: numpy scalars or NaN would not survive JSON.
+    _, scores = scored
+    record = trained_bundle.features.iloc[3].to_dict()
+    record["amount"] = np.float32(record["amount"])
+    record["latency"] = float("nan")  # a missing value
+    contributions = scorer.explain(scores, 3, record, top_k=len(scorer.schema.fields))
+    documents = [c.to_dict() for c in contributions]
+    assert json.loads(json.dumps(documents, allow_nan=False)) == documents
+    by_field = {d["field"]: d for d in documents}
+    assert set(by_field) == set(scorer.schema.names)
+    assert by_field["latency"]["observed"] is None
+    assert type(by_field["amount"]["observed"]) is float and type(by_field["amount"]["expected"]) is float
+    assert by_field["method"]["observed"] == record["method"]
+    for document, contribution in zip(documents, contributions, strict=True):
+        assert document["share"] == round(contribution.share, 6)
+
+
+def test_top_field_names_the_field_with_the_largest_error(scorer: Scorer) -> None:
+    names = scorer.schema.names
+    errors = np.full((len(names), len(names)), 0.1)
+    np.fill_diagonal(errors, 5.0)  # row i: field i is the worst
+    made_up = Scores(score=errors.mean(axis=1), field_errors=errors,
+                     reconstruction=np.zeros((len(names), scorer.schema.width), dtype=np.float32))
+    assert scorer.top_fields(made_up) == names
+
+
+def test_top_field_agrees_with_the_explanation_and_blames_latency_for_attacks(
+        trained_bundle: TrainedBundle, scorer: Scorer, scored: tuple[np.ndarray, Scores]) -> None:
     _, scores = scored
     top = scorer.top_fields(scores)
-    assert [scorer.schema.names.index(t) for t in top] == list(np.argmax(scores.field_errors, axis=1))
+    assert len(top) == len(scores)
+    records = trained_bundle.features.to_dict(orient="records")
+    for row in range(0, len(records), 23):
+        assert top[row] == scorer.explain(scores, row, records[row], top_k=1)[0].field
+    attack = np.flatnonzero(trained_bundle.frame["label"] == "attack")
+    assert np.mean([top[row] == "latency" for row in attack]) > 0.5  # the shifted field of the synthetic attacks

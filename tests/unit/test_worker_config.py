@@ -69,7 +69,7 @@ def test_malformed_environment_number_names_the_variable() -> None:
     (["--max-wait-ms", "-1"], r"max wait must be in \[0, 60000\] ms, got -1"),
     (["--max-event-bytes", "10"], "at least 64 bytes, got 10"),
     (["--metrics-port", "70000"], r"metrics port must be in \[0, 65535\], got 70000"),
-    (["--shutdown-timeout-s", "0"], "timeouts must be positive"),
+    (["--shutdown-timeout-s", "0"], "--shutdown-timeout-s must be a positive number"),
     (["--alert-topic", "events"], "three different"),
 ])
 def test_out_of_range_settings_are_refused(extra: list[str], match: str) -> None:

@@ -69,12 +69,12 @@ class FakeSource:
     def assigned(self) -> set[tuple[str, int]]:
         return set(self.data)
 
+    def close(self) -> None:
+        self.log.append(("close_source",))
+
     def reachable(self) -> bool:
         self.log.append(("reachable", self.broker_up))
         return self.broker_up
-
-    def close(self) -> None:
-        self.log.append(("close-source",))
 
 
 class FakeSink:
@@ -83,6 +83,9 @@ class FakeSink:
         self.fail_publishes = 0
         self.alerts: list[Alert] = []
         self.dead_letters: list[DeadLetter] = []
+
+    def close(self) -> None:
+        self.log.append(("close_sink",))
 
     def publish(self, alerts: Sequence[Alert], dead_letters: Sequence[DeadLetter]) -> None:
         if self.fail_publishes:
@@ -93,16 +96,14 @@ class FakeSink:
         self.dead_letters.extend(dead_letters)
         self.log.append(("publish", [a.alert_id for a in alerts], [d.record.offset for d in dead_letters]))
 
-    def close(self) -> None:
-        self.log.append(("close-sink",))
-
 
 class FakePipeline:
     """b"bad" -> dead letter; a value starting with b"A" -> alert (score 5 > threshold 1); else normal."""
 
     def __init__(self, log: list[tuple]) -> None:
         self.log = log
-        self.bundle = SimpleNamespace(version=MODEL, histogram=SimpleNamespace(edges=[0.0, 1.0, 2.0], counts=[5, 5]))
+        self.bundle = SimpleNamespace(version=MODEL, histogram=SimpleNamespace(edges=[0.0, 1.0, 2.0], counts=[5, 5]),
+                                      schema=SimpleNamespace(fields=()), field_histograms={})
         self.stop_after_process: threading.Event | None = None
 
     def process(self, records: Sequence[Record]) -> BatchResult:

@@ -1,0 +1,166 @@
+"""The data contract: one type policy for file values and event values, and the column builder."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from training.contract import (
+    CATEGORICAL,
+    NA_STRINGS,
+    NUMERIC,
+    Invalid,
+    Reason,
+    build_columns,
+    categorical_column,
+    category,
+    event_columns,
+    number,
+    numeric_column,
+)
+
+KINDS = {"amount": NUMERIC, "latency": NUMERIC, "method": CATEGORICAL}
+
+
+def _objects(*values: Any) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = list(values)
+    return out
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (3, 3.0), (2.5, 2.5), (True, 1.0), (False, 0.0), (" 12 ", 12.0), ("1e3", 1000.0), ("TRUE", 1.0), ("false", 0.0),
+    (None, math.nan), ("", math.nan), ("NA", math.nan), (" n/a ", math.nan), ("None", math.nan), ("null", math.nan),
+    ("NaN", math.nan), (math.nan, math.nan),
+])
+def test_numeric_meaning_of_a_value(value: Any, expected: float) -> None:
+    got = number(value, "x")
+    assert isinstance(got, float)
+    assert got == expected or (math.isnan(got) and math.isnan(expected))
+
+
+@pytest.mark.parametrize(("value", "reason"), [
+    ("12 ms", Reason.WRONG_TYPE), ([1.0], Reason.WRONG_TYPE), ({"a": 1}, Reason.WRONG_TYPE),
+    (math.inf, Reason.NON_FINITE), ("-inf", Reason.NON_FINITE), (10**400, Reason.NON_FINITE),
+])
+def test_values_without_a_numeric_meaning_name_the_field(value: Any, reason: Reason) -> None:
+    got = number(value, "amount")
+    assert isinstance(got, Invalid) and got.reason == reason and got.field == "amount"
+    assert "'amount'" in got.message
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("GET", "GET"), ("  GET ", "GET"), (80, "80"), (80.0, "80"), ("80", "80"), ("80.0", "80"), ("-3.00", "-3"),
+    ("007", "007"), ("80.5", "80.5"), ("1e3", "1e3"), (0.5, "0.5"), (True, "true"),
+    (None, None), ("NA", None), ("None", None), ("", None), (math.nan, None),
+])
+def test_categorical_meaning_of_a_value(value: Any, expected: str | None) -> None:
+    assert category(value, "method") == expected
+
+
+def test_every_na_string_is_missing_in_both_kinds() -> None:
+    for text in NA_STRINGS:
+        assert math.isnan(number(f" {text} ", "x"))  # type: ignore[arg-type]
+        assert category(f" {text} ", "k") is None
+
+
+# One definition: the vectorised column paths must give what the one-value functions give, value by value,
+# whatever else the column holds (a value's meaning must not depend on its neighbours).
+_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(10**20), max_value=10**20), st.integers(min_value=10**308),
+    st.floats(allow_nan=True, allow_infinity=True), st.sampled_from(sorted(NA_STRINGS)),
+    st.sampled_from(["true", "False", " 12 ", "1e3", "-inf", "Infinity", "12 ms", "GET", "1_000", "0x10"]),
+    st.text(max_size=6), st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=2), st.integers(),
+                                                                               max_size=1),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_VALUES, min_size=1, max_size=12))
+def test_column_paths_agree_with_the_value_functions(values: list[Any]) -> None:
+    column = numeric_column(_objects(*values), "x")
+    texts = categorical_column(_objects(*values), "x")
+    for i, value in enumerate(values):
+        expected = number(value, "x")
+        if isinstance(expected, Invalid):
+            assert column.problems[i].reason == expected.reason and math.isnan(column.values[i])
+        else:
+            assert i not in column.problems
+            assert column.values[i] == expected or (math.isnan(column.values[i]) and math.isnan(expected))
+        meaning = category(value, "x")
+        if isinstance(meaning, Invalid):
+            assert texts.problems[i].reason == meaning.reason
+        else:
+            assert texts.values[i] == meaning
+
+
+def test_typed_numeric_arrays_take_the_same_policy() -> None:
+    column = numeric_column(np.array([1.0, np.nan, np.inf]), "x")
+    np.testing.assert_array_equal(column.values, [1.0, np.nan, np.nan])
+    assert column.problems[2].reason == Reason.NON_FINITE
+    np.testing.assert_array_equal(numeric_column(np.array([True, False]), "x").values, [1.0, 0.0])
+
+
+# --- events ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("event", "reason", "field"), [
+    ({"amount": "12 ms", "latency": 1.0}, Reason.WRONG_TYPE, "amount"),
+    ({"amount": [1.0]}, Reason.WRONG_TYPE, "amount"),
+    ({"method": [1]}, Reason.WRONG_TYPE, "method"),
+    ({"method": {"verb": "GET"}}, Reason.WRONG_TYPE, "method"),
+    ({"latency": math.nan, "amount": math.inf}, Reason.NON_FINITE, "amount"),
+    ({"latency": -math.inf, "amount": 3}, Reason.NON_FINITE, "latency"),
+])
+def test_bad_event_names_reason_and_field(event: dict, reason: Reason, field: str) -> None:
+    parsed = event_columns([{"amount": 1.0}, event], KINDS)
+    assert list(parsed.problems) == [1]
+    assert parsed.problems[1].reason == reason and repr(field) in parsed.problems[1].message
+    assert parsed.valid_rows().tolist() == [0]
+
+
+@pytest.mark.parametrize("event", [
+    {}, {"unrelated": 1}, {"amount": None, "latency": None, "method": None}, {"amount": "NA", "method": "None"},
+])
+def test_event_without_a_value_for_any_field_has_no_features(event: dict) -> None:
+    parsed = event_columns([event], KINDS)
+    assert parsed.problems[0].reason == Reason.NO_FEATURES
+    assert "amount" in parsed.problems[0].message
+
+
+def test_events_parse_like_files_booleans_numeric_text_and_na_text() -> None:
+    parsed = event_columns([
+        {"amount": True, "latency": "2.5", "method": "None"},
+        {"amount": 5, "method": 80},
+        {"latency": 1.5, "method": " GET "},
+    ], KINDS)
+    assert parsed.problems == {}
+    np.testing.assert_array_equal(parsed.columns["amount"], [1.0, 5.0, np.nan])
+    np.testing.assert_array_equal(parsed.columns["latency"], [2.5, np.nan, 1.5])
+    assert list(parsed.columns["method"]) == [None, "80", "GET"]
+
+
+def test_a_field_absent_from_the_raw_columns_is_missing_everywhere() -> None:
+    parsed = build_columns({"amount": np.array([1.0, 2.0])}, KINDS, 2)
+    assert parsed.problems == {}
+    assert np.isnan(parsed.columns["latency"]).all() and list(parsed.columns["method"]) == [None, None]
+
+
+def test_reason_codes_are_one_enum_that_dead_letters_and_metrics_use() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from worker.metrics import DEAD_LETTER_REASONS, WorkerMetrics
+    from worker.records import DeadLetter, Record
+
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics(registry)
+    record = Record("t", 0, 1, None, b"{}")
+    for reason in Reason:
+        assert reason.value in DEAD_LETTER_REASONS
+        metrics.record_dead_letter("t", reason)
+        assert registry.get_sample_value("anomaly_dead_letters_total", {"topic": "t", "reason": reason.value}) == 1
+        assert dict(DeadLetter(record, reason, "why").kafka_headers())["dlq.reason"] == reason.value.encode()

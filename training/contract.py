@@ -1,0 +1,299 @@
+"""The data contract: what a value means, the same whether it comes from a file or a Kafka event.
+
+One type policy turns raw values (CSV text, JSON Lines, Parquet, a decoded JSON event) into column
+values, and one column builder applies it to a whole column at a time; files (`training/data.py`) and
+events (`worker/pipeline.py`) both call it, so a row means the same thing on both paths.
+
+=================  ==========================================================================
+numeric field      finite number -> float; ``true``/``false`` (JSON booleans or that text, any
+                   case) -> 1/0; text -> Python ``float()`` of the stripped text; NA-like text,
+                   null, NaN -> missing; infinite or too large -> ``non_finite``; other text,
+                   arrays, objects -> ``wrong_type``.
+categorical field  text with surrounding whitespace removed; NA-like text, null, NaN -> missing;
+                   a number -> its text (80, 80.0 and the text "80.0" -> "80"); a boolean ->
+                   "true"/"false"; arrays, objects -> ``wrong_type``.
+a row or event     with no schema field present (all absent or missing) -> ``no_features``.
+=================  ==========================================================================
+
+NA-like text is `NA_STRINGS` after stripping whitespace: the list pandas reads as missing by
+default, so files that were read that way keep their meaning. docs/preprocessing.md states the
+contract for users.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+
+NUMERIC = "numeric"
+CATEGORICAL = "categorical"
+
+#: Text that means "missing" in every column, compared after stripping surrounding whitespace.
+NA_STRINGS = frozenset({
+    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
+    "NA", "NULL", "NaN", "None", "n/a", "nan", "null",
+})
+_BOOLEAN_TEXT = {"true": 1.0, "false": 0.0}
+_WHOLE_NUMBER_TEXT = re.compile(r"-?\d+\.0+")
+_TEXT_TYPES = frozenset({str, type(None)})
+
+
+class Reason(StrEnum):
+    """Why a record cannot be scored: the dead-letter reason codes, owned here and nowhere else."""
+
+    INVALID_UTF8 = "invalid_utf8"
+    INVALID_JSON = "invalid_json"
+    NOT_AN_OBJECT = "not_an_object"
+    OVERSIZED = "oversized"
+    NO_FEATURES = "no_features"
+    WRONG_TYPE = "wrong_type"
+    NON_FINITE = "non_finite"
+    PROCESSING_ERROR = "processing_error"
+    #: A record with a null value: a deletion marker on a compacted topic, not an event. Dead-lettered (key and
+    #: headers kept) under its own reason so it is counted apart from malformed events.
+    TOMBSTONE = "tombstone"
+
+
+@dataclass(frozen=True)
+class Invalid:
+    """Why one record or value breaks the contract: a reason code and a message naming the field."""
+
+    reason: Reason
+    message: str
+    field: str | None = None
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return {"list": "array", "dict": "object", "tuple": "array"}.get(type(value).__name__, type(value).__name__)
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# --- one value ---------------------------------------------------------------------------------
+
+def number(value: Any, field: str) -> float | Invalid:
+    """The numeric meaning of one raw value: a float (NaN = missing) or why it has none."""
+    if value is None:
+        return math.nan
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text in NA_STRINGS:
+            return math.nan
+        flag = _BOOLEAN_TEXT.get(text.lower())
+        if flag is not None:
+            return flag
+    elif isinstance(value, list | dict | tuple | np.ndarray):
+        return Invalid(Reason.WRONG_TYPE, f"field {field!r} must be a number, got {json_type(value)}", field)
+    try:
+        out = float(value)
+    except OverflowError:
+        return Invalid(Reason.NON_FINITE, f"field {field!r} is {_shown(value)}, out of the range of numbers", field)
+    except (TypeError, ValueError):
+        return Invalid(Reason.WRONG_TYPE, f"field {field!r} must be a number, got {json_type(value)} {_shown(value)}",
+                       field)
+    if math.isinf(out):
+        return Invalid(Reason.NON_FINITE, f"field {field!r} is {_shown(value)}, numbers must be finite", field)
+    return out
+
+
+def category(value: Any, field: str) -> str | None | Invalid:
+    """The categorical meaning of one raw value: its text, None for missing, or why it has none."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if text in NA_STRINGS:
+            return None
+        # "80.0" is how many writers render the number 80 (pandas, Spark): the same category as 80 and 80.0.
+        return text.split(".", 1)[0] if _WHOLE_NUMBER_TEXT.fullmatch(text) else text
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, list | dict | tuple | np.ndarray):
+        return Invalid(Reason.WRONG_TYPE, f"field {field!r} must be a string, got {json_type(value)}", field)
+    if isinstance(value, np.generic):
+        return category(value.item(), field)
+    return str(value)
+
+
+# --- one column --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Column:
+    """A column under the contract: values (float64 with NaN, or str/None) and the rows that break it."""
+
+    values: np.ndarray
+    problems: dict[int, Invalid]
+
+    def missing(self) -> np.ndarray:
+        """True where the value is missing (including rows with a problem)."""
+        if self.values.dtype == np.float64:
+            return np.isnan(self.values)
+        return np.equal(self.values, None)  # type: ignore[call-overload]
+
+
+def _as_objects(raw: np.ndarray | Sequence[Any]) -> np.ndarray:
+    if isinstance(raw, np.ndarray) and raw.dtype == object:
+        return raw
+    out = np.empty(len(raw), dtype=object)
+    out[:] = list(raw)
+    return out
+
+
+def numeric_column(raw: np.ndarray | Sequence[Any], field: str) -> Column:
+    """`number` applied to every value; typed arrays and plain numbers take a vectorised path.
+
+    The vectorised paths give exactly what `number` gives: an object array is converted with one
+    `float()` per value in C, which agrees with `number` wherever it succeeds (NaN text is NA-like,
+    infinities are caught below); anything it cannot convert falls back to `number` value by value.
+    """
+    array = raw if isinstance(raw, np.ndarray) else None
+    if array is not None and array.dtype.kind in "biuf":
+        values = array.astype(np.float64)
+        bad = np.flatnonzero(np.isinf(values))
+        problems = {int(i): Invalid(Reason.NON_FINITE, f"field {field!r} is {values[i]}, numbers must be finite", field)
+                    for i in bad}
+        values[bad] = np.nan
+        return Column(values, problems)
+    objects = _as_objects(raw)
+    converted: np.ndarray | None
+    try:
+        converted = objects.astype(np.float64)
+    except (TypeError, ValueError, OverflowError):
+        converted = None
+    if converted is not None:
+        values = converted
+        bad = np.flatnonzero(np.isinf(values))
+        if bad.size == 0:
+            return Column(values, {})
+        problems = {}
+        for i in bad.tolist():
+            result = number(objects[i], field)
+            problems[i] = result if isinstance(result, Invalid) else Invalid(
+                Reason.NON_FINITE, f"field {field!r} is {_shown(objects[i])}, numbers must be finite", field)
+            values[i] = math.nan
+        return Column(values, problems)
+    values = np.empty(len(objects), dtype=np.float64)
+    problems = {}
+    for i, value in enumerate(objects.tolist()):
+        result = number(value, field)
+        if isinstance(result, Invalid):
+            problems[i] = result
+            values[i] = math.nan
+        else:
+            values[i] = result
+    return Column(values, problems)
+
+
+def categorical_column(raw: np.ndarray | Sequence[Any], field: str) -> Column:
+    """`category` applied to every value (text-only columns: once per distinct value)."""
+    objects = _as_objects(raw)
+    values = np.empty(len(objects), dtype=object)
+    items = objects.tolist()
+    if set(map(type, items)) <= _TEXT_TYPES:
+        # The common case: text and nulls. Categories repeat, so each distinct value is parsed once.
+        meaning = {value: category(value, field) for value in set(items)}
+        values[:] = [meaning[value] for value in items]
+        return Column(values, {})
+    problems: dict[int, Invalid] = {}
+    texts: list[str | None] = []
+    for i, value in enumerate(items):
+        result = category(value, field)
+        if isinstance(result, Invalid):
+            problems[i] = result
+            result = None
+        texts.append(result)
+    values[:] = texts
+    return Column(values, problems)
+
+
+def parse_column(raw: np.ndarray | Sequence[Any], field: str, kind: str) -> Column:
+    """The column builder: raw values of one field -> column values under the contract."""
+    return numeric_column(raw, field) if kind == NUMERIC else categorical_column(raw, field)
+
+
+def numeric_share(raw: np.ndarray | Sequence[Any]) -> float:
+    """Share of the present values that are numbers under the contract (1.0 when none is present)."""
+    column = numeric_column(raw, "")
+    numbers = len(column.values) - int(np.isnan(column.values).sum())
+    present = numbers + len(column.problems)
+    return numbers / present if present else 1.0
+
+
+# --- many columns: a file chunk or a batch of events -------------------------------------------
+
+@dataclass(frozen=True)
+class Columns:
+    """Parsed columns of several rows, and per row the first contract problem in field order."""
+
+    columns: dict[str, np.ndarray]
+    problems: dict[int, Invalid]
+    rows: int
+
+    def valid_rows(self) -> np.ndarray:
+        return np.setdiff1d(np.arange(self.rows), np.fromiter(self.problems, dtype=np.intp, count=len(self.problems)))
+
+    def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The columns restricted to `rows`."""
+        return {name: values[rows] for name, values in self.columns.items()}
+
+
+def build_columns(raw: Mapping[str, np.ndarray | Sequence[Any]], kinds: Mapping[str, str], rows: int) -> Columns:
+    """Parse every field with its kind; a row with a bad value, or with no field present, has a problem.
+
+    `raw` maps field name to its raw values (a field absent from `raw` is missing in every row).
+    """
+    columns: dict[str, np.ndarray] = {}
+    problems: dict[int, Invalid] = {}
+    present = np.zeros(rows, dtype=bool)
+    for name, kind in kinds.items():
+        if name in raw:
+            column = parse_column(raw[name], name, kind)
+        else:
+            column = Column(np.full(rows, np.nan) if kind == NUMERIC else np.full(rows, None, dtype=object), {})
+        for row, problem in column.problems.items():
+            problems.setdefault(row, problem)
+        present |= ~column.missing()
+        columns[name] = column.values
+    if not present.all():
+        names = list(kinds)
+        empty = Invalid(Reason.NO_FEATURES, f"none of the model's {len(names)} fields has a value "
+                                            f"(expected e.g. {', '.join(names[:3])})")
+        for row in np.flatnonzero(~present).tolist():
+            problems.setdefault(row, empty)
+    return Columns(columns=columns, problems=dict(sorted(problems.items())), rows=rows)
+
+
+def event_columns(events: Sequence[Mapping[str, Any]], kinds: Mapping[str, str]) -> Columns:
+    """Decoded JSON events -> parsed columns (an absent key is a missing value)."""
+    names = list(kinds)
+    table = np.empty((len(events), len(names)), dtype=object)
+    if events:
+        # One pass over the events with C-level lookups, then one column per field (no per-value Python loop).
+        table[:] = [tuple(map(event.get, names)) for event in events]
+    return build_columns({name: table[:, j] for j, name in enumerate(names)}, kinds, len(events))

@@ -1,0 +1,113 @@
+"""Building a worker from settings: the one place main and the benchmarks assemble the product.
+
+`build_runtime` loads and verifies the bundle, builds the pipeline (warmed up), a fresh metrics
+registry and the health state; `build_worker` connects a source and a sink to it. Kafka stays behind
+the `connect` callable, so the benchmarks can wrap the source and the tests can pass fakes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry
+
+from training.bundle import Bundle, is_repository, load_bundle, resolve_model
+from worker.config import Settings
+from worker.edge import Quarantine, open_sink, open_source
+from worker.flood import FloodControl
+from worker.http import HealthState
+from worker.loop import Sink, Source, Worker
+from worker.metrics import WorkerMetrics
+from worker.pipeline import Pipeline
+from worker.reload import ModelWatcher
+from worker.shadow import ShadowScorer
+
+#: Called with the partitions being revoked (inside the consumer's poll).
+OnRevoke = Callable[[set[tuple[str, int]]], None]
+#: Makes the source and sink for a worker; raises `BrokerUnavailable` while no broker answers.
+Connect = Callable[[Settings, OnRevoke], tuple[Source, Sink]]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Everything a worker needs besides Kafka."""
+
+    settings: Settings
+    bundle: Bundle
+    pipeline: Pipeline
+    registry: CollectorRegistry
+    metrics: WorkerMetrics
+    health: HealthState
+    watcher: ModelWatcher | None = None  # set when --model is a repository: follows its current version
+    shadow: ShadowScorer | None = None  # set with --shadow-model
+
+
+def observability(settings: Settings, bundle: Bundle) -> tuple[CollectorRegistry, WorkerMetrics, HealthState]:
+    """A fresh registry with the worker's metrics initialised for this model and topic, and health state."""
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics(registry)
+    metrics.set_model(bundle.version, bundle.threshold.value)
+    metrics.declare_topic(settings.input_topic)
+    metrics.declare_fields(bundle.schema.names)
+    health = HealthState(stale_after_seconds=settings.liveness_timeout_s)
+    health.model_loaded = True
+    return registry, metrics, health
+
+
+def build_runtime(settings: Settings, pipeline_class: type[Pipeline] = Pipeline) -> Runtime:
+    """Load and verify the bundle (a repository's current version; a bad one raises BundleError), build and
+    warm up the pipeline; with a repository, a watcher that follows promotions (started by the caller)."""
+
+    def make_pipeline(bundle: Bundle) -> Pipeline:
+        pipeline = pipeline_class(bundle, settings.max_event_bytes, settings.top_features,
+                                  entity_field=settings.alert_key_field, alert_headers=settings.alert_headers)
+        pipeline.warm_up()
+        return pipeline
+
+    bundle = load_bundle(resolve_model(settings.model), settings.expected_schema_hash)
+    pipeline = make_pipeline(bundle)
+    registry, metrics, health = observability(settings, bundle)
+    watcher = ModelWatcher(settings.model, bundle, make_pipeline, metrics, settings.reload_interval_s,
+                           settings.expected_schema_hash) if is_repository(settings.model) else None
+    shadow = None
+    if settings.shadow_model is not None:
+        candidate = load_bundle(resolve_model(settings.shadow_model))
+        shadow = ShadowScorer(make_pipeline(candidate), metrics, settings.input_topic)
+    return Runtime(settings=settings, bundle=bundle, pipeline=pipeline, registry=registry, metrics=metrics,
+                   health=health, watcher=watcher, shadow=shadow)
+
+
+def kafka_connect(settings: Settings, on_revoke: OnRevoke, quarantine: Quarantine | None = None) -> tuple[Source, Sink]:
+    """The product's Kafka source and sink, of `settings.kafka_client` (see worker/edge.py)."""
+    sink = open_sink(settings)
+    try:
+        return open_source(settings, on_revoke=on_revoke, quarantine=quarantine), sink
+    except BaseException:
+        sink.close()
+        raise
+
+
+def build_worker(runtime: Runtime, connect: Connect | None = None, stop: threading.Event | None = None,
+                 wrap_source: Callable[[Source], Source] | None = None) -> Worker:
+    """Connect a source and sink and assemble the loop (revocations reach the worker that owns the offsets).
+
+    Without `connect`, the product's Kafka clients, whose undecodable batches show in this runtime's metrics
+    and readiness.
+    """
+    settings = runtime.settings
+    owner: list[Worker] = []
+    quarantine = Quarantine(runtime.metrics, runtime.health)
+    connect = connect or (lambda s, on_revoke: kafka_connect(s, on_revoke, quarantine))
+    source, sink = connect(settings, lambda partitions: owner[0].on_revoke(partitions) if owner else None)
+    worker = Worker(wrap_source(source) if wrap_source else source, sink, runtime.pipeline, runtime.metrics,
+                    runtime.health, settings.input_topic, stop, backoff_initial_s=settings.retry_backoff_initial_s,
+                    backoff_max_s=settings.retry_backoff_max_s,
+                    broker_check_interval_s=settings.broker_check_interval_s,
+                    model_updates=runtime.watcher.take if runtime.watcher else None,
+                    flood=FloodControl(settings.alert_key_field, settings.alert_cooldown_s, settings.max_alerts_per_s)
+                    if settings.alert_cooldown_s or settings.max_alerts_per_s else None,
+                    shadow=runtime.shadow)
+    owner.append(worker)
+    return worker
