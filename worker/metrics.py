@@ -174,6 +174,8 @@ class WorkerMetrics:
             self.kafka_errors.labels(operation=operation)
         for result in MODEL_RELOAD_RESULTS:
             self.model_reloads.labels(result=result)
+        self.shadow_agreement.set(math.nan)  # no shadow model: no comparison (0 would read as "disagrees")
+        self.shadow_score_correlation.set(math.nan)
 
     # -- label sets ---------------------------------------------------------------------------
 

@@ -198,7 +198,11 @@ def run(bundle: Path, kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFac
                  "--input-topic", input_topic, "--alert-topic", alert_topic, "--dead-letter-topic", dead_topic,
                  "--group-id", unique_topic("prom-group"), "--metrics-host", "127.0.0.1",
                  "--metrics-port", str(worker_port), "--max-event-bytes", str(MAX_EVENT_BYTES),
-                 "--max-wait-ms", "100", "--max-batch", "200"],
+                 "--max-wait-ms", "100", "--max-batch", "200",
+                 # The lifecycle panels need their series: the bundle shadows itself, and flood control
+                 # runs with a budget high enough to suppress nothing (the counts below stay exact).
+                 "--shadow-model", str(bundle), "--alert-key-field", "protocol_type",
+                 "--max-alerts-per-s", "100000"],
                 cwd=ROOT, stdout=wlog, stderr=subprocess.STDOUT,
                 env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"},
             ))
