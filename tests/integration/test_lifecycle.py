@@ -211,3 +211,37 @@ def test_a_flood_from_one_key_is_suppressed_and_summarised(
     assert {a["entity"] for a in alerts} == entities and len(alerts) < len(values)
     assert sum(s["suppressed"] for s in summaries) == suppressed
     assert metric(worker, "anomaly_events_scored_total", topic=topics.input) >= len(values)
+
+
+def test_analyst_feedback_moves_the_precision_metric(
+        repo: Repo, kafka_bootstrap: str, topics: Topics, start: Callable[..., WorkerProcess],
+        tmp_path: Path) -> None:
+    feedback = unique_topic("feedback")
+    create_topics(kafka_bootstrap, [feedback], partitions=1)
+    worker = start(topics, repo.path, "--feedback-topic", feedback)
+    produce(kafka_bootstrap, topics.input, event_values(repo.rows, tmp_path))
+    wait_all_committed(kafka_bootstrap, topics, worker, timeout=120)
+    alerts = [orjson.loads(r.value) for r in read_all(kafka_bootstrap, topics.alerts)]
+    assert len(alerts) >= 4
+    ids = [a["alert_id"] for a in alerts[:4]]
+    verdicts = [{"alert_id": ids[0], "verdict": "true_positive"}, {"alert_id": ids[1], "verdict": "true_positive"},
+                {"alert_id": ids[2], "verdict": "false_positive"}, {"alert_id": ids[3], "verdict": "false_positive"},
+                {"alert_id": ids[3], "verdict": "true_positive"},  # changed on review: 3 of 4 true
+                {"alert_id": "not-an-alert", "verdict": "yes"}]
+    produce_to(kafka_bootstrap, feedback, [orjson.dumps(v) for v in verdicts])
+    wait_for(lambda: metric(worker, "anomaly_alert_precision_ratio", model_version=repo.first) == 0.75, 60,
+             "precision 0.75 for the running model")
+    assert metric(worker, "anomaly_feedback_rejected_total") == 1
+    assert metric(worker, "anomaly_feedback_verdicts", model_version=repo.first, verdict="false_positive") == 1
+
+
+def produce_to(bootstrap: str, topic: str, values: list[bytes]) -> None:
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    try:
+        for value in values:
+            producer.send(topic, value=value)
+        producer.flush(timeout=30)
+    finally:
+        producer.close(timeout=10)
