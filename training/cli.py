@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import numpy as np
 
@@ -70,7 +71,14 @@ def _hidden(text: str) -> tuple[int, ...]:
 
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="anomaly-train", description="Train an autoencoder bundle from an event file.")
-    p.add_argument("--data", type=Path, required=True, help="CSV (with header), JSON Lines or Parquet file")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="CSV (with header), JSON Lines or Parquet file")
+    source.add_argument("--from-kafka", action="store_true",
+                        help="train on a bounded window of JSON events from --topic (same data contract as files)")
+    p.add_argument("--bootstrap-servers", help="with --from-kafka: Kafka bootstrap servers, host:port[,...]")
+    p.add_argument("--topic", help="with --from-kafka: the topic to read")
+    p.add_argument("--max-events", type=int, default=100_000, help="with --from-kafka: at most this many events")
+    p.add_argument("--since", help="with --from-kafka: start at this time (ISO-8601) or this long ago (24h, 7d)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", type=Path, help="bundle directory to write (replaced atomically)")
     where.add_argument("--repo", type=Path, help="model repository: write a new version under REPO/versions/")
@@ -120,7 +128,13 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                                       manual=args.threshold),
             categorical=tuple(args.categorical), drop=tuple(args.drop), weighting=args.weighting,
             labels=Labels(args.label_column, args.normal_value) if args.label_column else None)
-        result = train_file(args.data, destination, config, log=lambda line: print(line, flush=True))
+        log = lambda line: print(line, flush=True)  # noqa: E731
+        if args.from_kafka:
+            result = train_from_kafka(args, destination, config, log)
+        else:
+            if any((args.bootstrap_servers, args.topic, args.since)):
+                raise ConfigError("--bootstrap-servers, --topic and --since go with --from-kafka")
+            result = train_file(args.data, destination, config, log=log)
         m = result.manifest
         print(f"\nmodel {m.model_version} written to {result.out_dir} in {result.seconds:.1f} s")
         if args.promote:
@@ -137,6 +151,22 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     return _run("anomaly-train", body)
+
+
+def train_from_kafka(args: argparse.Namespace, destination: Any, config: Any, log: Callable[[str], None]) -> Any:
+    """anomaly-train --from-kafka: read the window, say what was skipped, train as from a file."""
+    from training.kafka_window import parse_since, read_window
+    from training.train import train_frame
+
+    if not args.bootstrap_servers or not args.topic:
+        raise ConfigError("--from-kafka needs --bootstrap-servers and --topic")
+    since = parse_since(args.since) if args.since else None
+    window = read_window(args.bootstrap_servers, args.topic, args.max_events, since)
+    skipped = sum(window.skipped.values())
+    log(f"{window.source}: {len(window.frame)} events read"
+        + (f"; {skipped} records skipped ({', '.join(f'{k} {v}' for k, v in window.skipped.items())})"
+           if skipped else ""))
+    return train_frame(window.frame, destination, config, window.sha256, source=Path(window.source), log=log)
 
 
 def load_threshold(path: Path) -> float:

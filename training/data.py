@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 import pandas as pd
 
 from training.contract import (
@@ -23,6 +22,7 @@ from training.contract import (
     Reason,
     build_columns,
     categorical_column,
+    decode_event,
     json_type,
     numeric_share,
 )
@@ -81,7 +81,8 @@ def _read_chunks(path: Path, chunk_rows: int | None) -> Iterator[pd.DataFrame]:
 
 
 def _read_jsonl(path: Path, chunk_rows: int | None) -> Iterator[pd.DataFrame]:
-    """JSON Lines as object columns holding the decoded JSON values, exactly as an event carries them.
+    """JSON Lines as object columns holding the decoded JSON values, exactly as an event carries them
+    (decoded by `training.contract.decode_event`, like a Kafka record).
 
     A key absent from a row is a missing value (as in an event); blank lines are skipped.
     """
@@ -90,21 +91,19 @@ def _read_jsonl(path: Path, chunk_rows: int | None) -> Iterator[pd.DataFrame]:
         for line_number, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
-            try:
-                row = orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
-                raise DataError(f"{path}: line {line_number} is not valid JSON: {exc}") from exc
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: line {line_number} is a JSON {json_type(row)}, expected an object")
+            row = decode_event(line, len(line))  # the worker's decoder: one meaning per record
+            if isinstance(row, Invalid):
+                raise DataError(f"{path}: line {line_number}: {row.message}")
             rows.append(row)
             if chunk_rows is not None and len(rows) >= chunk_rows:
-                yield _object_frame(rows)
+                yield object_frame(rows)
                 rows = []
     if rows or chunk_rows is None:
-        yield _object_frame(rows)
+        yield object_frame(rows)
 
 
-def _object_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+def object_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Decoded JSON objects -> a frame of object columns (a key absent from a row is None there)."""
     names = list(dict.fromkeys(name for row in rows for name in row))
     columns = {}
     for name in names:

@@ -128,6 +128,7 @@ class Settings:
     http_max_connections: int = 32
     reload_interval_s: float = 10.0
     shadow_model: Path | None = None
+    feedback_topic: str | None = None
     alert_key_field: str | None = None
     alert_cooldown_s: float = 0.0
     max_alerts_per_s: float = 0.0
@@ -172,6 +173,9 @@ class Settings:
         topics = {self.input_topic, self.alert_topic, self.dead_letter_topic}
         if len(topics) != 3 or "" in topics:
             raise ConfigError("input, alert and dead-letter topics must be three different, non-empty names")
+        if self.feedback_topic is not None and self.feedback_topic in topics:
+            raise ConfigError(f"--feedback-topic must differ from the input, alert and dead-letter topics, got "
+                              f"{self.feedback_topic!r}")
         if self.kafka_client not in KAFKA_CLIENTS:
             raise ConfigError(f"Kafka client must be one of {', '.join(KAFKA_CLIENTS)}, got {self.kafka_client!r}")
         if self.isolation_level not in ISOLATION_LEVELS:
@@ -180,15 +184,14 @@ class Settings:
         if self.compression is not None and self.compression not in COMPRESSION_CODECS:
             raise ConfigError(f"compression must be one of {', '.join(COMPRESSION_CODECS)}, got {self.compression!r}")
 
-
     @property
     def output_compression(self) -> str:
         """Codec for alerts and dead letters: as set, else zstd with confluent-kafka and none with kafka-python.
 
         zstd sent the fewest bytes (94 % less than none) and published fastest in
-        benchmarks/results/output_compression.md. kafka-python 3.0.12 stays uncompressed by
-        default: with a compressing producer in the worker its consumer group stalled in rebalances in our
-        end-to-end tests (see CHANGELOG).
+        benchmarks/results/output_compression.md. kafka-python keeps its earlier default (none): its 3.0.12
+        consumer group stalls in rebalances now and then, first seen here with a compressing producer, and
+        the compressed path was not tested enough to make it the default.
         """
         if self.compression is not None:
             return self.compression
@@ -238,6 +241,8 @@ def parser() -> argparse.ArgumentParser:
     add("--http-max-connections", type=int, help="concurrent HTTP connections served (default 32)")
     add("--shadow-model", type=Path, help="a candidate bundle that scores every batch too; its alerts are never "
                                           "published, its alert rate and agreement with the live model are metrics")
+    add("--feedback-topic", help="topic of analyst verdicts {\"alert_id\": ..., \"verdict\": \"true_positive\" | "
+                                 "\"false_positive\"}; exported as precision per model version")
     add("--alert-key-field", help="event field naming the entity an alert is about (host, account); added to "
                                   "alerts as 'entity'")
     add("--alert-cooldown-s", type=float, help="publish at most one alert per entity in this window; the rest "
@@ -310,7 +315,8 @@ def from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | No
         ("broker_check_interval_s", float), ("retry_backoff_initial_s", float), ("retry_backoff_max_s", float),
         ("liveness_timeout_s", float), ("http_idle_timeout_s", float), ("http_max_connections", int),
         ("reload_interval_s", float), ("alert_cooldown_s", float), ("max_alerts_per_s", float))}
-    for name in ("metrics_host", "expected_schema_hash", "client_id", "log_level", "alert_key_field"):
+    for name in ("metrics_host", "expected_schema_hash", "client_id", "log_level", "alert_key_field",
+                 "feedback_topic"):
         overrides[name] = get(name)
     for name in ("kafka_client", "isolation_level", "compression"):
         overrides[name] = get(name) and get(name).lower()

@@ -39,7 +39,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     from worker.errors import BrokerUnavailable
     from worker.http import start_http_server
     from worker.loop import Backoff
-    from worker.wiring import build_runtime, build_worker
+    from worker.wiring import build_runtime, build_worker, start_feedback
 
     settings = from_args(argv)
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
@@ -80,6 +80,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     log.info("model %s loaded from %s (threshold %.6g, %d fields); metrics on %s/metrics",
              bundle.version, settings.model, bundle.threshold.value, len(bundle.schema.fields), server.url)
 
+    feedback = start_feedback(runtime)
     worker: Worker | None = None
     backoff = Backoff(stop, initial_s=settings.retry_backoff_initial_s, maximum_s=settings.retry_backoff_max_s)
     try:
@@ -104,6 +105,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         metrics.set_ready(False)
         if runtime.watcher is not None:
             runtime.watcher.stop()
+        if feedback is not None:
+            feedback.stop()
         if worker is not None:
             worker.source.close()
             worker.sink.close()

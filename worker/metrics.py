@@ -174,6 +174,19 @@ class WorkerMetrics:
             "anomaly_shadow_score_correlation", "Pearson correlation of live and shadow scores on recent events.",
             registry=registry,
         )
+        self.feedback_verdicts = Gauge(
+            "anomaly_feedback_verdicts", "Alerts with an analyst verdict, by the model version that raised them.",
+            ["model_version", "verdict"], registry=registry,
+        )
+        self.alert_precision = Gauge(
+            "anomaly_alert_precision_ratio",
+            "True positives / alerts with a verdict, per model version (analyst feedback).",
+            ["model_version"], registry=registry,
+        )
+        self.feedback_rejected = Counter(
+            "anomaly_feedback_rejected", "Feedback messages that are not a verdict on an alert (skipped).",
+            registry=registry,
+        )
         self.model_reloads = Counter(
             "anomaly_model_reloads", "Promoted model versions swapped in (loaded) or refused, by result.",
             ["result"], registry=registry,
@@ -183,6 +196,8 @@ class WorkerMetrics:
             self.kafka_errors.labels(operation=operation)
         for result in MODEL_RELOAD_RESULTS:
             self.model_reloads.labels(result=result)
+        self.shadow_agreement.set(math.nan)  # no shadow model: no comparison (0 would read as "disagrees")
+        self.shadow_score_correlation.set(math.nan)
 
     # -- label sets ---------------------------------------------------------------------------
 
@@ -301,6 +316,17 @@ class WorkerMetrics:
 
     def record_shadow_failure(self, topic: str) -> None:
         self.shadow_failures.labels(topic=topic).inc()
+
+    def set_feedback(self, version: str, counts: Mapping[str, int]) -> None:
+        """Publish the verdict counts of one model version and its precision."""
+        for verdict, count in counts.items():
+            self.feedback_verdicts.labels(model_version=version, verdict=verdict).set(count)
+        total = sum(counts.values())
+        if total:
+            self.alert_precision.labels(model_version=version).set(counts.get("true_positive", 0) / total)
+
+    def record_feedback_rejected(self) -> None:
+        self.feedback_rejected.inc()
 
     def record_model_reload(self, result: str) -> None:
         """Count a promoted version that was swapped in ("loaded") or refused ("refused")."""

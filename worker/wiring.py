@@ -10,12 +10,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 
 from training.bundle import Bundle, is_repository, load_bundle, resolve_model
 from worker.config import Settings
 from worker.edge import Quarantine, open_sink, open_source
+from worker.feedback import FeedbackLedger
 from worker.flood import FloodControl
 from worker.http import HealthState
 from worker.loop import Sink, Source, Worker
@@ -111,3 +113,19 @@ def build_worker(runtime: Runtime, connect: Connect | None = None, stop: threadi
                     shadow=runtime.shadow)
     owner.append(worker)
     return worker
+
+
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+def start_feedback(runtime: Runtime) -> Stoppable | None:
+    """With --feedback-topic: a background reader feeding analyst verdicts to the precision metrics."""
+    topic = runtime.settings.feedback_topic
+    if topic is None:
+        return None
+    from worker.kafka_feedback import FeedbackReader
+
+    reader = FeedbackReader(runtime.settings, topic, FeedbackLedger(runtime.metrics).add)
+    reader.start()
+    return reader

@@ -177,7 +177,8 @@ def events(rows: pd.DataFrame) -> Iterator[bytes]:
 def run(bundle: Path, kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     work = tmp_path_factory.mktemp("prometheus-run")
     input_topic, alert_topic, dead_topic = (unique_topic(f"prom-{kind}") for kind in ("events", "alerts", "dead"))
-    create_topics(kafka_bootstrap, [input_topic, alert_topic, dead_topic], partitions=3)
+    feedback_topic = unique_topic("prom-feedback")
+    create_topics(kafka_bootstrap, [input_topic, alert_topic, dead_topic, feedback_topic], partitions=3)
 
     worker_port, prometheus_port = free_port(), free_port()
     worker_log = work / "worker.log"
@@ -198,7 +199,11 @@ def run(bundle: Path, kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFac
                  "--input-topic", input_topic, "--alert-topic", alert_topic, "--dead-letter-topic", dead_topic,
                  "--group-id", unique_topic("prom-group"), "--metrics-host", "127.0.0.1",
                  "--metrics-port", str(worker_port), "--max-event-bytes", str(MAX_EVENT_BYTES),
-                 "--max-wait-ms", "100", "--max-batch", "200"],
+                 "--max-wait-ms", "100", "--max-batch", "200",
+                 # The lifecycle panels need their series: the bundle shadows itself, and flood control
+                 # runs with a budget high enough to suppress nothing (the counts below stay exact).
+                 "--shadow-model", str(bundle), "--alert-key-field", "protocol_type",
+                 "--max-alerts-per-s", "100000", "--feedback-topic", feedback_topic],
                 cwd=ROOT, stdout=wlog, stderr=subprocess.STDOUT,
                 env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"},
             ))
@@ -251,6 +256,14 @@ def run(bundle: Path, kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFac
                     wait_for(lambda n=sent: render.prometheus_get(prometheus, "/api/v1/query", {
                         "query": f'sum(anomaly_events_consumed_total{{job="{JOB}"}}) >= {n}'})["result"],
                         30, f"prometheus scraping {sent} consumed events", interval=0.2)
+                # Analyst verdicts on alerts of this model (3 of 4 true): the precision panel and rule need data.
+                version = json.loads((bundle / "manifest.json").read_text())["model_version"]
+                for offset, verdict in enumerate(["true_positive"] * 3 + ["false_positive"]):
+                    producer.send(feedback_topic, value=orjson.dumps(
+                        {"alert_id": f"{version}/{input_topic}/0/{offset}", "verdict": verdict}))
+                producer.flush(timeout=30)
+                wait_for(lambda: worker_counters(f"{worker_url}/metrics").get("anomaly_alert_precision_ratio") == 0.75,
+                         60, "the worker's precision from 4 verdicts", interval=0.2)
             finally:
                 producer.close(timeout=10)
 

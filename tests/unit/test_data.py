@@ -59,9 +59,9 @@ def test_parquet_without_rows_is_refused(tmp_path: Path) -> None:
 
 def test_unparseable_file_names_file_and_line(tmp_path: Path) -> None:
     path = _write(tmp_path / "bad.jsonl", '{"a": 1}\n{"a": \n')
-    with pytest.raises(DataError, match=r"bad\.jsonl: line 2 is not valid JSON"):
+    with pytest.raises(DataError, match=r"bad\.jsonl: line 2: record value is not valid JSON"):
         read_frame(path)
-    with pytest.raises(DataError, match=r"a\.jsonl: line 1 is a JSON array, expected an object"):
+    with pytest.raises(DataError, match=r"a\.jsonl: line 1: expected a JSON object, got a JSON array"):
         read_frame(_write(tmp_path / "a.jsonl", "[1]\n"))
 
 

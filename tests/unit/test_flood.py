@@ -7,6 +7,7 @@ import threading
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests.fakes import ListSink, ListSource
 from worker.flood import COOLDOWN, RATE_LIMIT, FloodControl
 from worker.http import HealthState
 from worker.loop import Worker
@@ -68,40 +69,6 @@ def test_settings_validate() -> None:
         FloodControl("h", -1, 0)
 
 
-class Source:
-    def __init__(self, n: int) -> None:
-        self.batches = [[Record("events", 0, i, None, b"{}") for i in range(n)]]
-        self.committed: dict = {}
-
-    def poll_batch(self) -> list[Record]:
-        return self.batches.pop(0) if self.batches else []
-
-    def commit(self, offsets: dict) -> None:
-        self.committed.update(offsets)
-
-    def rewind(self, offsets: dict) -> None: ...
-    def lag(self) -> dict:
-        return {}
-
-    def assigned(self) -> set:
-        return {("events", 0)}
-
-    def reachable(self) -> bool:
-        return True
-
-    def close(self) -> None: ...
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.alerts: list[Alert] = []
-
-    def publish(self, alerts: list[Alert], dead_letters: list) -> None:
-        self.alerts.extend(alerts)
-
-    def close(self) -> None: ...
-
-
 class AlertEverything:
     """A pipeline stand-in: every record is an alert about host 'noisy'."""
 
@@ -129,7 +96,7 @@ def test_the_loop_commits_every_record_and_counts_what_it_suppressed() -> None:
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry)
     metrics.set_model("v1", 1.0)
-    source, sink = Source(50), Sink()
+    source, sink = ListSource([[Record("events", 0, i, None, b"{}") for i in range(50)]]), ListSink()
     worker = Worker(source, sink, AlertEverything(), metrics, HealthState(), "events",  # type: ignore[arg-type]
                     threading.Event(), flood=FloodControl("host", cooldown_s=3600, max_alerts_per_s=0))
     worker.run_once()

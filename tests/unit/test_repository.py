@@ -13,6 +13,7 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests.fakes import ListSink, ListSource
 from tests.unit.conftest import TRAIN_ARGS, TrainedBundle
 from tests.unit.test_cli import assert_user_error, run
 from training.bundle import CURRENT, MANIFEST, VERSIONS, current_version, load_bundle, resolve_model
@@ -81,41 +82,6 @@ def test_train_refuses_a_repo_that_is_not_one(tmp_path: Path, trained_bundle: Tr
 
 
 # --- the worker follows promotions ------------------------------------------------------------------
-
-class ListSource:
-    """Batches from a list; commits recorded (a Source for the loop, no broker)."""
-
-    def __init__(self, batches: list[list[Record]]) -> None:
-        self.batches, self.committed = batches, {}
-
-    def poll_batch(self) -> list[Record]:
-        return self.batches.pop(0) if self.batches else []
-
-    def commit(self, offsets: dict) -> None:
-        self.committed.update(offsets)
-
-    def rewind(self, offsets: dict) -> None: ...
-    def lag(self) -> dict:
-        return {}
-
-    def assigned(self) -> set:
-        return {("events", 0)}
-
-    def reachable(self) -> bool:
-        return True
-
-    def close(self) -> None: ...
-
-
-class ListSink:
-    def __init__(self) -> None:
-        self.alerts: list = []
-
-    def publish(self, alerts: list, dead_letters: list) -> None:
-        self.alerts.extend(alerts)
-
-    def close(self) -> None: ...
-
 
 def outliers(first: int, n: int) -> list[Record]:
     event = {"amount": 1e6, "latency": 5000.0, "version": 7.0, "method": "PUT"}
