@@ -66,6 +66,7 @@ class KafkaSource:
                 max_poll_records=settings.max_batch, fetch_max_bytes=64 * 1024 * 1024,
                 max_partition_fetch_bytes=max(settings.max_event_bytes * 2, 1024 * 1024),
                 request_timeout_ms=int(settings.kafka_timeout_s * 1000),
+                bootstrap_timeout_ms=int(settings.kafka_timeout_s * 1000),
                 session_timeout_ms=int(settings.session_timeout_s * 1000),
                 max_poll_interval_ms=int(settings.max_poll_interval_s * 1000), isolation_level=settings.isolation_level,
                 **client_options(settings))
@@ -225,6 +226,7 @@ class KafkaSink:
                 compression_type=None if settings.output_compression == "none" else settings.output_compression,
                 max_request_size=max(settings.max_event_bytes * 2, 1024 * 1024),
                 request_timeout_ms=int(settings.kafka_timeout_s * 1000),
+                bootstrap_timeout_ms=int(settings.kafka_timeout_s * 1000),
                 delivery_timeout_ms=int(settings.kafka_timeout_s * 1000) + 5_000, **client_options(settings))
         except KafkaError as exc:
             raise BrokerUnavailable(f"no Kafka broker reachable at {settings.bootstrap_servers}") from exc
