@@ -196,7 +196,8 @@ def export_saved_model(models: Sequence[keras.Model], feature_weights: np.ndarra
     3. feature_errors_j = (1 - w) * e_j / recon_scale + w * n_j / distance_scale, and score = mean_j of it,
        so the score splits exactly into score_reconstruction + score_distance, and per-field shares add up;
     4. reconstruction (the "expected" values of explanations): per column, the nearest bank row's value
-       where the neighbour part of that column's error is larger, else the autoencoders' mean reconstruction.
+       where the neighbour part of that column's error is at least the reconstruction part, else the
+       autoencoders' mean reconstruction.
 
     Without `neighbours` (or with w = 0) the score is the reconstruction term alone.
     """
@@ -236,7 +237,7 @@ def export_saved_model(models: Sequence[keras.Model], feature_weights: np.ndarra
         recon_part = recon_errors * recon_factor
         distance_part = neighbour_errors * distance_factor
         errors = recon_part + distance_part
-        expected = tf.where(distance_part > recon_part, rows[:, 0, :], mean_reconstruction)
+        expected = tf.where(distance_part >= recon_part, rows[:, 0, :], mean_reconstruction)
         return {"reconstruction": expected, "feature_errors": errors, "score": tf.reduce_mean(errors, axis=1),
                 "score_reconstruction": tf.reduce_mean(recon_part, axis=1),
                 "score_distance": tf.reduce_mean(distance_part, axis=1)}
