@@ -37,14 +37,15 @@ def schema_and_rows() -> tuple[FeatureSchema, np.ndarray, np.ndarray]:
     return schema, matrix[:200], matrix[200:]
 
 
-def export(tmp: Path, schema: FeatureSchema, bank: np.ndarray | None, weight: float, name: str) -> Scorer:
+def export(tmp: Path, schema: FeatureSchema, bank: np.ndarray | None, weight: float, name: str,
+           k: int = K) -> Scorer:
     import keras
 
     keras.utils.set_random_seed(0)
     model = build(schema.width, (4, 2))  # untrained: the reconstruction is poor, so the test sees both terms
     path = tmp / name
     export_saved_model([model], np.ones(schema.width, dtype=np.float32), path,
-                       NeighbourTerm(bank=bank, k=K) if bank is not None else None,
+                       NeighbourTerm(bank=bank, k=k) if bank is not None else None,
                        Combination(distance_weight=weight, reconstruction_scale=2.0, distance_scale=0.5))
     return Scorer(path, schema)
 
@@ -55,6 +56,7 @@ def scorers(tmp_path_factory: pytest.TempPathFactory,
     schema, bank, _ = schema_and_rows
     tmp = tmp_path_factory.mktemp("neighbours")
     return {"mixed": export(tmp, schema, bank, 0.6, "mixed"), "distance": export(tmp, schema, bank, 1.0, "dist"),
+            "nearest": export(tmp, schema, bank, 1.0, "nearest", k=1),
             "reconstruction": export(tmp, schema, None, 0.6, "recon")}
 
 
@@ -69,6 +71,16 @@ def test_in_graph_knn_equals_numpy_brute_force(scorers: dict[str, Scorer],
     np.testing.assert_allclose(scores.parts["score_reconstruction"], 0.0, atol=1e-7)
     # every column's error comes from the distance term, so the expected values are the nearest bank row
     np.testing.assert_allclose(scores.reconstruction, bank[nearest[:, 0]], atol=1e-6)
+
+
+def test_single_neighbour_path_equals_numpy_brute_force(
+        scorers: dict[str, Scorer], schema_and_rows: tuple[FeatureSchema, np.ndarray, np.ndarray]) -> None:
+    _, bank, rows = schema_and_rows
+    scores = scorers["nearest"].score(rows)  # k = 1 uses argmin instead of top_k
+    nearest, per_column = brute_force(rows, bank, 1)
+    np.testing.assert_allclose(scores.score, per_column.mean(axis=1) / 0.5, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(scores.reconstruction, bank[nearest[:, 0]], atol=1e-6)
+    assert scorers["nearest"].score(bank[:20]).score == pytest.approx(np.zeros(20), abs=1e-5)  # bank rows: 0
 
 
 def test_parts_add_up_to_the_score_and_to_the_field_errors(scorers: dict[str, Scorer], schema_and_rows: tuple[
@@ -128,6 +140,8 @@ def test_neighbour_bank_is_a_seeded_subsample_of_training_rows() -> None:
     small = neighbour_bank(train[:3], ScoreConfig(bank_rows=10, neighbours=5), seed=1)
     assert small is not None and small.k == 3  # never more neighbours than bank rows
     assert neighbour_bank(train, ScoreConfig(distance_weight=0.0), seed=1) is None
+    capped = neighbour_bank(train, ScoreConfig(bank_rows=10, bank_cells=8, neighbours=1), seed=1)
+    assert capped is not None and capped.bank.shape == (4, 2)  # 8 numbers of a 2-wide schema: 4 rows
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
