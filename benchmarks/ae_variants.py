@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.quality import Autoencoder, Result, find_datasets, one_class_split, run_method, shared_data_dir
+from benchmarks.quality import Product, Result, find_datasets, one_class_split, run_method, shared_data_dir
 from training.model import FitConfig
 from training.train import TrainConfig
 
@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         split = one_class_split(dataset.is_anomaly)
         for variant in args.variants:
             with tempfile.TemporaryDirectory(prefix="bench-variant-") as tmp:
-                result = run_method(Autoencoder(VARIANTS[variant], Path(tmp)), "autoencoder", dataset, split)
+                result = run_method(Product(VARIANTS[variant], Path(tmp)), "detector", dataset, split)
             rows.append((variant, result))
             print(f"{name:24s} {variant:40s} ROC-AUC {result.roc_auc:.4f}  PR-AUC {result.pr_auc:.4f}  "
                   f"fit {result.fit_seconds:6.1f}s", flush=True)

@@ -40,9 +40,45 @@ def score_histogram(path: Path, normal: np.ndarray, anomalous: np.ndarray | None
         ax.hist(np.maximum(anomalous, floor), bins=list(bins), alpha=0.6, label=f"anomalous ({anomalous.size})",
                 weights=np.full(anomalous.size, 1.0 / anomalous.size))
     ax.axvline(threshold, color="red", linestyle="--", label=f"threshold {threshold:.4g}")
-    ax.set(xscale="log", xlabel="anomaly score (reconstruction error)", ylabel="share of rows",
+    ax.set(xscale="log", xlabel="anomaly score", ylabel="share of rows",
            title="Score distribution")
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+#: Signature outputs that make up the score, and how the report names them.
+PART_TITLES = {"score_reconstruction": "reconstruction", "score_distance": "nearest-neighbour distance"}
+
+
+def part_shares(parts: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Mean share of each row's score that comes from each term (rows with score 0 count equally for all)."""
+    names = [n for n in PART_TITLES if n in parts]
+    if not names or len(parts[names[0]]) == 0:
+        return {}
+    stacked = np.stack([np.asarray(parts[n], dtype=np.float64) for n in names], axis=1)
+    totals = stacked.sum(axis=1, keepdims=True)
+    shares = np.where(totals > 0, stacked / np.where(totals > 0, totals, 1.0), 1.0 / len(names))
+    return {PART_TITLES[n]: float(v) for n, v in zip(names, shares.mean(axis=0), strict=True)}
+
+
+def describe_shares(shares: Mapping[str, float], rows: int) -> str:
+    """'reconstruction 31 %, nearest-neighbour distance 69 % (120 rows)' for the facts table."""
+    return ", ".join(f"{name} {100 * share:.0f} %" for name, share in shares.items()) + f" ({rows} rows)"
+
+
+def score_parts(path: Path, groups: Mapping[str, Mapping[str, float]]) -> None:
+    """Stacked bars: for each group of rows, the mean share of the score from each term."""
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    labels = list(groups)
+    left = np.zeros(len(labels))
+    for title in PART_TITLES.values():
+        values = np.array([groups[g].get(title, 0.0) for g in labels])
+        ax.barh(labels, values, left=left, label=title)
+        left += values
+    ax.set(xlim=(0, 1), xlabel="mean share of the score", title="Where the score comes from")
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

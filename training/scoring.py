@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +16,19 @@ import numpy as np
 
 from training.errors import BundleError
 from training.features import FeatureSchema, NumericField
-from training.model import SIGNATURE, SIGNATURE_INPUT, tf
+from training.model import PART_OUTPUTS, SIGNATURE, SIGNATURE_INPUT, tf
 from training.tf_runtime import quiet_native_stderr
 
 
 @dataclass(frozen=True)
 class Scores:
-    """Scores of a batch: one score per row, and the error of each field (one-hots folded back)."""
+    """Scores of a batch: one score per row, the error of each field (one-hots folded back), the expected
+    values, and the score's parts by term (`score_reconstruction`, `score_distance`; they sum to the score)."""
 
     score: np.ndarray
     field_errors: np.ndarray
     reconstruction: np.ndarray
+    parts: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.score)
@@ -97,7 +99,8 @@ class Scorer:
         joined = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         return Scores(score=joined["score"].astype(np.float64),
                       field_errors=joined["feature_errors"] @ self._fold,
-                      reconstruction=joined["reconstruction"])
+                      reconstruction=joined["reconstruction"],
+                      parts={k: joined[k].astype(np.float64) for k in PART_OUTPUTS if k in joined})
 
     def top_fields(self, scores: Scores) -> list[str]:
         """The field with the largest error for each row."""

@@ -24,7 +24,7 @@ from training.data import Labels, file_sha256, infer_kinds, raw_columns, read_fr
 from training.errors import ConfigError, DataError
 from training.evaluate import Evaluation, evaluate
 from training.features import CATEGORICAL, field_histograms, fit_schema
-from training.model import FitConfig, export_saved_model, fit
+from training.model import Combination, FitConfig, ScoreConfig, export_saved_model, fit, neighbour_bank, typical
 from training.scoring import Scorer
 from training.threshold import Threshold, ThresholdConfig, calibrate, score_histogram
 
@@ -37,6 +37,7 @@ class TrainConfig:
     """Everything a training run needs besides the data."""
 
     fit: FitConfig = field(default_factory=FitConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     categorical: tuple[str, ...] = ()
     drop: tuple[str, ...] = ()
@@ -127,10 +128,22 @@ def train_frame(frame: pd.DataFrame, out_dir: Path | Destination, config: TrainC
         val_matrix = matrix[normal_idx[splits.validation]]
         recon = Scorer(unweighted, schema).score(val_matrix).reconstruction
         weights = feature_weights((val_matrix - recon) ** 2, config.weighting)
+        # Each term is put on the scale of validation normals (rows neither term was fitted on).
+        neighbours = neighbour_bank(matrix[train_rows], config.score, config.fit.seed)
+        combination = Combination()
+        if neighbours is not None:
+            probe = Path(tmp) / "unscaled"
+            export_saved_model(fitted.models, weights, probe, neighbours, Combination(distance_weight=0.5))
+            parts = Scorer(probe, schema).score(val_matrix).parts
+            combination = Combination(
+                distance_weight=config.score.distance_weight,
+                reconstruction_scale=typical(2 * parts["score_reconstruction"], config.score.scale_quantile),
+                distance_scale=typical(2 * parts["score_distance"], config.score.scale_quantile))
         final = Path(tmp) / "saved_model"
-        export_saved_model(fitted.models, weights, final)
+        export_saved_model(fitted.models, weights, final, neighbours, combination)
         scorer = Scorer(final, schema)
-        calib_scores = scorer.score(matrix[normal_idx[splits.calibration]]).score
+        calib = scorer.score(matrix[normal_idx[splits.calibration]])
+        calib_scores = calib.score
         threshold = calibrate(calib_scores, config.threshold)
         if threshold.method != "manual" and calib_scores.size * (1.0 - _quantile(threshold)) < 5:
             log(f"warning: the threshold rests on fewer than 5 of {calib_scores.size} calibration rows; "
@@ -138,13 +151,28 @@ def train_frame(frame: pd.DataFrame, out_dir: Path | Destination, config: TrainC
         reference = np.concatenate([scorer.score(val_matrix).score, calib_scores])
         evaluation = None
         test_scores = anomaly_scores = None
+        # How much of each score comes from which term, for normal rows, alerts and labelled anomalies.
+        part_groups = {"calibration normals": (calib.parts, calib.score.size)}
         if config.labels is not None:
-            test_scores = scorer.score(matrix[normal_idx[splits.test_normal]]).score
-            anomaly_scores = scorer.score(matrix[~normal_mask]).score if (~normal_mask).any() else np.array([])
-            if anomaly_scores.size:
-                evaluation = evaluate(np.concatenate([test_scores, anomaly_scores]),
-                                      np.r_[np.zeros(test_scores.size, bool), np.ones(anomaly_scores.size, bool)],
-                                      threshold.value)
+            test = scorer.score(matrix[normal_idx[splits.test_normal]])
+            anomalies = scorer.score(matrix[~normal_mask]) if (~normal_mask).any() else None
+            test_scores = test.score
+            anomaly_scores = anomalies.score if anomalies is not None else np.array([])
+            if anomalies is not None:
+                part_groups["labelled anomalies"] = (anomalies.parts, anomalies.score.size)
+                above = np.concatenate([test.score, anomalies.score]) > threshold.value
+                part_groups["alerts (test rows above threshold)"] = (
+                    {k: np.concatenate([test.parts[k], anomalies.parts[k]])[above] for k in test.parts},
+                    int(above.sum()))
+        else:
+            above = calib.score > threshold.value
+            part_groups["alerts (calibration rows above threshold)"] = (
+                {k: v[above] for k, v in calib.parts.items()}, int(above.sum()))
+        shares = {group: report.part_shares(parts) for group, (parts, _) in part_groups.items()}
+        if test_scores is not None and anomaly_scores is not None and anomaly_scores.size:
+            evaluation = evaluate(np.concatenate([test_scores, anomaly_scores]),
+                                  np.r_[np.zeros(test_scores.size, bool), np.ones(anomaly_scores.size, bool)],
+                                  threshold.value)
         seconds = time.perf_counter() - started
         training_facts: dict[str, Any] = {
             "rows": int(len(frame)), "normal_rows": int(normal_idx.size), "train_rows": int(splits.train.size),
@@ -155,12 +183,18 @@ def train_frame(frame: pd.DataFrame, out_dir: Path | Destination, config: TrainC
             "best_val_loss": float(min(fitted.val_loss)), "seed": config.fit.seed,
             "batch_size": config.fit.batch_size, "learning_rate": config.fit.learning_rate,
             "weighting": config.weighting, "feature_weights": [round(float(w), 6) for w in weights],
+            "distance_weight": combination.distance_weight if neighbours is not None else 0.0,
+            "neighbours": neighbours.k if neighbours is not None else 0,
+            "bank_rows": len(neighbours.bank) if neighbours is not None else 0,
+            "reconstruction_scale": combination.reconstruction_scale, "distance_scale": combination.distance_scale,
+            "score_part_shares": shares,
             "seconds": round(seconds, 2),
         }
 
         def write_report(directory: Path) -> None:
-            images = ["loss.png", "scores.png"]
+            images = ["loss.png", "scores.png", "score_parts.png"]
             report.loss_curve(directory / "loss.png", fitted.loss, fitted.val_loss, fitted.best_epoch)
+            report.score_parts(directory / "score_parts.png", {g: v for g, v in shares.items() if v})
             report.score_histogram(directory / "scores.png",
                                    test_scores if test_scores is not None else calib_scores,
                                    anomaly_scores if anomaly_scores is not None and anomaly_scores.size else None,
@@ -176,7 +210,10 @@ def train_frame(frame: pd.DataFrame, out_dir: Path | Destination, config: TrainC
             facts: dict[str, Any] = {"data": str(source), "threshold": threshold.value,
                                      "threshold method": f"{threshold.method} {threshold.parameter:g}",
                                      "calibration false-positive rate": threshold.calibration_fpr,
-                                     **{k: v for k, v in training_facts.items() if k != "feature_weights"}}
+                                     **{k: v for k, v in training_facts.items()
+                                        if k not in ("feature_weights", "score_part_shares")}}
+            facts.update({f"score parts, {group}": report.describe_shares(shares[group], rows)
+                          for group, (_, rows) in part_groups.items() if shares[group]})
             if evaluation is not None:
                 facts.update({f"test {k}": v for k, v in evaluation.to_dict().items()})
             report.write_html(directory / "report.html", "Anomaly model training report", facts, images)
