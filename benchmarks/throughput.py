@@ -862,7 +862,7 @@ def _measure(args: argparse.Namespace, bootstrap: str, bundle: Path, workdir: Pa
         "settings": {
             "nproc": os.cpu_count(),
             "python": platform.python_version(), "kafka-python": kafka.__version__,
-            "confluent-kafka / librdkafka": f"{confluent_kafka.version()[0]} / {confluent_kafka.libversion()[0]}",
+            "confluent-kafka / librdkafka": f"{confluent_kafka.__version__} / {confluent_kafka.libversion()[0]}",
             "worker Kafka client (c, e, f)": "confluent",
             "broker": "started by benchmark (deploy/kafka/kafka-local.sh, 1 node)" if not args.bootstrap_servers
                       else args.bootstrap_servers,
