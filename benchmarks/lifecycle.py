@@ -101,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     from worker.records import Record
 
     cache = Path(tempfile.gettempdir())
-    live = load_bundle(cached_bundle(cache))
-    candidate_dir = cache / "anomaly-lifecycle-candidate"
+    live_dir = cached_bundle(cache)
+    live = load_bundle(live_dir)
+    candidate_dir = cache / f"{live_dir.name}-candidate"  # the same defaults, another seed
     if not (candidate_dir / "manifest.json").exists():
         import subprocess
 
