@@ -107,10 +107,11 @@ def local_broker(workdir: Path) -> Iterator[str]:
 
 def cached_bundle(cache_root: Path) -> Path:
     """Train once per (sample file, training arguments); later runs reuse the bundle."""
-    from training.model import FitConfig, default_hidden
+    from training.model import default_hidden
+    from training.train import TrainConfig
 
-    # The model defaults are part of the key, so a change of defaults retrains.
-    defaults = f"{FitConfig()!r} {default_hidden(0)!r}"
+    # The training defaults (model and score) are part of the key, so a change of defaults retrains.
+    defaults = f"{TrainConfig()!r} {default_hidden(0)!r}"
     key = hashlib.sha256(SAMPLE.read_bytes() + " ".join(TRAIN_ARGS).encode() + defaults.encode()).hexdigest()[:16]
     bundle = cache_root / f"anomaly-throughput-bundle-{key}"
     if not (bundle / "manifest.json").exists():
