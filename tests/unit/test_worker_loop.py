@@ -10,71 +10,16 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests.fakes import TOPIC, FakeSource
 from worker.alerts import build_alert
-from worker.errors import CommitError, DeliveryError, RebalanceInProgress
+from worker.errors import DeliveryError
 from worker.http import HealthState
-from worker.loop import Backoff, Offsets, Worker
+from worker.loop import Backoff, Worker
 from worker.metrics import WorkerMetrics
 from worker.pipeline import BatchResult
 from worker.records import Alert, DeadLetter, Record
 
-TOPIC = "events"
 MODEL = "m1"
-
-
-class FakeSource:
-    """Partitions as in-memory lists; a position and a committed offset per partition, like a consumer."""
-
-    def __init__(self, log: list[tuple], partitions: dict[int, list[bytes]], max_batch: int = 4) -> None:
-        self.log = log
-        self.data = {(TOPIC, p): values for p, values in partitions.items()}
-        self.position = {tp: 0 for tp in self.data}
-        self.committed: dict[tuple[str, int], int] = {}
-        self.max_batch = max_batch
-        self.fail_commits = 0
-        self.rebalancing = False
-        self.broker_up = True
-        self.on_empty: threading.Event | None = None
-
-    def poll_batch(self) -> list[Record]:
-        out: list[Record] = []
-        for (topic, p), values in sorted(self.data.items()):
-            while self.position[(topic, p)] < len(values) and len(out) < self.max_batch:
-                offset = self.position[(topic, p)]
-                out.append(Record(topic, p, offset, None, values[offset], timestamp_ms=None))
-                self.position[(topic, p)] += 1
-        self.log.append(("poll", [(r.partition, r.offset) for r in out]))
-        if not out and self.on_empty is not None:
-            self.on_empty.set()
-        return out
-
-    def commit(self, offsets: Offsets) -> None:
-        if self.rebalancing:
-            self.log.append(("commit-deferred", dict(offsets)))
-            raise RebalanceInProgress("rebalancing")
-        if self.fail_commits:
-            self.fail_commits -= 1
-            self.log.append(("commit-failed", dict(offsets)))
-            raise CommitError("coordinator not available")
-        self.committed.update(offsets)
-        self.log.append(("commit", dict(offsets)))
-
-    def rewind(self, offsets: Offsets) -> None:
-        self.position.update(offsets)
-        self.log.append(("rewind", dict(offsets)))
-
-    def lag(self) -> dict[tuple[str, int], int]:
-        return {tp: len(v) - self.position[tp] for tp, v in self.data.items()}
-
-    def assigned(self) -> set[tuple[str, int]]:
-        return set(self.data)
-
-    def close(self) -> None:
-        self.log.append(("close_source",))
-
-    def reachable(self) -> bool:
-        self.log.append(("reachable", self.broker_up))
-        return self.broker_up
 
 
 class FakeSink:
