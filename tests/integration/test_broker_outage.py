@@ -123,7 +123,9 @@ def start_worker(model: Model, bootstrap: str, t: Topics, log_path: Path, kafka_
            "--bootstrap-servers", bootstrap,
            "--input-topic", t.input, "--alert-topic", t.alerts, "--dead-letter-topic", t.dead_letters,
            "--group-id", t.group, "--metrics-host", "127.0.0.1", "--metrics-port", str(port),
-           "--max-wait-ms", "100", "--kafka-timeout-s", str(KAFKA_TIMEOUT_S), "--shutdown-timeout-s", "10"]
+           "--max-wait-ms", "100", "--kafka-timeout-s", str(KAFKA_TIMEOUT_S), "--shutdown-timeout-s", "10",
+           # kafka-python 3.0.12 can stall in a rebalance; the worker replaces such a consumer after this.
+           "--rejoin-timeout-s", "30"]
     return WorkerProcess(cmd, log_path, port)
 
 
