@@ -196,6 +196,10 @@ class CommitTracker:
 
     def commit(self, offsets: Any) -> None:
         self.source.commit(offsets)
+        self.saw_commit(offsets)
+
+    def saw_commit(self, offsets: Any) -> None:
+        """Offsets are committed (by this source, or in a transaction by `TransactionTracker`)."""
         self.committed.update(offsets)
         self.last_commit = time.perf_counter()
 
@@ -220,13 +224,32 @@ class CommitTracker:
         return all(self.committed.get(k, 0) >= v for k, v in ends.items())
 
 
-def worker_settings(bootstrap: str, bundle: Path, input_topic: str, tag: str, client: str = "confluent") -> Any:
+class TransactionTracker:
+    """An exactly-once Sink that delegates to the real one and tells the `CommitTracker` what it committed."""
+
+    def __init__(self, sink: Any, tracker: CommitTracker) -> None:
+        self.sink, self.tracker = sink, tracker
+
+    def publish(self, alerts: Any, dead_letters: Any) -> None:
+        self.sink.publish(alerts, dead_letters)
+
+    def publish_and_commit(self, alerts: Any, dead_letters: Any, offsets: Any) -> None:
+        self.sink.publish_and_commit(alerts, dead_letters, offsets)
+        self.tracker.saw_commit(offsets)
+
+    def close(self) -> None:
+        self.sink.close()
+
+
+def worker_settings(bootstrap: str, bundle: Path, input_topic: str, tag: str, client: str = "confluent",
+                    delivery: str = "at-least-once") -> Any:
     from worker.config import Settings
 
+    group = f"throughput-{tag}-{uuid.uuid4().hex[:8]}"
     return Settings(model=bundle, bootstrap_servers=bootstrap, input_topic=input_topic,
                     alert_topic=f"{input_topic}-alerts", dead_letter_topic=f"{input_topic}-dlq",
-                    group_id=f"throughput-{tag}-{uuid.uuid4().hex[:8]}", max_batch=MAX_BATCH,
-                    client_id=f"throughput-{tag}", kafka_client=client)
+                    group_id=group, max_batch=MAX_BATCH, client_id=f"throughput-{tag}", kafka_client=client,
+                    delivery=delivery, transactional_id=group)
 
 
 def run_worker(settings: Any, ends: dict[tuple[str, int], int], pipeline_class: type | None = None,
@@ -237,9 +260,13 @@ def run_worker(settings: Any, ends: dict[tuple[str, int], int], pipeline_class: 
 
     runtime = build_runtime(settings, pipeline_class or Pipeline)
     runtime.health.broker_ok = True
+    from worker.loop import TransactionalSink
+
     worker = build_worker(runtime, wrap_source=CommitTracker)
     tracked = worker.source
     assert isinstance(tracked, CommitTracker)
+    if isinstance(worker.sink, TransactionalSink):
+        worker.sink = TransactionTracker(worker.sink, tracked)
     alerts = dead = consumed = 0
     stop_at = time.monotonic() + deadline_s
     try:
