@@ -598,6 +598,7 @@ def run_latency(bootstrap: str, bundle: Path, values: Sequence[bytes], rate: flo
             if len(latencies) != last:
                 last, quiet_since = len(latencies), time.monotonic()
             time.sleep(0.2)
+        stages = stage_means_ms(f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
         stop.set()
         if collector.is_alive():
@@ -607,7 +608,24 @@ def run_latency(bootstrap: str, bundle: Path, values: Sequence[bytes], rate: flo
     return {"offered_events_per_s": rate, "events": n, "load": load.stdout.strip(), "alerts": int(ms.size),
             "p50_ms": float(np.percentile(ms, 50)) if ms.size else None,
             "p99_ms": float(np.percentile(ms, 99)) if ms.size else None,
-            "max_ms": float(ms.max()) if ms.size else None}
+            "max_ms": float(ms.max()) if ms.size else None, "stage_means_ms": stages}
+
+
+def stage_means_ms(metrics_url: str) -> dict[str, float]:
+    """Mean milliseconds per batch in each stage, from the worker's `anomaly_batch_stage_seconds`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "anomaly_batch_stage_seconds_sum":
+                sums[sample.labels["stage"]] = sample.value
+            elif sample.name == "anomaly_batch_stage_seconds_count":
+                counts[sample.labels["stage"]] = sample.value
+    return {stage: 1000.0 * sums[stage] / counts[stage] for stage in sums if counts.get(stage)}
 
 
 OFFER_LOAD = "import sys; from benchmarks.throughput import offer_load; offer_load(*sys.argv[1:])"
@@ -738,6 +756,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         *[f"| {name} of (a) | {d['offered_events_per_s']:,.0f} | {d['events']:,} | {d['alerts']:,} "
           f"| {_ms(d['p50_ms'])} | {_ms(d['p99_ms'])} | {_ms(d['max_ms'])} "
           f"| {met(d['p99_ms'] or float('inf'), BATCH_WINDOW_MS + 50, below=True) if name == '50 %' else ''} |"
+          for name, d in report["latency"].items()],
+        "",
+        "Where a batch's time goes inside the worker (mean ms per batch, from `anomaly_batch_stage_seconds`): "
+        "poll = waiting for records (up to the batch window), process = decode to alert documents, publish = "
+        "produce and wait for every ack, commit = offsets.",
+        "",
+        *[f"- load {name}: " + ", ".join(f"{stage} {value:.1f}" for stage, value in d.get("stage_means_ms", {}).items())
           for name, d in report["latency"].items()],
         "",
         *[f"- load {name}: `{d['load']}`" for name, d in report["latency"].items()],

@@ -127,6 +127,7 @@ class Worker:
         self.model_updates = model_updates
         self.flood = flood
         self.shadow = shadow
+        self._stages: dict[str, float] = {}  # seconds per stage of the current batch (metrics)
 
     def swap_model(self, pipeline: Pipeline) -> None:
         """Score from the next batch on with `pipeline` (a new model version); the drift baseline follows it."""
@@ -165,6 +166,7 @@ class Worker:
         self.health.heartbeat()
         if self.model_updates is not None and (update := self.model_updates()) is not None:
             self.swap_model(update)                                                # between two batches
+        polled = time.perf_counter()
         records = self.source.poll_batch()                                         # 1
         self.health.assigned_partitions = len(self.source.assigned())
         if not records:
@@ -176,11 +178,13 @@ class Worker:
             self._update_lag()
             return None
         started = time.perf_counter()
+        self._stages = {"poll": started - polled}
         result = self.pipeline.process(records)                                    # 2
         if self.shadow is not None:
             self.shadow.compare(records, result)
         decision = self.flood.decide(result.alerts, time.time()) if self.flood else None
         alerts = result.alerts if decision is None else decision.publish + decision.summaries
+        self._stages["process"] = time.perf_counter() - started
         if isinstance(self.sink, TransactionalSink):
             delivered = self._publish_and_commit(self.sink, records, alerts, result)  # 3 + 4, one transaction
         else:
@@ -191,12 +195,14 @@ class Worker:
             self._apply_flood_decision(decision)
         try:
             self._record(result, alerts, time.perf_counter() - started)            # 5
+            self.metrics.observe_stages(self._stages)
         except Exception:  # noqa: BLE001 - metrics never take the worker down after a commit
             log.exception("updating metrics for a batch failed; the batch itself is delivered and committed")
         return result
 
     def _publish_then_commit(self, records: Sequence[Record], alerts: Sequence[Alert], result: BatchResult) -> bool:
         """Step 3, publish and confirm, then step 4; if step 3 fails, rewind the batch and back off (False)."""
+        started = time.perf_counter()
         try:
             self.sink.publish(alerts, result.dead_letters)
         except DeliveryError as exc:
@@ -207,8 +213,11 @@ class Worker:
             self.source.rewind(first_offsets(records))
             self.backoff.wait()
             return False
+        published = time.perf_counter()
+        self._stages["publish"] = published - started
         self.pending.update(next_offsets(records))
         self._commit_pending()
+        self._stages["commit"] = time.perf_counter() - published
         return True
 
     def _publish_and_commit(self, sink: TransactionalSink, records: Sequence[Record], alerts: Sequence[Alert],
@@ -227,6 +236,7 @@ class Worker:
             self.backoff.wait()
             return False
         self.metrics.record_transaction("committed", time.perf_counter() - started)
+        self._stages["publish"] = time.perf_counter() - started
         self.metrics.record_commit()
         self.health.broker_ok = True
         self.backoff.reset()

@@ -101,6 +101,8 @@ def test_poll_then_process_then_publish_then_commit(log: list[tuple], registry: 
     assert registry.get_sample_value("anomaly_alerts_published_total", {"topic": TOPIC}) == 2
     assert registry.get_sample_value("anomaly_dead_letters_total", {"topic": TOPIC, "reason": "invalid_json"}) == 1
     assert registry.get_sample_value("anomaly_commits_total") == 1
+    for stage in ("poll", "process", "publish", "commit"):
+        assert registry.get_sample_value("anomaly_batch_stage_seconds_count", {"stage": stage}) == 1, stage
 
 
 def test_empty_poll_publishes_and_commits_nothing(log: list[tuple], registry: CollectorRegistry) -> None:
@@ -321,6 +323,9 @@ def test_exactly_once_publishes_records_and_offsets_in_one_transaction_and_never
     assert registry.get_sample_value("anomaly_transactions_total", {"result": "aborted"}) == 0
     assert registry.get_sample_value("anomaly_transaction_duration_seconds_count") == 1
     assert registry.get_sample_value("anomaly_commits_total") == 1
+    stages = {stage: registry.get_sample_value("anomaly_batch_stage_seconds_count", {"stage": stage})
+              for stage in ("poll", "process", "publish", "commit")}
+    assert stages == {"poll": 1, "process": 1, "publish": 1, "commit": 0}  # offsets commit inside "publish"
 
 
 def test_an_aborted_transaction_rewinds_and_the_batch_is_delivered_once_afterwards(
