@@ -10,7 +10,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -34,9 +34,11 @@ class Scores:
         return len(self.score)
 
 
-@dataclass(frozen=True)
-class Contribution:
-    """One field's share of a row's error, with the observed and the reconstructed ("expected") value."""
+class Contribution(NamedTuple):
+    """One field's share of a row's error, with the observed and the reconstructed ("expected") value.
+
+    A named tuple rather than a frozen dataclass: each alert carries several, and a tuple is built several
+    times faster."""
 
     field: str
     share: float
@@ -113,7 +115,7 @@ class Scorer:
 
     def explain_rows(self, scores: Scores, rows: Sequence[int], observed: Sequence[Mapping[str, Any]],
                      top_k: int = 3) -> list[list[Contribution]]:
-        """`explain` for many rows at once: the ranking and decoding are vectorised over the rows."""
+        """`explain` for many rows at once: ranking, shares and decoding are vectorised over the rows."""
         if len(rows) == 0:
             return []
         index = np.asarray(rows, dtype=np.intp)
@@ -121,6 +123,8 @@ class Scorer:
         totals = errors.sum(axis=1)
         totals[totals == 0] = 1.0
         top = np.argsort(-errors, axis=1, kind="stable")[:, :top_k]
+        # Element-wise the same division as errors[a, j] / totals[a], in the errors' own dtype.
+        shares = (np.take_along_axis(errors, top, axis=1) / totals[:, None]).tolist()
         reconstruction = scores.reconstruction[index]
         slices = self.schema.slices()
         expected: dict[int, list[Any]] = {}
@@ -129,10 +133,7 @@ class Scorer:
             block = reconstruction[:, slices[j]]
             expected[j] = (round_significant(f.decode(block[:, 0])).tolist() if isinstance(f, NumericField)
                            else f.decode(block))
-        out = []
-        for a, event in enumerate(observed):
-            out.append([
-                Contribution(field=self.schema.fields[j].name, share=float(errors[a, j] / totals[a]),
-                             observed=_plain(event.get(self.schema.fields[j].name)), expected=_plain(expected[j][a]))
-                for j in top[a].tolist()])
-        return out
+        names = self.schema.names
+        return [[Contribution(names[j], share, _plain(event.get(names[j])), _plain(expected[j][a]))
+                 for j, share in zip(picked, row_shares, strict=True)]
+                for a, (event, picked, row_shares) in enumerate(zip(observed, top.tolist(), shares, strict=True))]
