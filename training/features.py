@@ -32,6 +32,7 @@ MIN_CATEGORY_COUNT = 2
 #: Scaled values are clipped to +-CLIP so one absurd value cannot overflow float32 squared error.
 CLIP = 1.0e4
 UNKNOWN = "<unknown>"
+_TEXT_TYPES = frozenset({str, type(None)})
 
 
 def signed_log1p(x: np.ndarray) -> np.ndarray:
@@ -113,16 +114,29 @@ class CategoricalField:
 
     def encode(self, raw: np.ndarray) -> tuple[np.ndarray, int]:
         """Return (one-hot block, number of missing values imputed)."""
-        index = {v: i for i, v in enumerate(self.vocabulary)}
-        unknown = len(self.vocabulary)
-        out = np.zeros((len(raw), self.width), dtype=np.float64)
+        codes, n_missing = self._codes(list(raw))
+        out = np.zeros((len(codes), self.width), dtype=np.float64)
+        out[np.arange(len(codes)), codes] = 1.0
+        return out, n_missing
+
+    def _codes(self, values: list[Any]) -> tuple[np.ndarray, int]:
+        """Each value's one-hot column (unknown: the last; missing: the imputed value's), and how many were missing."""
+        index, unknown = self._index, len(self.vocabulary)
+        if set(map(type, values)) <= _TEXT_TYPES:  # parsed columns: text or None, each distinct value looked up once
+            code = {value: index.get(self.impute if value is None else value, unknown) for value in set(values)}
+            return np.fromiter(map(code.__getitem__, values), np.intp, len(values)), values.count(None)
+        codes = np.empty(len(values), dtype=np.intp)
         n_missing = 0
-        for row, value in enumerate(raw):
+        for row, value in enumerate(values):
             if value is None or (isinstance(value, float) and math.isnan(value)):
                 n_missing += 1
                 value = self.impute
-            out[row, index.get(str(value), unknown)] = 1.0
-        return out, n_missing
+            codes[row] = index.get(str(value), unknown)
+        return codes, n_missing
+
+    @cached_property
+    def _index(self) -> dict[str, int]:
+        return {v: i for i, v in enumerate(self.vocabulary)}
 
     def decode(self, block: np.ndarray) -> list[str]:
         """The category each reconstructed one-hot block points at (argmax)."""

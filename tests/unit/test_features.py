@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from training.errors import BundleError, ConfigError
 from training.features import (
@@ -125,6 +127,27 @@ def test_missing_categorical_takes_the_mode_and_is_counted() -> None:
     block, n_missing = field.encode(_objects(None, float("nan"), "POST"))
     assert n_missing == 2
     assert field.decode(block) == ["GET", "GET", "POST"]
+
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.sampled_from(["GET", "POST", "TRACE", "", "80", "nan", "None"]),
+                          st.text(max_size=3), st.integers(0, 99), st.floats(),
+                          st.sampled_from([np.str_("GET"), np.float64("nan")])), max_size=12),
+       st.sampled_from(["GET", "POST", "TRACE", UNKNOWN]))
+def test_one_hot_of_a_column_is_the_one_hot_of_each_value(values: list[object], impute: str) -> None:
+    # The column is encoded in one pass (each distinct text looked up once); every row must be what its value alone
+    # gives: missing (None, NaN) takes the imputed category, otherwise the text of the value, unknown if unseen.
+    field = CategoricalField(name="method", vocabulary=("GET", "POST", "80"), impute=impute)
+    block, n_missing = field.encode(_objects(*values))
+    expected = np.zeros((len(values), field.width))
+    missing = 0
+    for row, value in enumerate(values):
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            missing, value = missing + 1, impute
+        expected[row, {"GET": 0, "POST": 1, "80": 2}.get(str(value), 3)] = 1.0
+    assert n_missing == missing
+    np.testing.assert_array_equal(block, expected)
 
 
 # --- schema ----------------------------------------------------------------------------------
