@@ -52,11 +52,24 @@ class Contribution(NamedTuple):
 
 def _plain(value: Any) -> Any:
     """JSON-friendly scalar: numpy types to Python, NaN to None."""
+    if type(value) in _PLAIN_TYPES:  # the common case, checked first (this runs for every value of every alert)
+        return value
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and math.isnan(value):
         return None
     return value
+
+
+def _plain_floats(values: np.ndarray) -> list[float | None]:
+    """`_plain` of each value of a float array."""
+    missing = np.isnan(values)
+    return [None if m else v for v, m in zip(values.tolist(), missing.tolist(), strict=True)] if missing.any() \
+        else values.tolist()
+
+
+#: Types `_plain` returns unchanged (not float: NaN is not plain; not subclasses such as numpy's float64).
+_PLAIN_TYPES = frozenset({str, int, bool, type(None)})
 
 
 def round_significant(values: np.ndarray, digits: int = 6) -> np.ndarray:
@@ -131,9 +144,9 @@ class Scorer:
         for j in np.unique(top).tolist():
             f = self.schema.fields[j]
             block = reconstruction[:, slices[j]]
-            expected[j] = (round_significant(f.decode(block[:, 0])).tolist() if isinstance(f, NumericField)
-                           else f.decode(block))
+            expected[j] = _plain_floats(round_significant(f.decode(block[:, 0]))) if isinstance(f, NumericField) \
+                else f.decode(block)
         names = self.schema.names
-        return [[Contribution(names[j], share, _plain(event.get(names[j])), _plain(expected[j][a]))
+        return [[Contribution(names[j], share, _plain(event.get(names[j])), expected[j][a])
                  for j, share in zip(picked, row_shares, strict=True)]
                 for a, (event, picked, row_shares) in enumerate(zip(observed, top.tolist(), shares, strict=True))]
