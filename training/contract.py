@@ -301,6 +301,8 @@ class Columns:
     rows: int
 
     def valid_rows(self) -> np.ndarray:
+        if not self.problems:
+            return np.arange(self.rows)
         return np.setdiff1d(np.arange(self.rows), np.fromiter(self.problems, dtype=np.intp, count=len(self.problems)))
 
     def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:

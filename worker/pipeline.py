@@ -133,20 +133,22 @@ class Pipeline:
         columns: dict[str, np.ndarray] = {}
         if valid:
             # scale -> model -> score: one model call for the whole batch.
-            columns = parsed.take(np.asarray(valid, dtype=np.intp))
+            columns = parsed.columns if len(valid) == parsed.rows else parsed.take(np.asarray(valid, dtype=np.intp))
             encoded = schema.encode(columns)
             result = self.scorer.score(encoded.matrix)
             scores = result.score
             missing = {k: v for k, v in encoded.missing.items() if v}
             # threshold -> alert, explained by the fields with the largest share of the error.
             now = self.clock()
-            flagged = np.flatnonzero(scores > self.threshold).tolist()
+            flagged_rows = np.flatnonzero(scores > self.threshold)
+            flagged = flagged_rows.tolist()
             flagged_events = [events[valid[i]] for i in flagged]
             explained = self.scorer.explain_rows(result, flagged, flagged_events, self.top_features)
-            for i, event, contributions in zip(flagged, flagged_events, explained, strict=True):
+            for i, score, event, contributions in zip(flagged, scores[flagged_rows].tolist(), flagged_events,
+                                                      explained, strict=True):
                 record = records[positions[valid[i]]]
                 try:
-                    alerts.append(build_alert(record, event, float(scores[i]), self.threshold, self.bundle.version,
+                    alerts.append(build_alert(record, event, score, self.threshold, self.bundle.version,
                                               contributions, now, self.entity_field, self.alert_headers))
                 except Exception as exc:  # noqa: BLE001 - this record's alert only
                     dead.append((positions[valid[i]], self._dead_letter(
