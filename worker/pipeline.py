@@ -17,14 +17,13 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from training.bundle import Bundle
 from training.contract import Invalid, Reason, event_columns
 from worker.alerts import build_alert
-from worker.decode import decode
+from worker.decode import decode_events
 from worker.errors import ModelFailure
 from worker.records import Alert, DeadLetter, Record
 
@@ -130,16 +129,11 @@ class Pipeline:
     def _process(self, records: Sequence[Record]) -> BatchResult:
         schema = self.bundle.schema
         # decode: bytes -> event object, or a dead letter.
-        dead: list[tuple[int, DeadLetter]] = []
-        events: list[dict[str, Any]] = []
-        positions: list[int] = []
-        for position, record in enumerate(records):
-            event = decode(record.value, self.max_event_bytes)
-            if isinstance(event, Invalid):
-                dead.append((position, self._dead_letter(record, event)))
-            else:
-                events.append(event)
-                positions.append(position)
+        decoded = decode_events([record.value for record in records], self.max_event_bytes)
+        dead = [(position, self._dead_letter(records[position], event)) for position, event in enumerate(decoded)
+                if isinstance(event, Invalid)]
+        positions = [position for position, event in enumerate(decoded) if not isinstance(event, Invalid)]
+        events = [event for event in decoded if not isinstance(event, Invalid)]
         # validate + features: the data contract parses each field of the whole batch at once.
         parsed = event_columns(events, schema.kinds)
         for row, problem in parsed.problems.items():
