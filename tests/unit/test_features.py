@@ -213,3 +213,32 @@ def test_absurd_value_is_clipped_not_overflowed(schema: FeatureSchema) -> None:
     matrix = schema.encode({"amount": [1e308], "latency": [-1e308], "method": _objects("GET")}).matrix
     assert np.all(np.isfinite(matrix)) and np.abs(matrix).max() <= CLIP
     assert np.all(np.isfinite(matrix.astype(np.float32) ** 2))
+
+
+_RAW_NUMBER = st.one_of(st.floats(allow_infinity=False), st.sampled_from([np.nan, 0.0, -0.0, 1e308, -1e308, 5e-324]))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # 1e308 / scale: clipped, on both paths
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.floats(-1e3, 1e3), st.floats(1e-3, 1e3), st.floats(-1e3, 1e3)),
+                min_size=1, max_size=6),
+       st.integers(min_value=0, max_value=37), st.data())
+def test_schema_encode_equals_each_field_encoded_alone(params: list[tuple[bool, float, float, float]], rows: int,
+                                                       data: st.DataObject) -> None:
+    # The numeric fields are scaled as one array; every value must come out as its own field's encode gives it,
+    # to the last bit (log and no log, missing values, huge values, any number of rows).
+    numeric = [NumericField(name=f"n{i}", log=log, center=center, scale=scale, impute=impute)
+               for i, (log, center, scale, impute) in enumerate(params)]
+    fields = [*numeric[:1], CategoricalField(name="c", vocabulary=("a", "b"), impute="a"), *numeric[1:]]
+    schema = FeatureSchema(fields=tuple(fields))
+    columns: dict[str, np.ndarray] = {
+        f.name: np.array(data.draw(st.lists(_RAW_NUMBER, min_size=rows, max_size=rows)), dtype=np.float64)
+        for f in numeric}
+    columns["c"] = _objects(*data.draw(st.lists(st.sampled_from(["a", "b", "z", None]), min_size=rows,
+                                                max_size=rows)))
+    encoded = schema.encode(columns)
+    alone = [f.encode(columns[f.name]) for f in fields]
+    reference = np.concatenate([block.reshape(rows, f.width) for f, (block, _) in zip(fields, alone, strict=True)],
+                               axis=1).astype(np.float32)
+    assert encoded.matrix.tobytes() == reference.tobytes() and encoded.matrix.shape == reference.shape
+    assert list(encoded.missing.items()) == [(f.name, n) for f, (_, n) in zip(fields, alone, strict=True)]
