@@ -28,7 +28,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from operator import itemgetter
+from typing import Any, cast
 
 import numpy as np
 import orjson
@@ -111,6 +112,35 @@ def decode_event(value: bytes | None, max_bytes: int) -> dict[str, Any] | Invali
     if not isinstance(event, dict):
         return Invalid(Reason.NOT_AN_OBJECT, f"expected a JSON object, got a JSON {json_type(event)}")
     return event
+
+
+#: Records decoded together by `decode_events`; a chunk holding a bad record is decoded record by record.
+_CHUNK = 100
+
+
+def decode_events(values: Sequence[bytes | None], max_bytes: int) -> list[dict[str, Any] | Invalid]:
+    """`decode_event` of each value: chunks of plain JSON objects in one orjson pass each, others value by value."""
+    out: list[dict[str, Any] | Invalid] = []
+    for start in range(0, len(values), _CHUNK):
+        chunk = values[start:start + _CHUNK]
+        objects = _plain_objects(chunk, max_bytes)
+        out.extend([decode_event(value, max_bytes) for value in chunk] if objects is None else objects)
+    return out
+
+
+def _plain_objects(values: Sequence[bytes | None], max_bytes: int) -> list[dict[str, Any]] | None:
+    """The objects, if every value is bytes within `max_bytes` holding a JSON object (so no BOM: orjson refuses
+    it), which is what `decode_event` gives them; else None."""
+    if set(map(type, values)) != {bytes}:
+        return None
+    texts = cast("Sequence[bytes]", values)
+    if max(map(len, texts)) > max_bytes:
+        return None
+    try:
+        objects = list(map(orjson.loads, texts))
+    except orjson.JSONDecodeError:
+        return None
+    return objects if set(map(type, objects)) == {dict} else None
 
 
 def _why_not_json(value: bytes, exc: orjson.JSONDecodeError) -> Invalid:
@@ -300,6 +330,8 @@ class Columns:
     rows: int
 
     def valid_rows(self) -> np.ndarray:
+        if not self.problems:
+            return np.arange(self.rows)
         return np.setdiff1d(np.arange(self.rows), np.fromiter(self.problems, dtype=np.intp, count=len(self.problems)))
 
     def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -312,32 +344,64 @@ def build_columns(raw: Mapping[str, np.ndarray | Sequence[Any]], kinds: Mapping[
 
     `raw` maps field name to its raw values (a field absent from `raw` is missing in every row).
     """
-    columns: dict[str, np.ndarray] = {}
+    return _gather({name: parse_column(raw[name], name, kind) if name in raw else _absent(kind, rows)
+                    for name, kind in kinds.items()}, rows)
+
+
+def _absent(kind: str, rows: int) -> Column:
+    return Column(np.full(rows, np.nan) if kind == NUMERIC else np.full(rows, None, dtype=object), {})
+
+
+def _gather(parsed: Mapping[str, Column], rows: int) -> Columns:
+    """Parsed columns (field order) -> `Columns`: per row the first problem, or `no_features` if nothing is present."""
     problems: dict[int, Invalid] = {}
     present = np.zeros(rows, dtype=bool)
-    for name, kind in kinds.items():
-        if name in raw:
-            column = parse_column(raw[name], name, kind)
-        else:
-            column = Column(np.full(rows, np.nan) if kind == NUMERIC else np.full(rows, None, dtype=object), {})
+    for column in parsed.values():
         for row, problem in column.problems.items():
             problems.setdefault(row, problem)
         present |= ~column.missing()
-        columns[name] = column.values
     if not present.all():
-        names = list(kinds)
+        names = list(parsed)
         empty = Invalid(Reason.NO_FEATURES, f"none of the model's {len(names)} fields has a value "
                                             f"(expected e.g. {', '.join(names[:3])})")
         for row in np.flatnonzero(~present).tolist():
             problems.setdefault(row, empty)
-    return Columns(columns=columns, problems=dict(sorted(problems.items())), rows=rows)
+    return Columns(columns={name: column.values for name, column in parsed.items()},
+                   problems=dict(sorted(problems.items())), rows=rows)
 
 
 def event_columns(events: Sequence[Mapping[str, Any]], kinds: Mapping[str, str]) -> Columns:
-    """Decoded JSON events -> parsed columns (an absent key is a missing value)."""
+    """Decoded JSON events -> parsed columns (an absent key is a missing value): `build_columns` of the batch.
+
+    The numeric fields of the whole batch are cast to float in one numpy call, the cast `numeric_column`
+    starts with; only fields where that cast fails or meets an infinity go through `numeric_column`, which
+    then names the bad values. Either way each value gets what `number` gives it.
+    """
     names = list(kinds)
     table = np.empty((len(events), len(names)), dtype=object)
     if events:
-        # One pass over the events with C-level lookups, then one column per field (no per-value Python loop).
-        table[:] = [tuple(map(event.get, names)) for event in events]
-    return build_columns({name: table[:, j] for j, name in enumerate(names)}, kinds, len(events))
+        table[:] = _field_values(events, names)
+    numeric = [j for j, name in enumerate(names) if kinds[name] == NUMERIC]
+    plain = _numbers(table, numeric) if numeric and events else {}
+    return _gather({name: Column(plain[j], {}) if j in plain else parse_column(table[:, j], name, kinds[name])
+                    for j, name in enumerate(names)}, len(events))
+
+
+def _field_values(events: Sequence[Mapping[str, Any]], names: Sequence[str]) -> list[tuple[Any, ...]]:
+    """Each event's values of `names` in order, None where a key is absent (C-level lookups, no Python loop)."""
+    if len(names) > 1 and all(type(event) is dict for event in events):  # plain dicts: [] has no side effects
+        try:
+            return list(map(itemgetter(*names), events))
+        except KeyError:  # some event lacks a field
+            pass
+    return [tuple(map(event.get, names)) for event in events]
+
+
+def _numbers(table: np.ndarray, numeric: list[int]) -> dict[int, np.ndarray]:
+    """Column -> float values, for the `numeric` columns of an object table if they all cast (the finite ones)."""
+    try:
+        values = table[:, numeric].astype(np.float64, order="F")  # order F: each column is contiguous
+    except (TypeError, ValueError, OverflowError):
+        return {}
+    finite = ~np.isinf(values).any(axis=0)
+    return {numeric[i]: values[:, i] for i in np.flatnonzero(finite).tolist()}

@@ -32,6 +32,7 @@ MIN_CATEGORY_COUNT = 2
 #: Scaled values are clipped to +-CLIP so one absurd value cannot overflow float32 squared error.
 CLIP = 1.0e4
 UNKNOWN = "<unknown>"
+_TEXT_TYPES = frozenset({str, type(None)})
 
 
 def signed_log1p(x: np.ndarray) -> np.ndarray:
@@ -94,6 +95,18 @@ class NumericField:
         }
 
 
+def _scale_numeric(values: np.ndarray, fields: Sequence[NumericField]) -> tuple[np.ndarray, list[int]]:
+    """`NumericField.encode` of each column of `values` (one column per field), as one array operation per step."""
+    missing = np.isnan(values)
+    counts = missing.sum(axis=0).tolist()
+    if any(counts):
+        values = np.where(missing, np.array([f.impute for f in fields]), values)
+    if logs := [i for i, f in enumerate(fields) if f.log]:
+        values[:, logs] = signed_log1p(values[:, logs])
+    scaled = (values - np.array([f.center for f in fields])) / np.array([f.scale for f in fields])
+    return np.clip(scaled, -CLIP, CLIP), counts
+
+
 @dataclass(frozen=True)
 class CategoricalField:
     """A categorical column: one-hot over a vocabulary plus an unknown bucket; missing takes the mode."""
@@ -113,16 +126,29 @@ class CategoricalField:
 
     def encode(self, raw: np.ndarray) -> tuple[np.ndarray, int]:
         """Return (one-hot block, number of missing values imputed)."""
-        index = {v: i for i, v in enumerate(self.vocabulary)}
-        unknown = len(self.vocabulary)
-        out = np.zeros((len(raw), self.width), dtype=np.float64)
+        codes, n_missing = self._codes(list(raw))
+        out = np.zeros((len(codes), self.width), dtype=np.float64)
+        out[np.arange(len(codes)), codes] = 1.0
+        return out, n_missing
+
+    def _codes(self, values: list[Any]) -> tuple[np.ndarray, int]:
+        """Each value's one-hot column (unknown: the last; missing: the imputed value's), and how many were missing."""
+        index, unknown = self._index, len(self.vocabulary)
+        if set(map(type, values)) <= _TEXT_TYPES:  # parsed columns: text or None, each distinct value looked up once
+            code = {value: index.get(self.impute if value is None else value, unknown) for value in set(values)}
+            return np.fromiter(map(code.__getitem__, values), np.intp, len(values)), values.count(None)
+        codes = np.empty(len(values), dtype=np.intp)
         n_missing = 0
-        for row, value in enumerate(raw):
+        for row, value in enumerate(values):
             if value is None or (isinstance(value, float) and math.isnan(value)):
                 n_missing += 1
                 value = self.impute
-            out[row, index.get(str(value), unknown)] = 1.0
-        return out, n_missing
+            codes[row] = index.get(str(value), unknown)
+        return codes, n_missing
+
+    @cached_property
+    def _index(self) -> dict[str, int]:
+        return {v: i for i, v in enumerate(self.vocabulary)}
 
     def decode(self, block: np.ndarray) -> list[str]:
         """The category each reconstructed one-hot block points at (argmax)."""
@@ -203,23 +229,35 @@ class FeatureSchema:
         return fold
 
     def encode(self, columns: Mapping[str, np.ndarray | Sequence[Any]]) -> Encoded:
-        """Raw columns -> float32 model input. Every schema field must be present as a column."""
-        blocks: list[np.ndarray] = []
-        missing: dict[str, int] = {}
-        n_rows: int | None = None
+        """Raw columns -> float32 model input. Every schema field must be present as a column.
+
+        The numeric fields are scaled together as one (rows x fields) array, value by value the arithmetic of
+        `NumericField.encode`."""
+        raws: list[np.ndarray] = []
         for f in self.fields:
             if f.name not in columns:
                 raise ConfigError(f"column {f.name!r} is required by the model schema but absent")
             raw = np.asarray(columns[f.name], dtype=np.float64 if isinstance(f, NumericField) else object)
-            if n_rows is None:
-                n_rows = len(raw)
-            elif len(raw) != n_rows:
-                raise ConfigError(f"column {f.name!r} has {len(raw)} rows, expected {n_rows}")
-            block, n_missing = f.encode(raw)
-            blocks.append(block.reshape(len(raw), f.width))
-            missing[f.name] = n_missing
-        matrix = np.concatenate(blocks, axis=1).astype(np.float32)
-        return Encoded(matrix=matrix, missing=missing)
+            if raws and len(raw) != len(raws[0]):
+                raise ConfigError(f"column {f.name!r} has {len(raw)} rows, expected {len(raws[0])}")
+            raws.append(raw)
+        matrix = np.empty((len(raws[0]), self.width), dtype=np.float64)
+        missing = [0] * len(self.fields)
+        slices = self._slices
+        if numeric := self._numeric:
+            scaled, counts = _scale_numeric(np.stack([raws[k] for k, _ in numeric], axis=1), [f for _, f in numeric])
+            for i, (k, _) in enumerate(numeric):
+                matrix[:, slices[k].start] = scaled[:, i]
+                missing[k] = counts[i]
+        for k, f in enumerate(self.fields):
+            if isinstance(f, CategoricalField):
+                matrix[:, slices[k]], missing[k] = f.encode(raws[k])
+        return Encoded(matrix=matrix.astype(np.float32),
+                       missing={f.name: n for f, n in zip(self.fields, missing, strict=True)})
+
+    @cached_property
+    def _numeric(self) -> tuple[tuple[int, NumericField], ...]:
+        return tuple((k, f) for k, f in enumerate(self.fields) if isinstance(f, NumericField))
 
     def to_dict(self) -> dict[str, Any]:
         return {"fields": [f.to_dict() for f in self.fields], "encoded_columns": self.encoded_names}

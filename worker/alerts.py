@@ -6,6 +6,7 @@ import base64
 import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 from training.scoring import Contribution
@@ -79,7 +80,13 @@ def selected_headers(record: Record, names: Sequence[str]) -> dict[str, str | No
 
 
 def _iso(seconds: float | None) -> str | None:
-    return None if seconds is None else datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
+    return None if seconds is None else _iso_text(seconds)
+
+
+@lru_cache(maxsize=1024)
+def _iso_text(seconds: float) -> str:
+    # Cached: every alert of a batch has the same detected_at, and formatting a datetime costs more than a dict.
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
 
 
 def build_alert(record: Record, event: Mapping[str, Any], score: float, threshold: float, model_version: str,

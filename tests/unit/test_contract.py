@@ -164,3 +164,33 @@ def test_reason_codes_are_one_enum_that_dead_letters_and_metrics_use() -> None:
         metrics.record_dead_letter("t", reason)
         assert registry.get_sample_value("anomaly_dead_letters_total", {"topic": "t", "reason": reason.value}) == 1
         assert dict(DeadLetter(record, reason, "why").kafka_headers())["dlq.reason"] == reason.value.encode()
+
+
+# The batch path of event_columns (one cast for all numeric fields) must give exactly what build_columns gives on
+# the same values field by field, whatever the batch mixes: plain numbers (the fast path) and hostile values.
+_PLAIN = st.one_of(st.none(), st.integers(-(10**6), 10**6), st.floats(-1e9, 1e9, allow_nan=False), st.booleans())
+#: Values the one cast accepts although `number` gives them a problem or a meaning of its own.
+_CAST_TRAPS = st.sampled_from([math.inf, -math.inf, math.nan, 10**400, " 12 ", "1e3", "nan", "-inf", "Infinity",
+                               "1_000", "1e999", "NaN", " NULL ", "true", 10**20, 2**63 + 1])
+_EVENTS = st.lists(st.dictionaries(st.sampled_from([*KINDS, "other"]), st.one_of(_PLAIN, _PLAIN, _CAST_TRAPS, _VALUES)),
+                   max_size=8)
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype == object:
+        return a.tolist() == b.tolist() and [type(v) for v in a.tolist()] == [type(v) for v in b.tolist()]
+    return a.tobytes() == b.tobytes()
+
+
+@settings(max_examples=400, deadline=None)
+@given(_EVENTS, st.sampled_from([KINDS, {"amount": NUMERIC}, {"method": CATEGORICAL}, {"amount": NUMERIC,
+                                                                                      "latency": NUMERIC}]))
+def test_event_batches_parse_exactly_like_the_column_builder(events: list[dict[str, Any]],
+                                                              kinds: dict[str, str]) -> None:
+    got = event_columns(events, kinds)
+    reference = build_columns({name: _objects(*[e.get(name) for e in events]) for name in kinds}, kinds, len(events))
+    assert got.problems == reference.problems and got.rows == reference.rows
+    assert list(got.columns) == list(reference.columns)
+    assert all(_same(got.columns[name], reference.columns[name]) for name in kinds)

@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from training.errors import BundleError, ConfigError
 from training.features import (
@@ -127,6 +129,27 @@ def test_missing_categorical_takes_the_mode_and_is_counted() -> None:
     assert field.decode(block) == ["GET", "GET", "POST"]
 
 
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.sampled_from(["GET", "POST", "TRACE", "", "80", "nan", "None"]),
+                          st.text(max_size=3), st.integers(0, 99), st.floats(),
+                          st.sampled_from([np.str_("GET"), np.float64("nan")])), max_size=12),
+       st.sampled_from(["GET", "POST", "TRACE", UNKNOWN]))
+def test_one_hot_of_a_column_is_the_one_hot_of_each_value(values: list[object], impute: str) -> None:
+    # The column is encoded in one pass (each distinct text looked up once); every row must be what its value alone
+    # gives: missing (None, NaN) takes the imputed category, otherwise the text of the value, unknown if unseen.
+    field = CategoricalField(name="method", vocabulary=("GET", "POST", "80"), impute=impute)
+    block, n_missing = field.encode(_objects(*values))
+    expected = np.zeros((len(values), field.width))
+    missing = 0
+    for row, value in enumerate(values):
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            missing, value = missing + 1, impute
+        expected[row, {"GET": 0, "POST": 1, "80": 2}.get(str(value), 3)] = 1.0
+    assert n_missing == missing
+    np.testing.assert_array_equal(block, expected)
+
+
 # --- schema ----------------------------------------------------------------------------------
 
 def test_schema_round_trips_through_json(schema: FeatureSchema, columns: dict[str, np.ndarray]) -> None:
@@ -190,3 +213,32 @@ def test_absurd_value_is_clipped_not_overflowed(schema: FeatureSchema) -> None:
     matrix = schema.encode({"amount": [1e308], "latency": [-1e308], "method": _objects("GET")}).matrix
     assert np.all(np.isfinite(matrix)) and np.abs(matrix).max() <= CLIP
     assert np.all(np.isfinite(matrix.astype(np.float32) ** 2))
+
+
+_RAW_NUMBER = st.one_of(st.floats(allow_infinity=False), st.sampled_from([np.nan, 0.0, -0.0, 1e308, -1e308, 5e-324]))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # 1e308 / scale: clipped, on both paths
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.floats(-1e3, 1e3), st.floats(1e-3, 1e3), st.floats(-1e3, 1e3)),
+                min_size=1, max_size=6),
+       st.integers(min_value=0, max_value=37), st.data())
+def test_schema_encode_equals_each_field_encoded_alone(params: list[tuple[bool, float, float, float]], rows: int,
+                                                       data: st.DataObject) -> None:
+    # The numeric fields are scaled as one array; every value must come out as its own field's encode gives it,
+    # to the last bit (log and no log, missing values, huge values, any number of rows).
+    numeric = [NumericField(name=f"n{i}", log=log, center=center, scale=scale, impute=impute)
+               for i, (log, center, scale, impute) in enumerate(params)]
+    fields = [*numeric[:1], CategoricalField(name="c", vocabulary=("a", "b"), impute="a"), *numeric[1:]]
+    schema = FeatureSchema(fields=tuple(fields))
+    columns: dict[str, np.ndarray] = {
+        f.name: np.array(data.draw(st.lists(_RAW_NUMBER, min_size=rows, max_size=rows)), dtype=np.float64)
+        for f in numeric}
+    columns["c"] = _objects(*data.draw(st.lists(st.sampled_from(["a", "b", "z", None]), min_size=rows,
+                                                max_size=rows)))
+    encoded = schema.encode(columns)
+    alone = [f.encode(columns[f.name]) for f in fields]
+    reference = np.concatenate([block.reshape(rows, f.width) for f, (block, _) in zip(fields, alone, strict=True)],
+                               axis=1).astype(np.float32)
+    assert encoded.matrix.tobytes() == reference.tobytes() and encoded.matrix.shape == reference.shape
+    assert list(encoded.missing.items()) == [(f.name, n) for f, (_, n) in zip(fields, alone, strict=True)]

@@ -11,7 +11,7 @@ import pytest
 from tests.unit.conftest import TrainedBundle
 from training.bundle import load_bundle
 from training.features import FeatureSchema, NumericField
-from training.scoring import Scorer, Scores
+from training.scoring import Scorer, Scores, round_significant
 
 
 def raw(frame: pd.DataFrame, schema: FeatureSchema) -> dict[str, np.ndarray]:
@@ -141,3 +141,39 @@ def test_top_field_agrees_with_the_explanation_and_blames_latency_for_attacks(
         assert top[row] == scorer.explain(scores, row, records[row], top_k=1)[0].field
     attack = np.flatnonzero(trained_bundle.frame["label"] == "attack")
     assert np.mean([top[row] == "latency" for row in attack]) > 0.5  # the shifted field of the synthetic attacks
+
+
+def _explain_one_by_one(scorer: Scorer, scores: Scores, row: int, observed: dict, top_k: int) -> list[tuple]:
+    """The explanation of one row computed with scalars, the definition the batch path must reproduce."""
+    errors = scores.field_errors[row]
+    total = errors.sum() or errors.dtype.type(1.0)
+    order = sorted(range(len(errors)), key=lambda j: -errors[j])[:top_k]  # stable: ties keep field order
+    out = []
+    for j in order:
+        f = scorer.schema.fields[j]
+        block = scores.reconstruction[row:row + 1, scorer.schema.slices()[j]]
+        expected = (round_significant(f.decode(block[:, 0])).tolist()[0] if isinstance(f, NumericField)
+                    else f.decode(block)[0])
+        value = observed.get(f.name)
+        out.append((f.name, float(errors[j] / total), None if isinstance(value, float) and np.isnan(value) else value,
+                    None if isinstance(expected, float) and np.isnan(expected) else expected))
+    return out
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3, 10])
+def test_batch_explanations_equal_row_by_row_ones(trained_bundle: TrainedBundle, scorer: Scorer,
+                                                  scored: tuple[np.ndarray, Scores], top_k: int) -> None:
+    # Exact equality (shares to the last bit), also for tied and all-zero errors, where ranking is the hard part.
+    _, scores = scored
+    errors = scores.field_errors.copy()
+    ties = [[0, 0, 0, 0], [0.7, 0.7, 0.7, 0.7], [1, 3, 3, 2], [2, 1, 2, 2], [0, 0, 5, 0], [4, 1, 1, 1], [1, 1, 4, 4]]
+    for row, pattern in enumerate(ties, start=1):
+        errors[row] = np.resize(np.asarray(pattern, dtype=errors.dtype), errors.shape[1])
+    tricky = Scores(score=scores.score, field_errors=errors, reconstruction=scores.reconstruction)
+    records = trained_bundle.features.to_dict(orient="records")
+    rows = [*range(len(ties) + 1), *range(len(ties) + 1, len(records), 11), 2]
+    batch = scorer.explain_rows(tricky, rows, [records[r] for r in rows], top_k)
+    for row, contributions in zip(rows, batch, strict=True):
+        got = [(c.field, c.share, c.observed, c.expected) for c in contributions]
+        assert got == _explain_one_by_one(scorer, tricky, row, records[row], top_k)
+        assert [type(c.share) for c in contributions] == [float] * len(contributions)

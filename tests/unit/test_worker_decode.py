@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-import pytest
+import json
+from collections.abc import Callable
+from functools import partial
+from unittest import mock
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from training import contract
 from training.contract import Invalid, Reason
-from worker.decode import decode
+from worker.decode import decode, decode_events
 
 INVALID_JSON, INVALID_UTF8, NOT_AN_OBJECT = Reason.INVALID_JSON, Reason.INVALID_UTF8, Reason.NOT_AN_OBJECT
 OVERSIZED, NON_FINITE = Reason.OVERSIZED, Reason.NON_FINITE
@@ -61,3 +69,35 @@ def test_size_limit_is_inclusive_and_checked_before_parsing() -> None:
     assert str(len(value)) in too_big.message and str(len(value) - 1) in too_big.message
     # Oversized wins even when the bytes are garbage: no parse work on huge values.
     assert decode(b"\xff" * 100, 10) == Invalid(OVERSIZED, "record value is 100 bytes, the limit is 10")
+
+
+# decode_events parses chunks of plain JSON objects in one pass; whatever a batch mixes, each record must get
+# exactly what decode gives it alone (the same object, or the same reason and message, or the same exception).
+_OBJECT = st.dictionaries(st.text(max_size=3), st.one_of(st.none(), st.integers(), st.floats(allow_nan=False,
+                                                                                             allow_infinity=False),
+                                                        st.text(max_size=3)), max_size=3)
+_RECORD = st.one_of(_OBJECT.map(lambda o: json.dumps(o).encode()), _OBJECT.map(lambda o: json.dumps(o).encode()),
+                    st.sampled_from([None, b"", b"[1]", b"42", b'{"a": NaN}', b'{"a": 1e999}', b"\xff{}",
+                                     b'\xef\xbb\xbf{"a": 1}', b'{"a": 1} x', b'{"pad": "' + b"x" * 40 + b'"}',
+                                     bytearray(b'{"a": 2}'), '{"a": 3}', memoryview(b'{"a": 4}')]),
+                    st.binary(max_size=8))
+
+
+def _outcome(decoder: Callable[[], object]) -> object:
+    try:
+        return decoder()
+    except Exception as exc:  # noqa: BLE001 - a record decode refuses must be refused in a batch too
+        return type(exc)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_RECORD, max_size=14), st.integers(min_value=1, max_value=5))
+def test_a_batch_decodes_exactly_as_its_records_one_by_one(values: list[bytes | None], chunk: int) -> None:
+    alone = [_outcome(partial(decode, value, 32)) for value in values]
+    with mock.patch.object(contract, "_CHUNK", chunk):
+        batch = _outcome(partial(decode_events, values, 32))
+    refused = [a for a in alone if isinstance(a, type)]
+    if refused:  # a record that raises alone raises in the batch too (and the pipeline bisects to it)
+        assert batch == refused[0]
+    else:
+        assert isinstance(batch, list) and batch == alone and list(map(type, batch)) == list(map(type, alone))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ from training.model import FitConfig
 from training.train import TrainConfig, train_frame
 from worker.alerts import alert_id
 from worker.errors import ModelFailure
-from worker.pipeline import Pipeline
+from worker.pipeline import Pipeline, settle_heap
 from worker.records import Record
 
 INVALID_JSON, INVALID_UTF8, NOT_AN_OBJECT = Reason.INVALID_JSON, Reason.INVALID_UTF8, Reason.NOT_AN_OBJECT
@@ -267,6 +269,25 @@ def test_a_record_whose_alert_cannot_be_built_is_a_processing_error(pipeline: Pi
     assert letter.reason == Reason.PROCESSING_ERROR and letter.error.endswith("RuntimeError: boom")
     assert orjson.loads(letter.record.value or b"")["id"] == "outlier-latency"
     assert "outlier-both" in {a.document["event_id"] for a in result.alerts}
+
+
+def test_settle_heap_freezes_what_is_alive_and_frees_what_died_since_the_last_call() -> None:
+    class Model:
+        pass
+
+    model = Model()
+    model.cycle = model  # type: ignore[attr-defined]  # garbage only the cyclic collector can free
+    gone = weakref.ref(model)
+    try:
+        settle_heap()
+        assert gc.get_freeze_count() > 0
+        del model
+        gc.collect()
+        assert gone() is not None  # frozen: full collections no longer walk it
+        settle_heap()  # e.g. after a model reload
+        assert gone() is None
+    finally:
+        gc.unfreeze()
 
 
 def test_a_batch_that_fails_as_a_whole_is_bisected_to_the_offending_record(
