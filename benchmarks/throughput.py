@@ -196,6 +196,10 @@ class CommitTracker:
 
     def commit(self, offsets: Any) -> None:
         self.source.commit(offsets)
+        self.saw_commit(offsets)
+
+    def saw_commit(self, offsets: Any) -> None:
+        """Offsets are committed (by this source, or in a transaction by `TransactionTracker`)."""
         self.committed.update(offsets)
         self.last_commit = time.perf_counter()
 
@@ -220,13 +224,32 @@ class CommitTracker:
         return all(self.committed.get(k, 0) >= v for k, v in ends.items())
 
 
-def worker_settings(bootstrap: str, bundle: Path, input_topic: str, tag: str, client: str = "confluent") -> Any:
+class TransactionTracker:
+    """An exactly-once Sink that delegates to the real one and tells the `CommitTracker` what it committed."""
+
+    def __init__(self, sink: Any, tracker: CommitTracker) -> None:
+        self.sink, self.tracker = sink, tracker
+
+    def publish(self, alerts: Any, dead_letters: Any) -> None:
+        self.sink.publish(alerts, dead_letters)
+
+    def publish_and_commit(self, alerts: Any, dead_letters: Any, offsets: Any) -> None:
+        self.sink.publish_and_commit(alerts, dead_letters, offsets)
+        self.tracker.saw_commit(offsets)
+
+    def close(self) -> None:
+        self.sink.close()
+
+
+def worker_settings(bootstrap: str, bundle: Path, input_topic: str, tag: str, client: str = "confluent",
+                    delivery: str = "at-least-once") -> Any:
     from worker.config import Settings
 
+    group = f"throughput-{tag}-{uuid.uuid4().hex[:8]}"
     return Settings(model=bundle, bootstrap_servers=bootstrap, input_topic=input_topic,
                     alert_topic=f"{input_topic}-alerts", dead_letter_topic=f"{input_topic}-dlq",
-                    group_id=f"throughput-{tag}-{uuid.uuid4().hex[:8]}", max_batch=MAX_BATCH,
-                    client_id=f"throughput-{tag}", kafka_client=client)
+                    group_id=group, max_batch=MAX_BATCH, client_id=f"throughput-{tag}", kafka_client=client,
+                    delivery=delivery, transactional_id=group)
 
 
 def run_worker(settings: Any, ends: dict[tuple[str, int], int], pipeline_class: type | None = None,
@@ -237,9 +260,13 @@ def run_worker(settings: Any, ends: dict[tuple[str, int], int], pipeline_class: 
 
     runtime = build_runtime(settings, pipeline_class or Pipeline)
     runtime.health.broker_ok = True
+    from worker.loop import TransactionalSink
+
     worker = build_worker(runtime, wrap_source=CommitTracker)
     tracked = worker.source
     assert isinstance(tracked, CommitTracker)
+    if isinstance(worker.sink, TransactionalSink):
+        worker.sink = TransactionTracker(worker.sink, tracked)
     alerts = dead = consumed = 0
     stop_at = time.monotonic() + deadline_s
     try:
@@ -571,6 +598,7 @@ def run_latency(bootstrap: str, bundle: Path, values: Sequence[bytes], rate: flo
             if len(latencies) != last:
                 last, quiet_since = len(latencies), time.monotonic()
             time.sleep(0.2)
+        stages = stage_means_ms(f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
         stop.set()
         if collector.is_alive():
@@ -580,7 +608,24 @@ def run_latency(bootstrap: str, bundle: Path, values: Sequence[bytes], rate: flo
     return {"offered_events_per_s": rate, "events": n, "load": load.stdout.strip(), "alerts": int(ms.size),
             "p50_ms": float(np.percentile(ms, 50)) if ms.size else None,
             "p99_ms": float(np.percentile(ms, 99)) if ms.size else None,
-            "max_ms": float(ms.max()) if ms.size else None}
+            "max_ms": float(ms.max()) if ms.size else None, "stage_means_ms": stages}
+
+
+def stage_means_ms(metrics_url: str) -> dict[str, float]:
+    """Mean milliseconds per batch in each stage, from the worker's `anomaly_batch_stage_seconds`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "anomaly_batch_stage_seconds_sum":
+                sums[sample.labels["stage"]] = sample.value
+            elif sample.name == "anomaly_batch_stage_seconds_count":
+                counts[sample.labels["stage"]] = sample.value
+    return {stage: 1000.0 * sums[stage] / counts[stage] for stage in sums if counts.get(stage)}
 
 
 OFFER_LOAD = "import sys; from benchmarks.throughput import offer_load; offer_load(*sys.argv[1:])"
@@ -711,6 +756,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         *[f"| {name} of (a) | {d['offered_events_per_s']:,.0f} | {d['events']:,} | {d['alerts']:,} "
           f"| {_ms(d['p50_ms'])} | {_ms(d['p99_ms'])} | {_ms(d['max_ms'])} "
           f"| {met(d['p99_ms'] or float('inf'), BATCH_WINDOW_MS + 50, below=True) if name == '50 %' else ''} |"
+          for name, d in report["latency"].items()],
+        "",
+        "Where a batch's time goes inside the worker (mean ms per batch, from `anomaly_batch_stage_seconds`): "
+        "poll = waiting for records (up to the batch window), process = decode to alert documents, publish = "
+        "produce and wait for every ack, commit = offsets.",
+        "",
+        *[f"- load {name}: " + ", ".join(f"{stage} {value:.1f}" for stage, value in d.get("stage_means_ms", {}).items())
           for name, d in report["latency"].items()],
         "",
         *[f"- load {name}: `{d['load']}`" for name, d in report["latency"].items()],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 KAFKA_CLIENTS = ("confluent", "kafka-python")
 ISOLATION_LEVELS = ("read_committed", "read_uncommitted")
 COMPRESSION_CODECS = ("none", "gzip", "snappy", "lz4", "zstd")
+DELIVERY_MODES = ("at-least-once", "exactly-once")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -140,6 +142,9 @@ class Settings:
     isolation_level: str = "read_committed"
     compression: str | None = None  # None: the client's default, see `output_compression`
     alert_headers: tuple[str, ...] = ()
+    delivery: str = "at-least-once"
+    transactional_id: str | None = None  # None: see `transactional_id_or_default`
+    transaction_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_batch <= 100_000:
@@ -152,7 +157,7 @@ class Settings:
             raise ConfigError(f"metrics port must be in [0, 65535], got {self.metrics_port}")
         for name in ("shutdown_timeout_s", "kafka_timeout_s", "rejoin_timeout_s", "session_timeout_s",
                      "max_poll_interval_s", "broker_check_interval_s", "liveness_timeout_s", "http_idle_timeout_s",
-                     "retry_backoff_initial_s", "retry_backoff_max_s", "reload_interval_s"):
+                     "retry_backoff_initial_s", "retry_backoff_max_s", "reload_interval_s", "transaction_timeout_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive number of seconds, got {value}")
@@ -183,6 +188,30 @@ class Settings:
                               f"got {self.isolation_level!r}")
         if self.compression is not None and self.compression not in COMPRESSION_CODECS:
             raise ConfigError(f"compression must be one of {', '.join(COMPRESSION_CODECS)}, got {self.compression!r}")
+        if self.delivery not in DELIVERY_MODES:
+            raise ConfigError(f"--delivery must be one of {', '.join(DELIVERY_MODES)}, got {self.delivery!r}")
+        if self.delivery == "exactly-once" and self.kafka_client != "confluent":
+            raise ConfigError("--delivery exactly-once needs --kafka-client confluent: the worker's transactions "
+                              "(offsets committed with the consumer group metadata, KIP-447) use librdkafka")
+        if self.transactional_id is not None and not self.transactional_id.strip():
+            raise ConfigError("--transactional-id must not be empty")
+        if self.delivery == "exactly-once" and self.transaction_timeout_s > 900:
+            raise ConfigError(f"--transaction-timeout-s must be at most 900 (the broker's default "
+                              f"transaction.max.timeout.ms), got {self.transaction_timeout_s}")
+
+    @property
+    def exactly_once(self) -> bool:
+        return self.delivery == "exactly-once"
+
+    @property
+    def transactional_id_or_default(self) -> str:
+        """This worker's transactional id: as set, else `<group id>-<host name>`.
+
+        It must be unique among live workers and stable across restarts of one worker (a StatefulSet pod
+        name is both): a restart with the same id aborts its predecessor's open transaction at once, and two
+        live workers sharing an id fence each other (docs/exactly-once.md).
+        """
+        return self.transactional_id or f"{self.group_id}-{socket.gethostname()}"
 
     @property
     def output_compression(self) -> str:
@@ -266,6 +295,13 @@ def parser() -> argparse.ArgumentParser:
     add("--compression", choices=COMPRESSION_CODECS,
         help="codec for alerts and dead letters (default zstd with confluent, none with kafka-python)")
     add("--alert-headers", help="comma-separated input record header names copied into each alert document")
+    add("--delivery", choices=DELIVERY_MODES,
+        help="at-least-once (default): alerts may repeat after a crash, with the same alert_id; exactly-once: "
+             "each batch's alerts, dead letters and offsets commit in one Kafka transaction (confluent only)")
+    add("--transactional-id", help="exactly-once: this worker's transactional id, unique per replica and stable "
+                                   "across its restarts (default <group-id>-<hostname>)")
+    add("--transaction-timeout-s", type=float, help="exactly-once: the broker aborts a transaction left open "
+                                                    "this long by a dead worker (default 60)")
     return p
 
 
@@ -314,11 +350,12 @@ def from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | No
         ("rejoin_timeout_s", float), ("session_timeout_s", float), ("max_poll_interval_s", float),
         ("broker_check_interval_s", float), ("retry_backoff_initial_s", float), ("retry_backoff_max_s", float),
         ("liveness_timeout_s", float), ("http_idle_timeout_s", float), ("http_max_connections", int),
-        ("reload_interval_s", float), ("alert_cooldown_s", float), ("max_alerts_per_s", float))}
+        ("reload_interval_s", float), ("alert_cooldown_s", float), ("max_alerts_per_s", float),
+        ("transaction_timeout_s", float))}
     for name in ("metrics_host", "expected_schema_hash", "client_id", "log_level", "alert_key_field",
-                 "feedback_topic"):
+                 "feedback_topic", "transactional_id"):
         overrides[name] = get(name)
-    for name in ("kafka_client", "isolation_level", "compression"):
+    for name in ("kafka_client", "isolation_level", "compression", "delivery"):
         overrides[name] = get(name) and get(name).lower()
     headers = get("alert_headers")
     if headers is not None:

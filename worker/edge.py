@@ -2,7 +2,8 @@
 
 No Kafka imports here: `worker/kafka_io.py` (kafka-python) and `worker/kafka_confluent.py` (confluent-kafka,
 librdkafka) each implement the loop's `Source` and `Sink`; `open_source`/`open_sink` pick one by
-`Settings.kafka_client`.
+`Settings.kafka_client`. With `--delivery exactly-once`, `open_transactional_sink` gives the confluent
+source's transactional counterpart instead.
 
 An undecodable record batch (a codec the client lacks, a corrupt batch) must not crash-loop the worker:
 
@@ -77,6 +78,14 @@ def open_source(settings: Settings, on_revoke: Callable[[set[tuple[str, int]]], 
         return KafkaSource(settings, on_revoke=on_revoke, quarantine=quarantine)
     from worker.kafka_confluent import ConfluentSource
     return ConfluentSource(settings, on_revoke=on_revoke, quarantine=quarantine)
+
+
+def open_transactional_sink(settings: Settings, source: Source) -> Sink:
+    """Exactly-once: a transactional producer committing `source`'s offsets with its group metadata."""
+    from worker.kafka_confluent import ConfluentSource, ConfluentTransactionalSink
+    if not isinstance(source, ConfluentSource):
+        raise TypeError(f"exactly-once needs the confluent-kafka source, got {type(source).__name__}")
+    return ConfluentTransactionalSink(settings, source.group_metadata)
 
 
 def open_sink(settings: Settings) -> Sink:

@@ -15,6 +15,10 @@ class DeliveryError(WorkerError):
     """Some alert or dead letter was not acknowledged: the batch is not committed and is read again."""
 
 
+class TransactionAborted(DeliveryError):
+    """Exactly-once: the batch's transaction was aborted, so none of it is visible; it is read again."""
+
+
 class CommitError(WorkerError):
     """An offset commit failed: the delivered offsets stay pending and are committed with the next batch."""
 

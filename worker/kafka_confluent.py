@@ -10,8 +10,9 @@ that wait for a coordinator).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 from confluent_kafka import (
@@ -26,7 +27,14 @@ from confluent_kafka import (
 
 from worker.config import Settings
 from worker.edge import Quarantine
-from worker.errors import BrokerUnavailable, CommitError, DeliveryError, RebalanceInProgress, WorkerError
+from worker.errors import (
+    BrokerUnavailable,
+    CommitError,
+    DeliveryError,
+    RebalanceInProgress,
+    TransactionAborted,
+    WorkerError,
+)
 from worker.records import Alert, DeadLetter, Record
 
 log = logging.getLogger(__name__)
@@ -65,6 +73,7 @@ class ConfluentSource:
         self._on_revoke = on_revoke
         self.quarantine = quarantine or Quarantine()
         self._fatal: KafkaError | None = None
+        self._last_return = time.monotonic()
         self.consumer = consumer_factory({
             **client_config(settings), "group.id": settings.group_id,
             "enable.auto.commit": False, "enable.auto.offset.store": False, "auto.offset.reset": "earliest",
@@ -112,9 +121,7 @@ class ConfluentSource:
         next owner may deliver them again, with the same alert ids); `commit` skips revoked partitions.
         """
         records: list[Record] = []
-        messages = self.consumer.consume(num_messages=self.settings.max_batch,
-                                         timeout=self.settings.max_wait_ms / 1000.0)
-        for message in messages:
+        for message in self._consume():
             error = message.error()
             if error is not None:
                 self._on_message_error(message, error, records)
@@ -132,6 +139,26 @@ class ConfluentSource:
             raise WorkerError(f"the Kafka client failed fatally: {self._fatal}")
         return records
 
+    def _consume(self) -> list[Any]:
+        """Up to `max_batch` messages; none waits in this worker longer than the batch window.
+
+        1. Take what is queued already: it arrived since the last poll returned, while that batch was
+           processed, so it has waited that long.
+        2. If that is less than a batch, wait for more only for what remains of the window counted from
+           the last poll's return (the whole window when nothing was queued).
+
+        A plain `consume(max_batch, window)` would hold the first record for the processing time plus a
+        whole window.
+        """
+        window_s = self.settings.max_wait_ms / 1000.0
+        messages: list[Any] = self.consumer.consume(num_messages=self.settings.max_batch, timeout=0)
+        remaining_s = window_s - (time.monotonic() - self._last_return) if messages else window_s
+        if len(messages) < self.settings.max_batch and remaining_s > 0:
+            messages += self.consumer.consume(num_messages=self.settings.max_batch - len(messages),
+                                              timeout=remaining_s)
+        self._last_return = time.monotonic()
+        return messages
+
     def _on_message_error(self, message: Any, error: KafkaError, records: list[Record]) -> None:
         topic, partition = message.topic(), message.partition()
         if error.code() in UNDECODABLE and topic is not None and partition is not None and partition >= 0:
@@ -146,6 +173,10 @@ class ConfluentSource:
 
     def assigned(self) -> set[tuple[str, int]]:
         return {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+
+    def group_metadata(self) -> Any:
+        """This member's current group metadata (generation included), for transactional offset commits."""
+        return self.consumer.consumer_group_metadata()
 
     def commit(self, offsets: Offsets) -> None:
         """Commit next-offsets for partitions still assigned; raises CommitError on failure or timeout."""
@@ -206,18 +237,34 @@ class ConfluentSource:
             log.warning("consumer close: %s", exc)
 
 
+def producer_config(settings: Settings) -> dict[str, Any]:
+    """Idempotent producer (acks=all) properties shared by the plain and the transactional sink."""
+    return {**client_config(settings), "acks": "all", "enable.idempotence": True, "linger.ms": 5,
+            "compression.type": settings.output_compression,
+            "message.max.bytes": max(settings.max_event_bytes * 2, 1024 * 1024),
+            "request.timeout.ms": int(settings.kafka_timeout_s * 1000),
+            "message.timeout.ms": int(settings.kafka_timeout_s * 1000) + 5_000}
+
+
+Outgoing = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes | None]]]
+
+
+def outgoing_records(settings: Settings, alerts: Sequence[Alert], dead_letters: Sequence[DeadLetter]) -> list[Outgoing]:
+    """(topic, key, value, headers) of every alert and dead letter of a batch, in that order."""
+    out: list[Outgoing] = [
+        (settings.alert_topic, alert.alert_id.encode(), orjson.dumps(alert.document),
+         [("model.version", alert.document["model_version"].encode())]) for alert in alerts]
+    out += [(settings.dead_letter_topic, letter.record.key, letter.record.value, letter.kafka_headers())
+            for letter in dead_letters]
+    return out
+
+
 class ConfluentSink:
     """Idempotent producer (acks=all): publishes a batch and confirms every record was acknowledged."""
 
     def __init__(self, settings: Settings, producer_factory: Callable[[dict[str, Any]], Any] = Producer) -> None:
         self.settings = settings
-        self.producer = producer_factory({
-            **client_config(settings), "acks": "all", "enable.idempotence": True, "linger.ms": 5,
-            "compression.type": settings.output_compression,
-            "message.max.bytes": max(settings.max_event_bytes * 2, 1024 * 1024),
-            "request.timeout.ms": int(settings.kafka_timeout_s * 1000),
-            "message.timeout.ms": int(settings.kafka_timeout_s * 1000) + 5_000,
-        })
+        self.producer = producer_factory(producer_config(settings))
         _check_reachable(self.producer, settings)
 
     def publish(self, alerts: Sequence[Alert], dead_letters: Sequence[DeadLetter]) -> None:
@@ -232,12 +279,7 @@ class ConfluentSink:
             else:
                 failures.append(error.str())
 
-        topic = self.settings.alert_topic
-        outgoing: list[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes | None]]]] = [
-            (topic, alert.alert_id.encode(), orjson.dumps(alert.document),
-             [("model.version", alert.document["model_version"].encode())]) for alert in alerts]
-        outgoing += [(self.settings.dead_letter_topic, letter.record.key, letter.record.value,
-                      letter.kafka_headers()) for letter in dead_letters]
+        outgoing = outgoing_records(self.settings, alerts, dead_letters)
         try:
             for target, key, value, headers in outgoing:
                 self._produce(target, key, value, headers, report)
@@ -262,3 +304,108 @@ class ConfluentSink:
         remaining = self.producer.flush(self.settings.kafka_timeout_s)
         if remaining:
             log.warning("producer close: %d records not delivered", remaining)
+
+
+class ConfluentTransactionalSink:
+    """Exactly-once: a batch's alerts, dead letters and consumer offsets commit in one Kafka transaction.
+
+    For every batch (`publish_and_commit`):
+
+    1. begin a transaction;
+    2. produce every alert and dead letter into it;
+    3. add the batch's next offsets with the consumer's current group metadata (KIP-447): the group
+       coordinator refuses them if this member's generation is stale, which fences a zombie (a worker
+       paused while its partitions moved) whatever its transactional id;
+    4. commit the transaction (which flushes). Consumers reading the output with
+       `isolation.level=read_committed` see the batch's records only now, and all of them.
+
+    A failure that leaves the transaction abortable aborts it and raises `TransactionAborted` (a
+    `DeliveryError`: the loop rewinds and reads the batch again, and nothing of it was visible). A commit
+    whose outcome is unknown (a retriable error, e.g. a timeout) is retried until the broker answers or the
+    transaction timeout has passed. A fatal error (another live producer with the same transactional id)
+    raises `WorkerError`: the process exits and must not come back with that id while the other lives.
+    """
+
+    def __init__(self, settings: Settings, group_metadata: Callable[[], Any],
+                 producer_factory: Callable[[dict[str, Any]], Any] = Producer) -> None:
+        self.settings, self.group_metadata = settings, group_metadata
+        self.transactional_id = settings.transactional_id_or_default
+        self.producer = producer_factory({
+            **producer_config(settings), "transactional.id": self.transactional_id,
+            "transaction.timeout.ms": int(settings.transaction_timeout_s * 1000)})
+        _check_reachable(self.producer, settings)
+        try:
+            # Fences an earlier producer with this id and aborts (or completes) its open transaction.
+            self.producer.init_transactions(settings.kafka_timeout_s)
+        except KafkaException as exc:
+            raise BrokerUnavailable(f"cannot start transactions as {self.transactional_id!r}: {exc}") from exc
+        log.info("exactly-once delivery: transactional id %s", self.transactional_id)
+
+    def publish(self, alerts: Sequence[Alert], dead_letters: Sequence[DeadLetter]) -> None:
+        """Records that belong to no input offsets (suppression summaries) in a transaction of their own."""
+        self.publish_and_commit(alerts, dead_letters, {})
+
+    def publish_and_commit(self, alerts: Sequence[Alert], dead_letters: Sequence[DeadLetter],
+                           offsets: Offsets) -> None:
+        """Steps 1-4 of the class docstring: all of it becomes visible, or none of it."""
+        timeout = self.settings.kafka_timeout_s
+        outgoing = outgoing_records(self.settings, alerts, dead_letters)
+        try:
+            self.producer.begin_transaction()                                             # 1
+            for target, key, value, headers in outgoing:                                  # 2
+                self._produce(target, key, value, headers)
+            if offsets:                                                                    # 3
+                self.producer.send_offsets_to_transaction(
+                    [TopicPartition(t, p, o) for (t, p), o in offsets.items()], self.group_metadata(), timeout)
+        except (KafkaException, BufferError) as exc:
+            self._abort(f"publishing {len(outgoing)} records and {len(offsets)} offsets failed", exc)
+        self._commit(len(outgoing))                                                        # 4
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes | None,
+                 headers: list[tuple[str, bytes | None]]) -> None:
+        try:
+            self.producer.produce(topic, value=value, key=key, headers=headers)
+        except BufferError:
+            # The local queue is full: send what is queued (the transaction stays open), then once more.
+            self.producer.flush(self.settings.kafka_timeout_s)
+            self.producer.produce(topic, value=value, key=key, headers=headers)
+
+    def _commit(self, records: int) -> None:
+        deadline = time.monotonic() + self.settings.transaction_timeout_s + self.settings.kafka_timeout_s
+        while True:
+            try:
+                self.producer.commit_transaction(self.settings.kafka_timeout_s)
+                return
+            except KafkaException as exc:
+                error = _kafka_error(exc)
+                if error is None or error.fatal() or error.txn_requires_abort():
+                    self._abort(f"committing a transaction of {records} records failed", exc)
+                if time.monotonic() >= deadline:
+                    raise WorkerError(f"the outcome of a transaction of {records} records is still unknown "
+                                      f"after the transaction timeout: {exc}; a restart with the same "
+                                      f"transactional id resolves it") from exc
+                log.warning("transaction commit not confirmed yet (%s); retrying", error)
+
+    def _abort(self, what: str, exc: BaseException) -> NoReturn:
+        error = _kafka_error(exc)
+        if error is not None and error.fatal():
+            raise WorkerError(f"{what}: {error}. The producer is fenced: another worker runs with transactional "
+                              f"id {self.transactional_id!r} (give each replica its own --transactional-id)") from exc
+        try:
+            self.producer.abort_transaction(self.settings.kafka_timeout_s)
+        except KafkaException as abort_exc:
+            abort_error = _kafka_error(abort_exc)
+            if abort_error is not None and abort_error.fatal():
+                raise WorkerError(f"{what}, and aborting failed fatally: {abort_error}") from abort_exc
+            raise TransactionAborted(f"{what} ({exc}); the abort did not complete either ({abort_exc}), the "
+                                     f"broker aborts the transaction after its timeout") from exc
+        raise TransactionAborted(f"{what}; transaction aborted: {exc}") from exc
+
+    def close(self) -> None:
+        remaining = self.producer.flush(self.settings.kafka_timeout_s)
+        if remaining:
+            log.warning("producer close: %d records not delivered", remaining)
+
+
+def _kafka_error(exc: BaseException) -> KafkaError | None:
+    return exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None

@@ -13,6 +13,11 @@ Order of side effects for every micro-batch (this order is the at-least-once gua
    If step 4 fails, the offsets stay pending and are committed with the next batch (or on revoke).
 5. Update metrics and health.
 
+Exactly-once (`--delivery exactly-once`, a `TransactionalSink`): steps 3 and 4 are one Kafka
+transaction holding the batch's alerts, dead letters and next offsets. If it is aborted, nothing of it
+is visible to `read_committed` consumers and the source is rewound as after a failed step 3; nothing is
+ever pending, so there is no separate commit.
+
 An empty poll commits whatever is pending. With nothing pending it asks the source, at most every
 `broker_check_interval_s`, whether the broker still answers (`Source.reachable`): an idle consumer
 otherwise never learns that its broker went away, and readiness would stay green through an outage.
@@ -28,7 +33,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from worker.drift import FieldDrift, ScoreDrift
 from worker.errors import CommitError, DeliveryError, RebalanceInProgress
@@ -57,6 +62,14 @@ class Source(Protocol):
 class Sink(Protocol):
     def publish(self, alerts: Sequence[Alert], dead_letters: Sequence[DeadLetter]) -> None: ...
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class TransactionalSink(Sink, Protocol):
+    """A sink that commits the consumer's offsets itself, atomically with the batch's records."""
+
+    def publish_and_commit(self, alerts: Sequence[Alert], dead_letters: Sequence[DeadLetter],
+                           offsets: Offsets) -> None: ...
 
 
 def next_offsets(records: Sequence[Record]) -> dict[tuple[str, int], int]:
@@ -114,6 +127,7 @@ class Worker:
         self.model_updates = model_updates
         self.flood = flood
         self.shadow = shadow
+        self._stages: dict[str, float] = {}  # seconds per stage of the current batch (metrics)
 
     def swap_model(self, pipeline: Pipeline) -> None:
         """Score from the next batch on with `pipeline` (a new model version); the drift baseline follows it."""
@@ -152,6 +166,7 @@ class Worker:
         self.health.heartbeat()
         if self.model_updates is not None and (update := self.model_updates()) is not None:
             self.swap_model(update)                                                # between two batches
+        polled = time.perf_counter()
         records = self.source.poll_batch()                                         # 1
         self.health.assigned_partitions = len(self.source.assigned())
         if not records:
@@ -163,13 +178,33 @@ class Worker:
             self._update_lag()
             return None
         started = time.perf_counter()
+        self._stages = {"poll": started - polled}
         result = self.pipeline.process(records)                                    # 2
         if self.shadow is not None:
             self.shadow.compare(records, result)
         decision = self.flood.decide(result.alerts, time.time()) if self.flood else None
         alerts = result.alerts if decision is None else decision.publish + decision.summaries
+        self._stages["process"] = time.perf_counter() - started
+        if isinstance(self.sink, TransactionalSink):
+            delivered = self._publish_and_commit(self.sink, records, alerts, result)  # 3 + 4, one transaction
+        else:
+            delivered = self._publish_then_commit(records, alerts, result)         # 3, then 4
+        if not delivered:
+            return None
+        if decision is not None:
+            self._apply_flood_decision(decision)
         try:
-            self.sink.publish(alerts, result.dead_letters)                         # 3
+            self._record(result, alerts, time.perf_counter() - started)            # 5
+            self.metrics.observe_stages(self._stages)
+        except Exception:  # noqa: BLE001 - metrics never take the worker down after a commit
+            log.exception("updating metrics for a batch failed; the batch itself is delivered and committed")
+        return result
+
+    def _publish_then_commit(self, records: Sequence[Record], alerts: Sequence[Alert], result: BatchResult) -> bool:
+        """Step 3, publish and confirm, then step 4; if step 3 fails, rewind the batch and back off (False)."""
+        started = time.perf_counter()
+        try:
+            self.sink.publish(alerts, result.dead_letters)
         except DeliveryError as exc:
             log.error("batch of %d records not delivered, will be read again: %s", len(records), exc)
             self.metrics.record_kafka_error("produce")
@@ -177,16 +212,36 @@ class Worker:
             self.metrics.set_ready(self.health.is_ready())
             self.source.rewind(first_offsets(records))
             self.backoff.wait()
-            return None
-        if decision is not None:
-            self._apply_flood_decision(decision)
+            return False
+        published = time.perf_counter()
+        self._stages["publish"] = published - started
         self.pending.update(next_offsets(records))
-        self._commit_pending()                                                     # 4
+        self._commit_pending()
+        self._stages["commit"] = time.perf_counter() - published
+        return True
+
+    def _publish_and_commit(self, sink: TransactionalSink, records: Sequence[Record], alerts: Sequence[Alert],
+                            result: BatchResult) -> bool:
+        """Steps 3 + 4 as one transaction; if it is aborted, rewind the batch and back off (returns False)."""
+        started = time.perf_counter()
         try:
-            self._record(result, alerts, time.perf_counter() - started)            # 5
-        except Exception:  # noqa: BLE001 - metrics never take the worker down after a commit
-            log.exception("updating metrics for a batch failed; the batch itself is delivered and committed")
-        return result
+            sink.publish_and_commit(alerts, result.dead_letters, next_offsets(records))
+        except DeliveryError as exc:
+            self.metrics.record_transaction("aborted", time.perf_counter() - started)
+            log.error("batch of %d records not committed, will be read again: %s", len(records), exc)
+            self.metrics.record_kafka_error("produce")
+            self.health.broker_ok = False
+            self.metrics.set_ready(self.health.is_ready())
+            self.source.rewind(first_offsets(records))
+            self.backoff.wait()
+            return False
+        self.metrics.record_transaction("committed", time.perf_counter() - started)
+        self._stages["publish"] = time.perf_counter() - started
+        self.metrics.record_commit()
+        self.health.broker_ok = True
+        self.backoff.reset()
+        self.metrics.set_ready(self.health.is_ready())
+        return True
 
     def _commit_pending(self) -> None:
         if not self.pending:

@@ -95,9 +95,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         if worker is None:
             return 0
         health.broker_ok = True
-        log.info("consuming %s as group %s with %s (%s); alerts -> %s, dead letters -> %s (%s)",
+        log.info("consuming %s as group %s with %s (%s); alerts -> %s, dead letters -> %s (%s), %s",
                  settings.input_topic, settings.group_id, settings.kafka_client, settings.isolation_level,
-                 settings.alert_topic, settings.dead_letter_topic, settings.output_compression)
+                 settings.alert_topic, settings.dead_letter_topic, settings.output_compression, settings.delivery)
         worker.run()
         log.info("stopped after finishing the current batch")
         return 0

@@ -19,6 +19,14 @@ from training.contract import Reason
 DEAD_LETTER_REASONS: tuple[str, ...] = tuple(reason.value for reason in Reason)
 KAFKA_OPERATIONS: tuple[str, ...] = ("poll", "produce", "commit")
 MODEL_RELOAD_RESULTS: tuple[str, ...] = ("loaded", "refused")
+DELIVERY_MODES: tuple[str, ...] = ("at-least-once", "exactly-once")
+TRANSACTION_RESULTS: tuple[str, ...] = ("committed", "aborted")
+#: Where a batch's time goes: waiting in poll, scoring, publishing with acks, committing offsets
+#: (exactly-once: "publish" is the whole transaction, offsets included).
+BATCH_STAGES: tuple[str, ...] = ("poll", "process", "publish", "commit")
+TRANSACTION_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
 
 BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 BATCH_DURATION_BUCKETS: tuple[float, ...] = (
@@ -191,9 +199,31 @@ class WorkerMetrics:
             "anomaly_model_reloads", "Promoted model versions swapped in (loaded) or refused, by result.",
             ["result"], registry=registry,
         )
+        self.batch_stage_duration = Histogram(
+            "anomaly_batch_stage_seconds",
+            "Wall time of each stage of a batch: poll (waiting for records), process, publish, commit.",
+            ["stage"], buckets=BATCH_DURATION_BUCKETS, registry=registry,
+        )
+        self.delivery_mode = Gauge(
+            "anomaly_delivery_mode", "1 for the worker's delivery mode (at-least-once or exactly-once).",
+            ["mode"], registry=registry,
+        )
+        self.transactions = Counter(
+            "anomaly_transactions", "Exactly-once: batch transactions (alerts, dead letters, offsets), by result.",
+            ["result"], registry=registry,
+        )
+        self.transaction_duration = Histogram(
+            "anomaly_transaction_duration_seconds",
+            "Exactly-once: from beginning a batch's transaction to its commit (or abort).",
+            buckets=TRANSACTION_BUCKETS, registry=registry,
+        )
 
         for operation in KAFKA_OPERATIONS:
             self.kafka_errors.labels(operation=operation)
+        for result in TRANSACTION_RESULTS:
+            self.transactions.labels(result=result)
+        for stage in BATCH_STAGES:
+            self.batch_stage_duration.labels(stage=stage)
         for result in MODEL_RELOAD_RESULTS:
             self.model_reloads.labels(result=result)
         self.shadow_agreement.set(math.nan)  # no shadow model: no comparison (0 would read as "disagrees")
@@ -270,6 +300,13 @@ class WorkerMetrics:
         """Observe event-timestamp-to-publish latencies; negative values (clock skew) count as 0."""
         for value in seconds:
             self.end_to_end_latency.observe(max(0.0, float(value)))
+
+    def observe_stages(self, seconds: Mapping[str, float]) -> None:
+        """Observe how long each stage of one batch took (`BATCH_STAGES`)."""
+        for stage, value in seconds.items():
+            if stage not in BATCH_STAGES:
+                raise ValueError(f"unknown batch stage {stage!r}; expected one of {BATCH_STAGES}")
+            self.batch_stage_duration.labels(stage=stage).observe(_non_negative(value, f"{stage} duration"))
 
     def observe_batch(self, size: int, duration_seconds: float) -> None:
         """Observe one batch: its record count and its decode-to-commit wall time."""
@@ -360,6 +397,20 @@ class WorkerMetrics:
         """Count a successful commit and stamp its Unix time (now by default)."""
         self.commits.inc()
         self.last_commit_timestamp.set(time.time() if timestamp is None else timestamp)
+
+    def set_delivery_mode(self, mode: str) -> None:
+        """Publish `anomaly_delivery_mode{mode}` = 1 for `mode` and 0 for the other."""
+        if mode not in DELIVERY_MODES:
+            raise ValueError(f"unknown delivery mode {mode!r}; expected one of {DELIVERY_MODES}")
+        for each in DELIVERY_MODES:
+            self.delivery_mode.labels(mode=each).set(1 if each == mode else 0)
+
+    def record_transaction(self, result: str, seconds: float) -> None:
+        """Count a committed or aborted batch transaction and observe how long it took."""
+        if result not in TRANSACTION_RESULTS:
+            raise ValueError(f"unknown transaction result {result!r}; expected one of {TRANSACTION_RESULTS}")
+        self.transactions.labels(result=result).inc()
+        self.transaction_duration.observe(_non_negative(seconds, "transaction duration"))
 
     def record_commit_failure(self) -> None:
         """Count a failed commit; it is also counted as a Kafka error on `commit`.

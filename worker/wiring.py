@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from training.bundle import Bundle, is_repository, load_bundle, resolve_model
 from worker.config import Settings
-from worker.edge import Quarantine, open_sink, open_source
+from worker.edge import Quarantine, open_sink, open_source, open_transactional_sink
 from worker.feedback import FeedbackLedger
 from worker.flood import FloodControl
 from worker.http import HealthState
@@ -51,6 +51,7 @@ def observability(settings: Settings, bundle: Bundle) -> tuple[CollectorRegistry
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry)
     metrics.set_model(bundle.version, bundle.threshold.value)
+    metrics.set_delivery_mode(settings.delivery)
     metrics.declare_topic(settings.input_topic)
     metrics.declare_fields(bundle.schema.names)
     health = HealthState(stale_after_seconds=settings.liveness_timeout_s)
@@ -83,6 +84,13 @@ def build_runtime(settings: Settings, pipeline_class: type[Pipeline] = Pipeline)
 
 def kafka_connect(settings: Settings, on_revoke: OnRevoke, quarantine: Quarantine | None = None) -> tuple[Source, Sink]:
     """The product's Kafka source and sink, of `settings.kafka_client` (see worker/edge.py)."""
+    if settings.exactly_once:
+        source = open_source(settings, on_revoke=on_revoke, quarantine=quarantine)
+        try:
+            return source, open_transactional_sink(settings, source)
+        except BaseException:
+            source.close()
+            raise
     sink = open_sink(settings)
     try:
         return open_source(settings, on_revoke=on_revoke, quarantine=quarantine), sink

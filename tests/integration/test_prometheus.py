@@ -203,7 +203,9 @@ def run(bundle: Path, kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFac
                  # The lifecycle panels need their series: the bundle shadows itself, and flood control
                  # runs with a budget high enough to suppress nothing (the counts below stay exact).
                  "--shadow-model", str(bundle), "--alert-key-field", "protocol_type",
-                 "--max-alerts-per-s", "100000", "--feedback-topic", feedback_topic],
+                 "--max-alerts-per-s", "100000", "--feedback-topic", feedback_topic,
+                 # Exactly-once, so the transaction panels have data (at-least-once is the default elsewhere).
+                 "--delivery", "exactly-once", "--transactional-id", unique_topic("prom-worker")],
                 cwd=ROOT, stdout=wlog, stderr=subprocess.STDOUT,
                 env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"},
             ))

@@ -157,8 +157,15 @@ def test_model_and_secrets_come_from_volumes_and_references() -> None:
     assert files[Path(configmap["data"]["ANOMALY_SSL_CAFILE"]).name] in secret["stringData"]
     env_names = {e["name"] for e in container.get("env", [])}
     assert "ANOMALY_SASL_PASSWORD" not in env_names | configmap["data"].keys()
-    for ref in (e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e):
+    for ref in (e["valueFrom"]["secretKeyRef"] for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})):
         assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
+
+
+def test_each_replica_gets_its_own_transactional_id_from_its_pod_name() -> None:
+    container = by_kind("Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["ANOMALY_TRANSACTIONAL_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert by_kind("ConfigMap")["data"]["ANOMALY_DELIVERY"] in ("at-least-once", "exactly-once")
 
 
 def test_secret_holds_only_placeholders() -> None:

@@ -30,7 +30,7 @@ REQUIRED = ["--model", "m", "--bootstrap-servers", "k:9092", "--input-topic", "i
 
 def settings(**overrides: Any) -> Settings:
     return Settings(model=Path("m"), bootstrap_servers="127.0.0.1:1", input_topic="in", alert_topic="al",
-                    dead_letter_topic="dl", group_id="g", max_wait_ms=0, **overrides)
+                    dead_letter_topic="dl", group_id="g", **{"max_wait_ms": 0, **overrides})
 
 
 # -- settings ------------------------------------------------------------------------------------
@@ -223,3 +223,38 @@ def test_confluent_a_failed_delivery_report_raises_delivery_error() -> None:
     sink.publish([], [])
     with pytest.raises(DeliveryError, match="1 of 1 records were not acknowledged"):
         sink.publish([], [letter])
+
+
+class TimedConsumer(FakeConfluentConsumer):
+    """Logs each consume call's timeout; the first call finds `queued` messages waiting."""
+
+    def __init__(self, queued: int) -> None:
+        super().__init__([FakeMessage(0, i) for i in range(queued)])
+        self.calls: list[tuple[int, float]] = []
+
+    def consume(self, num_messages: int, timeout: float) -> list[FakeMessage]:
+        self.calls.append((num_messages, timeout))
+        out, self.messages = self.messages[:num_messages], self.messages[num_messages:]
+        return out
+
+
+def test_confluent_records_queued_during_processing_wait_only_the_rest_of_the_window() -> None:
+    consumer = TimedConsumer(queued=3)
+    source = ConfluentSource(settings(max_wait_ms=200, max_batch=10), consumer_factory=lambda conf: consumer)
+    source._last_return -= 0.15  # the previous batch took 150 ms to process
+    assert len(source.poll_batch()) == 3
+    (first, wait_now), (rest, wait_more) = consumer.calls
+    assert (first, wait_now, rest) == (10, 0, 7)
+    assert 0 < wait_more <= 0.05 + 1e-3, "only what remains of the 200 ms window since the last poll returned"
+
+
+def test_confluent_waits_a_whole_window_when_nothing_is_queued_and_not_at_all_for_a_full_batch() -> None:
+    consumer = TimedConsumer(queued=0)
+    source = ConfluentSource(settings(max_wait_ms=200, max_batch=4), consumer_factory=lambda conf: consumer)
+    source._last_return -= 10.0
+    source.poll_batch()
+    assert consumer.calls == [(4, 0), (4, 0.2)]
+    consumer.calls.clear()
+    consumer.messages = [FakeMessage(0, i) for i in range(4)]
+    assert len(source.poll_batch()) == 4
+    assert consumer.calls == [(4, 0)]

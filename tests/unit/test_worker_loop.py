@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from tests.fakes import TOPIC, FakeSource
 from worker.alerts import build_alert
-from worker.errors import DeliveryError
+from worker.errors import DeliveryError, TransactionAborted
 from worker.http import HealthState
 from worker.loop import Backoff, Worker
 from worker.metrics import WorkerMetrics
@@ -101,6 +101,8 @@ def test_poll_then_process_then_publish_then_commit(log: list[tuple], registry: 
     assert registry.get_sample_value("anomaly_alerts_published_total", {"topic": TOPIC}) == 2
     assert registry.get_sample_value("anomaly_dead_letters_total", {"topic": TOPIC, "reason": "invalid_json"}) == 1
     assert registry.get_sample_value("anomaly_commits_total") == 1
+    for stage in ("poll", "process", "publish", "commit"):
+        assert registry.get_sample_value("anomaly_batch_stage_seconds_count", {"stage": stage}) == 1, stage
 
 
 def test_empty_poll_publishes_and_commits_nothing(log: list[tuple], registry: CollectorRegistry) -> None:
@@ -275,3 +277,73 @@ def test_a_rebalance_defers_the_commit_without_marking_the_broker_down(
     source.rebalancing = False
     worker.run_once()
     assert worker.pending == {} and source.committed == {(TOPIC, 0): 2}
+
+
+# -- exactly-once: a transactional sink commits the offsets itself ---------------------------------
+
+class FakeTransactionalSink(FakeSink):
+    """Records and offsets of a batch become visible together, or (aborted) not at all."""
+
+    def __init__(self, log: list[tuple], source: FakeSource) -> None:
+        super().__init__(log)
+        self.source = source
+        self.abort_next = 0
+
+    def publish_and_commit(self, alerts: Sequence[Alert], dead_letters: Sequence[DeadLetter],
+                           offsets: Mapping[tuple[str, int], int]) -> None:
+        if self.abort_next:
+            self.abort_next -= 1
+            self.log.append(("transaction-aborted", dict(offsets)))
+            raise TransactionAborted("send_offsets_to_transaction: ILLEGAL_GENERATION; transaction aborted")
+        self.alerts.extend(alerts)
+        self.dead_letters.extend(dead_letters)
+        self.source.committed.update(offsets)
+        self.log.append(("transaction", [a.alert_id for a in alerts], [d.record.offset for d in dead_letters],
+                         dict(offsets)))
+
+
+def make_transactional_worker(log: list[tuple], partitions: dict[int, list[bytes]], registry: CollectorRegistry,
+                              max_batch: int = 3) -> tuple[Worker, FakeSource, FakeTransactionalSink]:
+    worker, source, _sink, _ = make_worker(log, partitions, registry, max_batch=max_batch)
+    sink = FakeTransactionalSink(log, source)
+    worker.sink = sink
+    return worker, source, sink
+
+
+def test_exactly_once_publishes_records_and_offsets_in_one_transaction_and_never_commits_itself(
+        log: list[tuple], registry: CollectorRegistry) -> None:
+    worker, source, sink = make_transactional_worker(log, {0: [b"n", b"A1", b"bad"], 1: [b"A2"]}, registry,
+                                                     max_batch=4)
+    assert worker.run_once() is not None
+    assert kinds(log) == ["poll", "process", "transaction"]  # no separate commit
+    assert log[2] == ("transaction", [f"{MODEL}/{TOPIC}/0/1", f"{MODEL}/{TOPIC}/1/0"], [2],
+                      {(TOPIC, 0): 3, (TOPIC, 1): 1})
+    assert worker.pending == {}
+    assert registry.get_sample_value("anomaly_transactions_total", {"result": "committed"}) == 1
+    assert registry.get_sample_value("anomaly_transactions_total", {"result": "aborted"}) == 0
+    assert registry.get_sample_value("anomaly_transaction_duration_seconds_count") == 1
+    assert registry.get_sample_value("anomaly_commits_total") == 1
+    stages = {stage: registry.get_sample_value("anomaly_batch_stage_seconds_count", {"stage": stage})
+              for stage in ("poll", "process", "publish", "commit")}
+    assert stages == {"poll": 1, "process": 1, "publish": 1, "commit": 0}  # offsets commit inside "publish"
+
+
+def test_an_aborted_transaction_rewinds_and_the_batch_is_delivered_once_afterwards(
+        log: list[tuple], registry: CollectorRegistry) -> None:
+    worker, source, sink = make_transactional_worker(log, {0: [b"A0", b"n", b"A2", b"A3"]}, registry)
+    sink.abort_next = 1
+    assert worker.run_once() is None
+    assert kinds(log) == ["poll", "process", "transaction-aborted", "rewind"]
+    assert log[3] == ("rewind", {(TOPIC, 0): 0})
+    assert source.committed == {} and sink.alerts == []
+    assert worker.health.broker_ok is False
+    assert registry.get_sample_value("anomaly_transactions_total", {"result": "aborted"}) == 1
+    assert not registry.get_sample_value("anomaly_events_consumed_total", {"topic": TOPIC})  # counted once delivered
+    del log[:]
+    while worker.run_once() is not None:
+        pass
+    assert [a.alert_id for a in sink.alerts] == [f"{MODEL}/{TOPIC}/0/{i}" for i in (0, 2, 3)]  # each once
+    assert source.committed == {(TOPIC, 0): 4}
+    assert "commit" not in kinds(log)
+    assert worker.health.broker_ok is True
+    assert registry.get_sample_value("anomaly_transactions_total", {"result": "committed"}) == 2
