@@ -210,9 +210,11 @@ class Scenario:
                "--dead-letter-topic", t.dead_letters, "--group-id", t.group, "--client-id", name,
                "--metrics-host", "127.0.0.1", "--metrics-port", str(port), "--max-wait-ms", "100",
                "--kafka-timeout-s", "10", "--shutdown-timeout-s", "10",
-               "--session-timeout-s", str(SESSION_TIMEOUT_S)]
+               "--session-timeout-s", str(SESSION_TIMEOUT_S), "--delivery", self.delivery]
         if self.delivery == EXACTLY_ONCE:
-            cmd += ["--delivery", self.delivery, "--transactional-id", self.transactional_id(name)]
+            # The worker's default transaction timeout (60 s) outlasts case 6's pause, so the paused worker's
+            # transaction is still open when it wakes, and the group generation (KIP-447) must fence it.
+            cmd += ["--transactional-id", self.transactional_id(name)]
         runs = sum(1 for n, _w in self.workers if n == name)
         worker = WorkerProcess(cmd, self.tmp_path / f"{name}-{runs}.log", port)
         self.workers.append((name, worker))
