@@ -12,6 +12,23 @@ from tests.kafka_broker import kafka_bootstrap as _kafka_bootstrap
 BROKER_FIXTURES = {"kafka_bootstrap", "topic_factory"}
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--all-faults", action="store_true",
+                     help="run every case of the 3-node fault suite (tests/faults), not only its CI subset")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without --all-faults, fault cases marked `faults_full` are deselected (they do not fit CI's budget)."""
+    if config.getoption("--all-faults"):
+        return
+    kept, left = [], []
+    for item in items:
+        (left if item.get_closest_marker("faults_full") else kept).append(item)
+    if left:
+        config.hook.pytest_deselected(items=left)
+        items[:] = kept
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Unit tests stay broker-free: only tests marked `integration` may use the Kafka fixtures."""
     used = BROKER_FIXTURES.intersection(getattr(item, "fixturenames", ()))

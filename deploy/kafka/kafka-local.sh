@@ -4,6 +4,7 @@
 #
 #   kafka-local.sh fetch                                   # jars -> deploy/kafka/libs/ (once)
 #   kafka-local.sh start [--nodes 1|3] [--dir DIR] [--port PORT] [--controller-port PORT] [--keep]
+#   kafka-local.sh start-node --node N [--dir DIR]            # relaunch one stopped/killed node
 #   kafka-local.sh stop [--dir DIR]
 #   kafka-local.sh status [--dir DIR]
 #
@@ -11,6 +12,8 @@
 # broker comes back with its topics and offsets), starts the node(s) in the background, waits until
 # every broker answers Kafka requests and prints the bootstrap servers as the last line of stdout
 # (progress goes to stderr), so `BOOTSTRAP=$(kafka-local.sh start)` works.
+# `start-node` brings back ONE node of a running cluster (one that was killed, e.g. by a fault test)
+# with its existing config and storage, and waits until it answers and sees every running node.
 # Environment: PYTHON (readiness check), KAFKA_HEAP_OPTS, KAFKA_JVM_OPTS, KAFKA_START_TIMEOUT
 # (seconds, default 90), KAFKA_STOP_TIMEOUT (default 30), MAVEN_OPTS (honoured by mvn).
 set -euo pipefail
@@ -24,7 +27,7 @@ log() { echo "kafka-local: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 usage() {
-    sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -178,6 +181,20 @@ format_storage() {
 
 # ---------------------------------------------------------------------------------------- start
 
+# Starts the JVM of node directory $1 (its server.properties and storage must exist) in the background.
+launch_node() {
+    local nd="$1" heap="${KAFKA_HEAP_OPTS:--Xmx512m -Xms128m}"
+    # setsid: the broker outlives this script and ignores the caller's Ctrl-C;
+    # `stop` (or the pytest fixture) ends it.
+    # shellcheck disable=SC2086  # heap/JVM options are word lists on purpose
+    setsid java $heap -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExitOnOutOfMemoryError \
+        -Djava.awt.headless=true ${KAFKA_JVM_OPTS:-} \
+        -Dkafka.logs.dir="$nd/logs" -Dlog4j2.configurationFile="$HERE/log4j2.properties" \
+        -cp "$LIBS/*" kafka.Kafka "$nd/server.properties" \
+        >>"$nd/logs/console.log" 2>&1 </dev/null &
+    echo $! >"$nd/kafka.pid"
+}
+
 cmd_start() {
     local nodes=1 dir="$DEFAULT_DIR" port=9092 cport="" keep=0
     while (( $# )); do
@@ -240,18 +257,8 @@ cmd_start() {
         format_storage "$dir" "$nodes" "$port" "$cport" "$voters"
     fi
 
-    local heap="${KAFKA_HEAP_OPTS:--Xmx512m -Xms128m}"
     for (( i = 0; i < nodes; i++ )); do
-        nd="$dir/node-$((i + 1))"
-        # setsid: the broker outlives this script and ignores the caller's Ctrl-C;
-        # `stop` (or the pytest fixture) ends it.
-        # shellcheck disable=SC2086  # heap/JVM options are word lists on purpose
-        setsid java $heap -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExitOnOutOfMemoryError \
-            -Djava.awt.headless=true ${KAFKA_JVM_OPTS:-} \
-            -Dkafka.logs.dir="$nd/logs" -Dlog4j2.configurationFile="$HERE/log4j2.properties" \
-            -cp "$LIBS/*" kafka.Kafka "$nd/server.properties" \
-            >"$nd/logs/console.log" 2>&1 </dev/null &
-        echo $! >"$nd/kafka.pid"
+        launch_node "$dir/node-$((i + 1))"
     done
     echo "$bootstrap" >"$dir/bootstrap"
 
@@ -270,12 +277,15 @@ cmd_start() {
     echo "$bootstrap"
 }
 
-# Polls (short waits between checks) until every broker answers a Kafka metadata request and sees
-# all $3 brokers; fails fast if a JVM exits. Without kafka-python it falls back to "port open and
+# Polls (short waits between checks) until every broker of $2 (comma-separated) answers a Kafka
+# metadata request and sees at least $3 brokers; fails fast if one of the JVMs $4 (comma-separated
+# pids; default: every node of $1) exits. Without kafka-python it falls back to "port open and
 # 'Kafka Server started' logged".
 wait_ready() {
-    local dir="$1" bootstrap="$2" nodes="$3" pids="" nd
-    for nd in $(node_dirs "$dir"); do pids+="${pids:+,}$(cat "$nd/kafka.pid")"; done
+    local dir="$1" bootstrap="$2" nodes="$3" pids="${4:-}" nd
+    if [[ -z "$pids" ]]; then
+        for nd in $(node_dirs "$dir"); do pids+="${pids:+,}$(cat "$nd/kafka.pid")"; done
+    fi
     "$(python_bin)" - "$bootstrap" "$nodes" "$pids" "${KAFKA_START_TIMEOUT:-90}" "$dir" <<'PY'
 import glob, logging, os, socket, sys, time
 
@@ -326,6 +336,52 @@ while time.monotonic() < deadline:
     time.sleep(0.25)
 sys.exit(f"kafka-local: not ready after {timeout}s ({last})")
 PY
+}
+
+# ----------------------------------------------------------------------------------- start-node
+
+# Relaunches node N of the cluster in --dir on its existing config and storage (ports, node id and
+# data unchanged, so it rejoins as the same broker and controller voter), then waits until it answers
+# and sees every node whose JVM is running. A node that is already running is only waited for.
+cmd_start_node() {
+    local dir="$DEFAULT_DIR" node=""
+    while (( $# )); do
+        case "$1" in
+            --dir) dir="${2:?--dir needs a value}"; shift 2 ;;
+            --node) node="${2:?--node needs a value}"; shift 2 ;;
+            -h|--help) usage ;;
+            *) die "unknown option for start-node: $1" ;;
+        esac
+    done
+    [[ "$node" =~ ^[0-9]+$ ]] || die "start-node needs --node N (a number), got '${node}'"
+    [[ -d "$dir" ]] || die "no Kafka set up in $dir; run: $0 start --dir $dir"
+    dir="$(cd "$dir" && pwd)"
+    local nd="$dir/node-$node"
+    [[ -f "$nd/server.properties" && -f "$nd/data/meta.properties" ]] \
+        || die "no formatted node $node in $dir; start the cluster first ($0 start --dir $dir)"
+    local port pid started_at
+    port="$(sed -n 's|^listeners=PLAINTEXT://127.0.0.1:\([0-9]*\),.*|\1|p' "$nd/server.properties")"
+    [[ -n "$port" ]] || die "cannot read the client port of node $node from $nd/server.properties"
+    started_at=$(date +%s.%N)
+    pid="$(node_pid "$nd")"
+    if [[ -n "$pid" ]]; then
+        log "node $node already running (pid $pid)"
+    else
+        port_in_use "$port" && die "port $port of node $node is taken by another process"
+        log "starting node $node on its existing storage"
+        launch_node "$nd"
+        pid="$(cat "$nd/kafka.pid")"
+    fi
+    local running=0 other
+    for other in $(node_dirs "$dir"); do
+        [[ -n "$(node_pid "$other")" ]] && running=$((running + 1))
+    done
+    if ! wait_ready "$dir" "127.0.0.1:$port" "$running" "$pid"; then
+        log "---- tail of $nd/logs/server.log"
+        tail -n 30 "$nd/logs/server.log" >&2 2>/dev/null || true
+        die "node $node did not become ready; logs are in $nd/logs"
+    fi
+    log "node $node ready in $(awk -v s="$started_at" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')s"
 }
 
 # ----------------------------------------------------------------------------------- stop, status
@@ -401,6 +457,7 @@ cmd_status() {
 case "${1:-}" in
     fetch) shift; cmd_fetch "$@" ;;
     start) shift; cmd_start "$@" ;;
+    start-node) shift; cmd_start_node "$@" ;;
     stop) shift; cmd_stop "$@" ;;
     status) shift; cmd_status "$@" ;;
     *) usage ;;

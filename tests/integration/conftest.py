@@ -15,15 +15,19 @@ from worker.config import KAFKA_CLIENTS
 EVENTS = 200
 
 
-@pytest.fixture(scope="module")
-def alerting_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small bundle whose threshold every event exceeds: each scored event becomes one alert."""
-    root = tmp_path_factory.mktemp("interop-model")
+def train_alerting_bundle(root: Path) -> Path:
+    """Train (in `root`) a small bundle whose threshold every event exceeds: each scored event becomes one alert."""
     pd.read_csv(SAMPLE).iloc[:1000].to_csv(root / "train.csv", index=False)
     _check_run([BIN / "anomaly-train", "--data", root / "train.csv", "--out", root / "bundle", "--label-column",
                 "label", "--normal-value", "normal", "--drop", "difficulty", "--epochs", "2", "--ensemble", "1",
                 "--seed", "1", "--threshold", "1e-9"])
     return root / "bundle"
+
+
+@pytest.fixture(scope="module")
+def alerting_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small bundle whose threshold every event exceeds: each scored event becomes one alert."""
+    return train_alerting_bundle(tmp_path_factory.mktemp("interop-model"))
 
 
 @pytest.fixture(scope="module")
