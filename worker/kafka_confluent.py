@@ -322,24 +322,40 @@ class ConfluentTransactionalSink:
     A failure that leaves the transaction abortable aborts it and raises `TransactionAborted` (a
     `DeliveryError`: the loop rewinds and reads the batch again, and nothing of it was visible). A commit
     whose outcome is unknown (a retriable error, e.g. a timeout) is retried until the broker answers or the
-    transaction timeout has passed. A fatal error (another live producer with the same transactional id)
-    raises `WorkerError`: the process exits and must not come back with that id while the other lives.
+    transaction timeout has passed.
+
+    A fatal producer error (fenced: the coordinator aborted our transaction at its timeout while this
+    worker was paused, or librdkafka lost the transaction's state when a coordinator died) replaces the
+    producer: a new one with the same transactional id calls `init_transactions`, which aborts whatever
+    was open, and the batch is read again (`TransactionAborted`). Fenced `MAX_FENCED` times within
+    `FENCED_WINDOW_S`, the worker stops (`WorkerError`): another live worker uses the same id.
     """
+
+    MAX_FENCED = 3
+    FENCED_WINDOW_S = 300.0
 
     def __init__(self, settings: Settings, group_metadata: Callable[[], Any],
                  producer_factory: Callable[[dict[str, Any]], Any] = Producer) -> None:
         self.settings, self.group_metadata = settings, group_metadata
         self.transactional_id = settings.transactional_id_or_default
-        self.producer = producer_factory({
-            **producer_config(settings), "transactional.id": self.transactional_id,
-            "transaction.timeout.ms": int(settings.transaction_timeout_s * 1000)})
-        _check_reachable(self.producer, settings)
+        self._factory = producer_factory
+        self._fatal_at: list[float] = []
+        self.producer: Any = None
         try:
-            # Fences an earlier producer with this id and aborts (or completes) its open transaction.
-            self.producer.init_transactions(settings.kafka_timeout_s)
+            self.producer = self._start_producer()
         except KafkaException as exc:
             raise BrokerUnavailable(f"cannot start transactions as {self.transactional_id!r}: {exc}") from exc
         log.info("exactly-once delivery: transactional id %s", self.transactional_id)
+
+    def _start_producer(self) -> Any:
+        """A transactional producer; `init_transactions` fences an earlier one with this id and aborts (or
+        completes) its open transaction."""
+        producer = self._factory({
+            **producer_config(self.settings), "transactional.id": self.transactional_id,
+            "transaction.timeout.ms": int(self.settings.transaction_timeout_s * 1000)})
+        _check_reachable(producer, self.settings)
+        producer.init_transactions(self.settings.kafka_timeout_s)
+        return producer
 
     def publish(self, alerts: Sequence[Alert], dead_letters: Sequence[DeadLetter]) -> None:
         """Records that belong to no input offsets (suppression summaries) in a transaction of their own."""
@@ -348,6 +364,8 @@ class ConfluentTransactionalSink:
     def publish_and_commit(self, alerts: Sequence[Alert], dead_letters: Sequence[DeadLetter],
                            offsets: Offsets) -> None:
         """Steps 1-4 of the class docstring: all of it becomes visible, or none of it."""
+        if self.producer is None:
+            self._replace_producer()
         timeout = self.settings.kafka_timeout_s
         outgoing = outgoing_records(self.settings, alerts, dead_letters)
         try:
@@ -389,20 +407,58 @@ class ConfluentTransactionalSink:
     def _abort(self, what: str, exc: BaseException) -> NoReturn:
         error = _kafka_error(exc)
         if error is not None and error.fatal():
-            raise WorkerError(f"{what}: {error}. The producer is fenced: another worker runs with transactional "
-                              f"id {self.transactional_id!r} (give each replica its own --transactional-id)") from exc
+            self._fatal(what, error, exc)
         try:
             self.producer.abort_transaction(self.settings.kafka_timeout_s)
         except KafkaException as abort_exc:
             abort_error = _kafka_error(abort_exc)
             if abort_error is not None and abort_error.fatal():
-                raise WorkerError(f"{what}, and aborting failed fatally: {abort_error}") from abort_exc
+                self._fatal(f"{what}, then aborting", abort_error, abort_exc)
             raise TransactionAborted(f"{what} ({exc}); the abort did not complete either ({abort_exc}), the "
                                      f"broker aborts the transaction after its timeout") from exc
         raise TransactionAborted(f"{what}; transaction aborted: {exc}") from exc
 
+    def _fatal(self, what: str, error: KafkaError, exc: BaseException) -> NoReturn:
+        """Replace a producer that failed fatally (see the class docstring), unless it keeps being fenced."""
+        now = time.monotonic()
+        self._fatal_at = [t for t in self._fatal_at if now - t < self.FENCED_WINDOW_S] + [now]
+        if len(self._fatal_at) >= self.MAX_FENCED:
+            raise WorkerError(f"{what}: {error}. The producer failed fatally {len(self._fatal_at)} times in "
+                              f"{self.FENCED_WINDOW_S:.0f} s: another worker probably runs with transactional id "
+                              f"{self.transactional_id!r} (give each replica its own --transactional-id)") from exc
+        log.warning("%s: %s; replacing the transactional producer (its open transaction is aborted) and "
+                    "reading the batch again", what, error)
+        self._close_producer()
+        try:
+            self._replace_producer()
+        except TransactionAborted as replace_exc:
+            raise TransactionAborted(f"{what}: {error}; {replace_exc}") from exc
+        raise TransactionAborted(f"{what}: {error}; the producer was replaced and its transaction aborted") from exc
+
+    def _replace_producer(self) -> None:
+        """Start a new producer; while that fails, the batch is retried later (`TransactionAborted`)."""
+        try:
+            self.producer = self._start_producer()
+        except (KafkaException, BrokerUnavailable) as exc:
+            self.producer = None
+            raise TransactionAborted(f"no transactional producer yet: {exc}") from exc
+
+    def _close_producer(self) -> None:
+        producer, self.producer = self.producer, None
+        if producer is not None:
+            try:
+                producer.flush(0)
+            except (KafkaException, RuntimeError) as exc:
+                log.debug("closing a failed producer: %s", exc)
+
     def close(self) -> None:
-        remaining = self.producer.flush(self.settings.kafka_timeout_s)
+        if self.producer is None:
+            return
+        try:
+            remaining = self.producer.flush(self.settings.kafka_timeout_s)
+        except (KafkaException, RuntimeError) as exc:
+            log.warning("producer close: %s", exc)
+            return
         if remaining:
             log.warning("producer close: %d records not delivered", remaining)
 

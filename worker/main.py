@@ -108,8 +108,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         if feedback is not None:
             feedback.stop()
         if worker is not None:
-            worker.source.close()
-            worker.sink.close()
+            for client in (worker.source, worker.sink):
+                try:
+                    client.close()
+                except Exception:  # noqa: BLE001 - closing must not hide why the worker stops
+                    log.exception("closing %s failed", type(client).__name__)
         server.shutdown()
         done.set()
 

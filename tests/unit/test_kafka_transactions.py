@@ -71,7 +71,7 @@ class FakeTransactionalProducer:
 def sink_with(producer: list[FakeTransactionalProducer], **overrides: Any) -> ConfluentTransactionalSink:
     def factory(conf: dict[str, Any]) -> FakeTransactionalProducer:
         producer.append(FakeTransactionalProducer(conf))
-        return producer[0]
+        return producer[-1]
 
     return ConfluentTransactionalSink(settings(**overrides), lambda: GROUP_METADATA, producer_factory=factory)
 
@@ -127,13 +127,64 @@ def test_a_commit_whose_outcome_is_unknown_is_retried_not_aborted() -> None:
     assert made[0].calls[1:] == ["begin", "produce:dl", "offsets", "commit", "commit", "commit"]
 
 
-def test_a_fenced_producer_stops_the_worker_with_what_to_fix() -> None:
+def test_a_fatal_error_replaces_the_producer_and_the_batch_is_read_again() -> None:
     made: list[FakeTransactionalProducer] = []
     sink = sink_with(made, transactional_id="workers-0")
+    # The coordinator aborted our transaction at its timeout while this worker was paused: fenced.
     made[0].fail["commit"] = [KafkaError(KafkaError._FENCED, "producer fenced", fatal=True)]
-    with pytest.raises(WorkerError, match="another worker runs with transactional id 'workers-0'"):
+    with pytest.raises(TransactionAborted, match="producer was replaced"):
         sink.publish_and_commit([], [LETTER], {("in", 0): 8})
-    assert "abort" not in made[0].calls  # a fatal error leaves nothing to abort
+    assert "abort" not in made[0].calls  # a fatal error leaves nothing to abort on the old producer
+    assert len(made) == 2 and made[1].calls == ["init"], "a new producer with the same id aborts what was open"
+    assert made[1].conf["transactional.id"] == "workers-0"
+    sink.publish_and_commit([], [LETTER], {("in", 0): 8})
+    assert made[1].calls[-1] == "commit"
+
+
+def test_a_fatal_abort_after_a_lost_coordinator_replaces_the_producer_too() -> None:
+    made: list[FakeTransactionalProducer] = []
+    sink = sink_with(made)
+    made[0].fail["offsets"] = [KafkaError(KafkaError._TRANSPORT, "broker transport failure", txn_requires_abort=True)]
+    made[0].fail["abort"] = [KafkaError(KafkaError.INVALID_TXN_STATE, "invalid state", fatal=True)]
+    with pytest.raises(TransactionAborted, match="producer was replaced"):
+        sink.publish_and_commit([], [LETTER], {("in", 0): 8})
+    assert len(made) == 2
+
+
+def test_a_producer_fenced_again_and_again_stops_the_worker_with_what_to_fix() -> None:
+    made: list[FakeTransactionalProducer] = []
+    sink = sink_with(made, transactional_id="workers-0")
+    for attempt in range(ConfluentTransactionalSink.MAX_FENCED):
+        made[-1].fail["commit"] = [KafkaError(KafkaError._FENCED, "producer fenced", fatal=True)]
+        if attempt < ConfluentTransactionalSink.MAX_FENCED - 1:
+            with pytest.raises(TransactionAborted):
+                sink.publish_and_commit([], [LETTER], {("in", 0): 8})
+    with pytest.raises(WorkerError, match="another worker probably runs with transactional id 'workers-0'"):
+        sink.publish_and_commit([], [LETTER], {("in", 0): 8})
+
+
+def test_while_no_producer_can_be_started_batches_are_aborted_not_lost() -> None:
+    made: list[FakeTransactionalProducer] = []
+    sink = sink_with(made)
+    made[0].fail["commit"] = [KafkaError(KafkaError._FENCED, "producer fenced", fatal=True)]
+    broken: list[FakeTransactionalProducer] = []
+
+    def unreachable(conf: dict[str, Any]) -> FakeTransactionalProducer:
+        producer = FakeTransactionalProducer(conf)
+        producer.fail["init"] = [KafkaException(KafkaError(KafkaError._TIMED_OUT, "no coordinator")).args[0]]
+        broken.append(producer)
+        return producer
+
+    sink._factory = unreachable
+    with pytest.raises(TransactionAborted, match="no transactional producer yet"):
+        sink.publish_and_commit([], [LETTER], {("in", 0): 8})
+    assert sink.producer is None
+    with pytest.raises(TransactionAborted, match="no transactional producer yet"):
+        sink.publish_and_commit([], [LETTER], {("in", 0): 8})
+    sink._factory = lambda conf: FakeTransactionalProducer(conf)
+    sink.publish_and_commit([], [LETTER], {("in", 0): 8})
+    assert sink.producer is not None and sink.producer.calls[-1] == "commit"
+    sink.close()
 
 
 def test_delivery_settings_flags_environment_and_validation() -> None:
