@@ -206,12 +206,7 @@ class Worker:
         try:
             self.sink.publish(alerts, result.dead_letters)
         except DeliveryError as exc:
-            log.error("batch of %d records not delivered, will be read again: %s", len(records), exc)
-            self.metrics.record_kafka_error("produce")
-            self.health.broker_ok = False
-            self.metrics.set_ready(self.health.is_ready())
-            self.source.rewind(first_offsets(records))
-            self.backoff.wait()
+            self._read_again(records, f"not delivered, will be read again: {exc}")
             return False
         published = time.perf_counter()
         self._stages["publish"] = published - started
@@ -228,12 +223,7 @@ class Worker:
             sink.publish_and_commit(alerts, result.dead_letters, next_offsets(records))
         except DeliveryError as exc:
             self.metrics.record_transaction("aborted", time.perf_counter() - started)
-            log.error("batch of %d records not committed, will be read again: %s", len(records), exc)
-            self.metrics.record_kafka_error("produce")
-            self.health.broker_ok = False
-            self.metrics.set_ready(self.health.is_ready())
-            self.source.rewind(first_offsets(records))
-            self.backoff.wait()
+            self._read_again(records, f"not committed, will be read again: {exc}")
             return False
         self.metrics.record_transaction("committed", time.perf_counter() - started)
         self._stages["publish"] = time.perf_counter() - started
@@ -242,6 +232,15 @@ class Worker:
         self.backoff.reset()
         self.metrics.set_ready(self.health.is_ready())
         return True
+
+    def _read_again(self, records: Sequence[Record], why: str) -> None:
+        """Nothing of the batch is committed: mark the broker down, rewind to its first offsets, back off."""
+        log.error("batch of %d records %s", len(records), why)
+        self.metrics.record_kafka_error("produce")
+        self.health.broker_ok = False
+        self.metrics.set_ready(self.health.is_ready())
+        self.source.rewind(first_offsets(records))
+        self.backoff.wait()
 
     def _commit_pending(self) -> None:
         if not self.pending:
