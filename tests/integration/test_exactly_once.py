@@ -10,11 +10,9 @@ The 3-node fault suite (tests/faults/) covers broker failures and fencing.
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import orjson
 import pytest
@@ -24,7 +22,6 @@ from tests.integration.test_worker_e2e import (
     PARTITIONS,
     Topics,
     WorkerProcess,
-    _free_port,
     committed,
     http_status,
     produce,
@@ -61,28 +58,18 @@ def read_topic(bootstrap: str, topic: str, isolation: str) -> list[tuple[bytes |
 
 
 @pytest.fixture
-def eos_worker(alerting_bundle: Path, kafka_bootstrap: str, tmp_path: Path) -> Iterator[callable]:  # type: ignore[valid-type]
-    started: list[WorkerProcess] = []
+def kafka_client() -> str:
+    """Exactly-once is confluent-only: `launch_worker` (conftest) runs this module with that client alone."""
+    return "confluent"
 
-    def start(t: Topics, transactional_id: str) -> WorkerProcess:
-        port = _free_port()
-        cmd = [sys.executable, "-m", "worker.main", "--model", str(alerting_bundle), "--kafka-client", "confluent",
-               "--bootstrap-servers", kafka_bootstrap, "--input-topic", t.input, "--alert-topic", t.alerts,
-               "--dead-letter-topic", t.dead_letters, "--group-id", t.group, "--metrics-host", "127.0.0.1",
-               "--metrics-port", str(port), "--max-wait-ms", "100", "--max-batch", "50", "--kafka-timeout-s", "10",
-               "--session-timeout-s", "6", "--delivery", "exactly-once", "--transactional-id", transactional_id]
-        worker = WorkerProcess(cmd, tmp_path / f"worker-{len(started)}.log", port)
-        started.append(worker)
-        return worker
 
-    yield start
-    for worker in started:
-        worker.stop()
-        print(f"--- {worker.log_path.name} (exit {worker.proc.returncode}) ---\n{worker.output()[-6000:]}")
+def eos_args(transactional_id: str) -> list[str]:
+    return ["--max-batch", "50", "--session-timeout-s", "6", "--delivery", "exactly-once",
+            "--transactional-id", transactional_id]
 
 
 def test_sigkill_three_times_mid_stream_gives_every_alert_exactly_once(
-        kafka_bootstrap: str, sample_events: list[bytes], eos_worker: callable) -> None:  # type: ignore[valid-type]
+        kafka_bootstrap: str, sample_events: list[bytes], launch_worker: Callable[..., WorkerProcess]) -> None:
     values = []
     for copy in range(COPIES):
         for value in sample_events:
@@ -95,7 +82,7 @@ def test_sigkill_three_times_mid_stream_gives_every_alert_exactly_once(
 
     done = 0
     for kill in range(3):
-        worker = eos_worker(t, "eos-test-0")  # a restart keeps its transactional id
+        worker = launch_worker(t, *eos_args("eos-test-0"))  # a restart keeps its transactional id
 
         def progressed(after: int = done, w: WorkerProcess = worker) -> int | None:
             assert w.proc.poll() is None, f"worker exited with {w.proc.returncode}"
@@ -108,7 +95,7 @@ def test_sigkill_three_times_mid_stream_gives_every_alert_exactly_once(
         worker.proc.wait(timeout=30)
 
     started = time.monotonic()
-    last = eos_worker(t, "eos-test-0")
+    last = launch_worker(t, *eos_args("eos-test-0"))
     wait_all_committed(kafka_bootstrap, t, last, timeout=180)
     print(f"recovered and finished in {time.monotonic() - started:.1f} s after the third kill")
 
