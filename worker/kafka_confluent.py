@@ -74,6 +74,9 @@ class ConfluentSource:
         self.quarantine = quarantine or Quarantine()
         self._fatal: KafkaError | None = None
         self._last_return = time.monotonic()
+        #: When each partition of the current assignment was assigned (or last restarted), for `_restart_unfetched`.
+        self._assigned_at: dict[tuple[str, int], float] = {}
+        self._next_fetch_check = 0.0
         self.consumer = consumer_factory({
             **client_config(settings), "group.id": settings.group_id,
             "enable.auto.commit": False, "enable.auto.offset.store": False, "auto.offset.reset": "earliest",
@@ -103,6 +106,8 @@ class ConfluentSource:
     def _assigned(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         # librdkafka applies the (incremental) assignment itself after this callback.
         log.info("partitions assigned: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions))
+        now = time.monotonic()
+        self._assigned_at.update({(tp.topic, tp.partition): now for tp in partitions})
 
     def _revoked(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         self.handle_revoked({(tp.topic, tp.partition) for tp in partitions})
@@ -110,6 +115,8 @@ class ConfluentSource:
     def handle_revoked(self, partitions: set[tuple[str, int]]) -> None:
         """Called inside poll before partitions go; the loop forgets offsets it failed to commit for them."""
         log.info("partitions revoked: %s", sorted(f"{t}[{p}]" for t, p in partitions))
+        for key in partitions:
+            self._assigned_at.pop(key, None)
         self.quarantine.release(partitions)
         if self._on_revoke is not None:
             self._on_revoke(partitions)
@@ -120,6 +127,7 @@ class ConfluentSource:
         As with kafka-python, records of a partition revoked during the poll are still delivered (the
         next owner may deliver them again, with the same alert ids); `commit` skips revoked partitions.
         """
+        self._restart_unfetched()
         records: list[Record] = []
         for message in self._consume():
             error = message.error()
@@ -158,6 +166,43 @@ class ConfluentSource:
                                               timeout=remaining_s)
         self._last_return = time.monotonic()
         return messages
+
+    def _restart_unfetched(self) -> None:
+        """Restart partitions assigned a Kafka timeout ago that have never been fetched.
+
+        librdkafka starts fetching a newly assigned partition once it has its committed offset. If that
+        OffsetFetch is answered NOT_COORDINATOR for the whole request (the group coordinator moved), the
+        partition is left waiting for an answer forever and no later assignment gets its offsets either
+        (librdkafka #5586, open): the worker stays up while the lag grows. Taking such partitions out of
+        the assignment and adding them back makes librdkafka ask again. A partition whose previous owner
+        died inside a transaction also waits (until that transaction times out); asking again is
+        harmless there. A partition has been fetched once the client has a high-water mark for it.
+        """
+        now = time.monotonic()
+        if now < self._next_fetch_check or not self._assigned_at:
+            return
+        wait_s = self.settings.kafka_timeout_s
+        self._next_fetch_check = now + min(wait_s, 5.0)
+        unfetched = [TopicPartition(topic, partition) for (topic, partition), since in self._assigned_at.items()
+                     if now - since >= wait_s and self.quarantine.limit(topic, partition) is None
+                     and self.consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)[1] < 0]
+        if not unfetched:
+            return
+        names = sorted(f"{tp.topic}[{tp.partition}]" for tp in unfetched)
+        log.warning("partitions %s assigned %.0f s ago or more have not started fetching (committed offsets "
+                    "not known yet: a dead owner's open transaction, or a lost answer, librdkafka #5586); "
+                    "re-adding them so their committed offsets are fetched again", names, wait_s)
+        try:
+            self.consumer.incremental_unassign(unfetched)
+        except KafkaException as exc:
+            log.warning("taking partitions %s out failed, tried again in %.0f s: %s", names, wait_s, exc)
+            return
+        try:
+            self.consumer.incremental_assign(unfetched)
+        except KafkaException as exc:
+            # Out of the assignment but still ours in the group: nobody would read them. A restart does.
+            raise WorkerError(f"cannot re-add partitions {names} to the assignment: {exc}") from exc
+        self._assigned_at.update({(tp.topic, tp.partition): now for tp in unfetched})
 
     def _on_message_error(self, message: Any, error: KafkaError, records: list[Record]) -> None:
         topic, partition = message.topic(), message.partition()

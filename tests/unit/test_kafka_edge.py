@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from training.errors import ConfigError
 from worker.config import Settings, from_args
 from worker.edge import Quarantine
-from worker.errors import DeliveryError, RebalanceInProgress
+from worker.errors import DeliveryError, RebalanceInProgress, WorkerError
 from worker.http import HealthState
 from worker.kafka_confluent import ConfluentSink, ConfluentSource
 from worker.kafka_io import KafkaSource
@@ -258,3 +258,68 @@ def test_confluent_waits_a_whole_window_when_nothing_is_queued_and_not_at_all_fo
     consumer.messages = [FakeMessage(0, i) for i in range(4)]
     assert len(source.poll_batch()) == 4
     assert consumer.calls == [(4, 0)]
+
+
+class StalledConsumer(FakeConfluentConsumer):
+    """Partition 0 has been fetched (a high-water mark is known); partition 1 never was (librdkafka #5586)."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.high = {0: 42, 1: -1001}
+        self.calls: list[tuple[str, list[int]]] = []
+        self.refuse_assign = False
+
+    def get_watermark_offsets(self, tp: Any, cached: bool) -> tuple[int, int]:
+        assert cached, "the check must not cost a broker round trip"
+        return 0, self.high[tp.partition]
+
+    def incremental_unassign(self, partitions: list) -> None:
+        self.calls.append(("unassign", [tp.partition for tp in partitions]))
+
+    def incremental_assign(self, partitions: list) -> None:
+        if self.refuse_assign:
+            raise KafkaException(KafkaError(KafkaError._STATE))
+        assert all(tp.offset < 0 for tp in partitions), "no offset: librdkafka fetches the committed one"
+        self.calls.append(("assign", [tp.partition for tp in partitions]))
+
+
+def stalled_source(consumer: StalledConsumer, assigned_ago_s: float) -> ConfluentSource:
+    from confluent_kafka import TopicPartition as TP
+
+    source = ConfluentSource(settings(kafka_timeout_s=10.0), consumer_factory=lambda conf: consumer)
+    source._assigned(consumer, [TP("in", 0), TP("in", 1)])
+    source._assigned_at = {key: at - assigned_ago_s for key, at in source._assigned_at.items()}
+    return source
+
+
+def test_confluent_re_adds_a_partition_assigned_a_kafka_timeout_ago_that_never_started_fetching() -> None:
+    consumer = StalledConsumer()
+    source = stalled_source(consumer, assigned_ago_s=11.0)
+    source.poll_batch()
+    assert consumer.calls == [("unassign", [1]), ("assign", [1])], "only the partition never fetched"
+    source._next_fetch_check = 0.0
+    source.poll_batch()
+    assert len(consumer.calls) == 2, "a re-added partition gets another Kafka timeout before the next try"
+
+
+def test_confluent_leaves_young_fetched_and_held_partitions_alone() -> None:
+    consumer = StalledConsumer()
+    source = stalled_source(consumer, assigned_ago_s=5.0)
+    source.poll_batch()
+    assert consumer.calls == [], "assigned less than a Kafka timeout ago: the answer may still come"
+    source = stalled_source(consumer, assigned_ago_s=11.0)
+    source.quarantine.hold("in", 1, 7, "corrupt")
+    source.poll_batch()
+    assert consumer.calls == [], "a partition held at an undecodable batch is paused on purpose"
+    source = stalled_source(consumer, assigned_ago_s=11.0)
+    source.handle_revoked({("in", 1)})
+    source.poll_batch()
+    assert consumer.calls == [], "a revoked partition is not ours to re-add"
+
+
+def test_confluent_stops_when_a_partition_taken_out_cannot_be_re_added() -> None:
+    consumer = StalledConsumer()
+    consumer.refuse_assign = True
+    source = stalled_source(consumer, assigned_ago_s=11.0)
+    with pytest.raises(WorkerError, match=r"cannot re-add partitions \['in\[1\]'\]"):
+        source.poll_batch()

@@ -1,0 +1,62 @@
+"""A partition that librdkafka has assigned but never started fetching is re-added, on a real broker.
+
+librdkafka fetches a new partition only once it knows the committed offset. Here that offset is held
+back for real: an open transaction has sent offsets for the group (KIP-447), so the broker answers
+"unstable" until the transaction ends, exactly as when a worker dies inside a transaction. The source
+re-adds the partition after a Kafka timeout (its guard against librdkafka #5586, where the answer is
+lost and the partition would wait forever) and, once the transaction commits, reads from the offset
+the transaction committed: nothing skipped, nothing read twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from tests.integration.test_kafka_contract import produce
+from tests.kafka_broker import create_topics, unique_topic, wait_for
+from worker.config import Settings
+from worker.kafka_confluent import ConfluentSource
+from worker.records import Record
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_partition_waiting_for_its_committed_offset_is_re_added_and_resumes_where_committed(
+        kafka_bootstrap: str, caplog: pytest.LogCaptureFixture) -> None:
+    topic, group = unique_topic("unfetched"), unique_topic("unfetched-group")
+    create_topics(kafka_bootstrap, [topic], partitions=1)
+    produce(kafka_bootstrap, topic, 10)
+    metadata = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group})
+    txn = Producer({"bootstrap.servers": kafka_bootstrap, "transactional.id": unique_topic("holder")})
+    txn.init_transactions(30)
+    txn.begin_transaction()
+    txn.send_offsets_to_transaction([TopicPartition(topic, 0, 7)], metadata.consumer_group_metadata(), 30)
+    settings = Settings(model=Path("unused"), bootstrap_servers=kafka_bootstrap, input_topic=topic,
+                        alert_topic=f"{topic}-alerts", dead_letter_topic=f"{topic}-dlq", group_id=group,
+                        kafka_client="confluent", kafka_timeout_s=2.0, max_wait_ms=200, max_batch=10)
+    source = ConfluentSource(settings)
+    got: list[Record] = []
+    try:
+        def re_added() -> bool:
+            got.extend(source.poll_batch())
+            return "not started fetching" in caplog.text
+
+        with caplog.at_level(logging.WARNING, logger="worker.kafka_confluent"):
+            wait_for(re_added, 60, "the source to re-add the partition it cannot fetch yet", interval=0)
+        assert got == [], "nothing may be read before the committed offset is known"
+        assert source.assigned() == {(topic, 0)}, "re-added, not lost"
+        txn.commit_transaction(30)
+
+        def read_all() -> bool:
+            got.extend(source.poll_batch())
+            return len(got) >= 3
+
+        wait_for(read_all, 60, "the records after the offset the transaction committed", interval=0)
+        assert [r.offset for r in got] == [7, 8, 9]
+    finally:
+        source.close()
+        metadata.close()
