@@ -46,6 +46,8 @@ Offsets = Mapping[tuple[str, int], int]
 UNDECODABLE = frozenset({KafkaError._BAD_COMPRESSION, KafkaError._BAD_MSG, KafkaError._NOT_IMPLEMENTED})
 #: Commit errors that mean "the group is rebalancing": the offsets stay pending, as with kafka-python.
 REBALANCING = frozenset({KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION})
+#: The most the consumer buffers ahead of the loop (and fetches in one request).
+PREFETCH_MAX_BYTES = 32 * 1024 * 1024
 
 
 def client_config(settings: Settings) -> dict[str, Any]:
@@ -77,14 +79,19 @@ class ConfluentSource:
         #: When each partition of the current assignment was assigned (or last restarted), for `_restart_unfetched`.
         self._assigned_at: dict[tuple[str, int], float] = {}
         self._next_fetch_check = 0.0
+        partition_fetch_bytes = max(settings.max_event_bytes * 2, 1024 * 1024)
+        prefetch_bytes = max(PREFETCH_MAX_BYTES, partition_fetch_bytes)
         self.consumer = consumer_factory({
             **client_config(settings), "group.id": settings.group_id,
             "enable.auto.commit": False, "enable.auto.offset.store": False, "auto.offset.reset": "earliest",
             "isolation.level": settings.isolation_level, "partition.assignment.strategy": "cooperative-sticky",
             "session.timeout.ms": int(settings.session_timeout_s * 1000),
             "max.poll.interval.ms": int(settings.max_poll_interval_s * 1000),
-            "fetch.max.bytes": 64 * 1024 * 1024,
-            "max.partition.fetch.bytes": max(settings.max_event_bytes * 2, 1024 * 1024),
+            # Prefetch a few batches, not librdkafka's default 100,000 messages per partition (up to 64 MiB):
+            # a backlog after an outage would otherwise set the worker's memory high-water mark.
+            "queued.min.messages": max(2 * settings.max_batch, 1000),
+            "queued.max.messages.kbytes": prefetch_bytes // 1024, "fetch.max.bytes": prefetch_bytes,
+            "max.partition.fetch.bytes": partition_fetch_bytes,
             # A fetch waits at most one batch window for data, so a quiet topic adds no latency beyond it.
             "fetch.wait.max.ms": max(1, min(500, settings.max_wait_ms)),
             "error_cb": self._on_client_error,

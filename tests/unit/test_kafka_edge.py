@@ -323,3 +323,19 @@ def test_confluent_stops_when_a_partition_taken_out_cannot_be_re_added() -> None
     source = stalled_source(consumer, assigned_ago_s=11.0)
     with pytest.raises(WorkerError, match=r"cannot re-add partitions \['in\[1\]'\]"):
         source.poll_batch()
+
+
+def test_confluent_prefetches_a_few_batches_not_librdkafkas_default_backlog() -> None:
+    seen: list[dict[str, Any]] = []
+
+    def factory(conf: dict[str, Any]) -> FakeConfluentConsumer:
+        seen.append(conf)
+        return FakeConfluentConsumer([])
+
+    ConfluentSource(settings(max_batch=500), consumer_factory=factory)
+    ConfluentSource(settings(max_event_bytes=40 * 1024 * 1024), consumer_factory=factory)
+    small, big = seen
+    assert small["queued.min.messages"] == 1000 and small["queued.max.messages.kbytes"] == 32 * 1024
+    assert big["max.partition.fetch.bytes"] == 80 * 1024 * 1024 <= big["fetch.max.bytes"], \
+        "one fetch must still fit the largest event allowed"
+    assert big["queued.max.messages.kbytes"] * 1024 == big["fetch.max.bytes"]
