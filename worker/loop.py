@@ -35,6 +35,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
+import numpy as np
+
 from worker.drift import FieldDrift, ScoreDrift
 from worker.errors import CommitError, DeliveryError, RebalanceInProgress
 from worker.flood import Decision, FloodControl
@@ -317,8 +319,8 @@ class Worker:
         if result.isolated:
             self.metrics.record_isolated(topic, result.isolated)
         if result.scored:
-            self.metrics.observe_scores(topic, result.scores.tolist())
-            self.drift.update(result.scores.tolist())
+            self.metrics.observe_scores(topic, result.scores)
+            self.drift.update(result.scores)
             self.metrics.set_score_drift_psi(self.drift.psi())
             self.field_drift.update(result.columns)
             self.metrics.set_field_drift_psi(self.field_drift.psi())
@@ -327,7 +329,7 @@ class Worker:
             self.metrics.record_alerts_published(topic, len(published))
             now = time.time()
             self.metrics.observe_end_to_end_latency(
-                [now - a.event_time_s for a in published if a.event_time_s is not None])
+                now - np.array([a.event_time_s for a in published if a.event_time_s is not None], dtype=np.float64))
         self.metrics.observe_batch(result.consumed, seconds)
         self._update_lag()
 

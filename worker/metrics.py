@@ -12,9 +12,11 @@ import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from training.contract import Reason
+from worker.histogram import ArrayHistogram
 
 DEAD_LETTER_REASONS: tuple[str, ...] = tuple(reason.value for reason in Reason)
 KAFKA_OPERATIONS: tuple[str, ...] = ("poll", "produce", "commit")
@@ -94,11 +96,12 @@ class WorkerMetrics:
             "anomaly_batch_duration_seconds", "Wall time of one batch, from decode to offset commit.",
             buckets=BATCH_DURATION_BUCKETS, registry=registry,
         )
-        self.end_to_end_latency = Histogram(
+        # One value per alert and per scored event: observed a batch at a time.
+        self.end_to_end_latency = ArrayHistogram(
             "anomaly_end_to_end_latency_seconds", "Event timestamp to alert published.",
             buckets=END_TO_END_LATENCY_BUCKETS, registry=registry,
         )
-        self.score_ratio = Histogram(
+        self.score_ratio = ArrayHistogram(
             "anomaly_score_ratio", "Anomaly score divided by the model threshold (1.0 = threshold).",
             buckets=buckets, registry=registry,
         )
@@ -283,13 +286,9 @@ class WorkerMetrics:
         if self._model_version is None:
             raise RuntimeError("observe_scores called before set_model: no threshold to compare against")
         self.declare_topic(topic)
-        n = 0
-        for score in scores:
-            n += 1
-            ratio = float(score) / self._threshold_value
-            if math.isfinite(ratio):  # a NaN or inf would poison _sum for the process lifetime
-                self.score_ratio.observe(ratio)
-        self.events_scored.labels(topic=topic).inc(n)
+        values = np.asarray(scores if isinstance(scores, np.ndarray) else list(scores), dtype=np.float64)
+        self.score_ratio.observe_many(values / self._threshold_value)  # NaN and inf ratios are left out
+        self.events_scored.labels(topic=topic).inc(values.size)
 
     def record_alerts_published(self, topic: str, count: int = 1) -> None:
         """Count alerts delivered for events from input `topic`."""
@@ -298,8 +297,8 @@ class WorkerMetrics:
 
     def observe_end_to_end_latency(self, seconds: Iterable[float]) -> None:
         """Observe event-timestamp-to-publish latencies; negative values (clock skew) count as 0."""
-        for value in seconds:
-            self.end_to_end_latency.observe(max(0.0, float(value)))
+        values = np.asarray(seconds if isinstance(seconds, np.ndarray) else list(seconds), dtype=np.float64)
+        self.end_to_end_latency.observe_many(np.maximum(values, 0.0))
 
     def observe_stages(self, seconds: Mapping[str, float]) -> None:
         """Observe how long each stage of one batch took (`BATCH_STAGES`)."""
