@@ -76,7 +76,7 @@ class ConfluentSource:
         self.quarantine = quarantine or Quarantine()
         self._fatal: KafkaError | None = None
         self._last_return = time.monotonic()
-        #: When each partition of the current assignment was assigned (or last restarted), for `_restart_unfetched`.
+        #: The current assignment: when each partition was assigned (or last re-added, `_restart_unfetched`).
         self._assigned_at: dict[tuple[str, int], float] = {}
         self._next_fetch_check = 0.0
         partition_fetch_bytes = max(settings.max_event_bytes * 2, 1024 * 1024)
@@ -224,7 +224,12 @@ class ConfluentSource:
             log.warning("consumer error on %s[%s]: %s", topic, partition, error)
 
     def assigned(self) -> set[tuple[str, int]]:
-        return {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+        """The current assignment, as the rebalance callbacks left it.
+
+        `Consumer.assignment()` is a round trip to librdkafka's main thread (about 5 ms on a busy
+        machine), and the loop asks for the assignment on every batch.
+        """
+        return set(self._assigned_at)
 
     def group_metadata(self) -> Any:
         """This member's current group metadata (generation included), for transactional offset commits."""
@@ -262,7 +267,7 @@ class ConfluentSource:
     def lag(self) -> dict[tuple[str, int], int]:
         """High-water mark minus position, per assigned partition (cached from fetches; no extra requests)."""
         out: dict[tuple[str, int], int] = {}
-        for tp in self.consumer.position(self.consumer.assignment()):
+        for tp in self.consumer.position([TopicPartition(t, p) for t, p in self._assigned_at]):
             if tp.offset < 0:
                 continue  # nothing consumed yet
             _low, high = self.consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), cached=True)
@@ -272,10 +277,9 @@ class ConfluentSource:
 
     def reachable(self) -> bool:
         """Whether the group coordinator answers an offset fetch within the Kafka timeout."""
-        partitions = sorted(self.consumer.assignment(), key=lambda tp: (tp.topic, tp.partition))
-        probe = partitions[0] if partitions else TopicPartition(self.settings.input_topic, 0)
+        topic, partition = min(self._assigned_at, default=(self.settings.input_topic, 0))
         try:
-            self.consumer.committed([TopicPartition(probe.topic, probe.partition)],
+            self.consumer.committed([TopicPartition(topic, partition)],
                                     timeout=self.settings.kafka_timeout_s)
         except KafkaException as exc:
             log.debug("group coordinator not reachable: %s", exc)

@@ -157,7 +157,11 @@ class FakeConfluentConsumer:
         return None
 
     def subscribe(self, topics: list[str], **callbacks: Any) -> None:
+        """Assigns partitions 0 and 1 through the callback (librdkafka would, inside a later poll)."""
+        from confluent_kafka import TopicPartition as TP
+
         self.callbacks = callbacks
+        callbacks["on_assign"](self, [TP("in", 0), TP("in", 1)])
 
     def consume(self, num_messages: int, timeout: float) -> list[FakeMessage]:
         out, self.messages = self.messages, []
@@ -166,9 +170,8 @@ class FakeConfluentConsumer:
     def pause(self, partitions: list) -> None:
         self.paused.extend((tp.topic, tp.partition) for tp in partitions)
 
-    def assignment(self) -> list:
-        from confluent_kafka import TopicPartition as TP
-        return [TP("in", 0), TP("in", 1)]
+    def get_watermark_offsets(self, tp: Any, cached: bool) -> tuple[int, int]:
+        return 0, 10
 
     def commit(self, offsets: list, asynchronous: bool) -> list:
         if self.commit_error is not None:
@@ -315,6 +318,7 @@ def test_confluent_leaves_young_fetched_and_held_partitions_alone() -> None:
     source.handle_revoked({("in", 1)})
     source.poll_batch()
     assert consumer.calls == [], "a revoked partition is not ours to re-add"
+    assert source.assigned() == {("in", 0)}, "the assignment follows the rebalance callbacks"
 
 
 def test_confluent_stops_when_a_partition_taken_out_cannot_be_re_added() -> None:
