@@ -281,13 +281,16 @@ def run_worker(settings: Any, ends: dict[tuple[str, int], int], pipeline_class: 
     finally:
         worker.source.close()
         worker.sink.close()
+    from prometheus_client import generate_latest
+
+    stages = stage_means_from_text(generate_latest(runtime.registry).decode())
     assert tracked.first_poll is not None and tracked.first_records is not None and tracked.last_commit
     events = sum(ends.values())
     seconds = tracked.last_commit - tracked.first_poll
     steady = tracked.last_commit - tracked.first_records
     return {"events": events, "consumed": consumed, "alerts": alerts, "dead_letters": dead,
             "seconds": seconds, "events_per_s": events / seconds, "join_seconds": steady and seconds - steady,
-            "events_per_s_after_join": events / steady, "polls": tracked.polls}
+            "events_per_s_after_join": events / steady, "polls": tracked.polls, "stage_ms": stages}
 
 
 def naive_pipeline_class() -> type:
@@ -613,10 +616,14 @@ def run_latency(bootstrap: str, bundle: Path, values: Sequence[bytes], rate: flo
 
 def stage_means_ms(metrics_url: str) -> dict[str, float]:
     """Mean milliseconds per batch in each stage, from the worker's `anomaly_batch_stage_seconds`."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        return stage_means_from_text(response.read().decode())
+
+
+def stage_means_from_text(text: str) -> dict[str, float]:
+    """`stage_means_ms` of a Prometheus exposition text."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(metrics_url, timeout=10) as response:
-        text = response.read().decode()
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
@@ -760,8 +767,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "Where a batch's time goes inside the worker (mean ms per batch, from `anomaly_batch_stage_seconds`): "
         "poll = waiting for records (up to the batch window), process = decode to alert documents, publish = "
-        "produce and wait for every ack, commit = offsets.",
+        "produce and wait for every ack, commit = offsets, record = metrics and drift.",
         "",
+        *[f"- (a) {client}, at full speed: " + ", ".join(f"{stage} {value:.1f}" for stage, value in
+                                                       w[client].get("stage_ms", {}).items())
+          for client in ("confluent", "kafka-python")],
         *[f"- load {name}: " + ", ".join(f"{stage} {value:.1f}" for stage, value in d.get("stage_means_ms", {}).items())
           for name, d in report["latency"].items()],
         "",

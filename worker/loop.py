@@ -196,7 +196,9 @@ class Worker:
         if decision is not None:
             self._apply_flood_decision(decision)
         try:
-            self._record(result, alerts, time.perf_counter() - started)            # 5
+            recording = time.perf_counter()
+            self._record(result, alerts, recording - started)                      # 5
+            self._stages["record"] = time.perf_counter() - recording
             self.metrics.observe_stages(self._stages)
         except Exception:  # noqa: BLE001 - metrics never take the worker down after a commit
             log.exception("updating metrics for a batch failed; the batch itself is delivered and committed")

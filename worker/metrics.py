@@ -24,8 +24,8 @@ MODEL_RELOAD_RESULTS: tuple[str, ...] = ("loaded", "refused")
 DELIVERY_MODES: tuple[str, ...] = ("at-least-once", "exactly-once")
 TRANSACTION_RESULTS: tuple[str, ...] = ("committed", "aborted")
 #: Where a batch's time goes: waiting in poll, scoring, publishing with acks, committing offsets
-#: (exactly-once: "publish" is the whole transaction, offsets included).
-BATCH_STAGES: tuple[str, ...] = ("poll", "process", "publish", "commit")
+#: (exactly-once: "publish" is the whole transaction, offsets included), recording metrics and drift.
+BATCH_STAGES: tuple[str, ...] = ("poll", "process", "publish", "commit", "record")
 TRANSACTION_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )
@@ -204,7 +204,8 @@ class WorkerMetrics:
         )
         self.batch_stage_duration = Histogram(
             "anomaly_batch_stage_seconds",
-            "Wall time of each stage of a batch: poll (waiting for records), process, publish, commit.",
+            "Wall time of each stage of a batch: poll (waiting for records), process, publish, commit, "
+            "record (metrics and drift).",
             ["stage"], buckets=BATCH_DURATION_BUCKETS, registry=registry,
         )
         self.delivery_mode = Gauge(

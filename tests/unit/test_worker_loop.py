@@ -101,7 +101,7 @@ def test_poll_then_process_then_publish_then_commit(log: list[tuple], registry: 
     assert registry.get_sample_value("anomaly_alerts_published_total", {"topic": TOPIC}) == 2
     assert registry.get_sample_value("anomaly_dead_letters_total", {"topic": TOPIC, "reason": "invalid_json"}) == 1
     assert registry.get_sample_value("anomaly_commits_total") == 1
-    for stage in ("poll", "process", "publish", "commit"):
+    for stage in ("poll", "process", "publish", "commit", "record"):
         assert registry.get_sample_value("anomaly_batch_stage_seconds_count", {"stage": stage}) == 1, stage
 
 
@@ -324,8 +324,8 @@ def test_exactly_once_publishes_records_and_offsets_in_one_transaction_and_never
     assert registry.get_sample_value("anomaly_transaction_duration_seconds_count") == 1
     assert registry.get_sample_value("anomaly_commits_total") == 1
     stages = {stage: registry.get_sample_value("anomaly_batch_stage_seconds_count", {"stage": stage})
-              for stage in ("poll", "process", "publish", "commit")}
-    assert stages == {"poll": 1, "process": 1, "publish": 1, "commit": 0}  # offsets commit inside "publish"
+              for stage in ("poll", "process", "publish", "commit", "record")}
+    assert stages == {"poll": 1, "process": 1, "publish": 1, "commit": 0, "record": 1}  # offsets in "publish"
 
 
 def test_an_aborted_transaction_rewinds_and_the_batch_is_delivered_once_afterwards(
