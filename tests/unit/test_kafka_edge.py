@@ -340,6 +340,7 @@ def test_confluent_prefetches_a_few_batches_not_librdkafkas_default_backlog() ->
     ConfluentSource(settings(max_event_bytes=40 * 1024 * 1024), consumer_factory=factory)
     small, big = seen
     assert small["queued.min.messages"] == 1000 and small["queued.max.messages.kbytes"] == 32 * 1024
+    assert small["fetch.queue.backoff.ms"] <= 50, "a full buffer must not stall the loop (librdkafka: 1,000 ms)"
     assert big["max.partition.fetch.bytes"] == 80 * 1024 * 1024 <= big["fetch.max.bytes"], \
         "one fetch must still fit the largest event allowed"
     assert big["queued.max.messages.kbytes"] * 1024 == big["fetch.max.bytes"]
