@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -99,13 +100,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--warm-up-s", type=float, default=180.0)
     p.add_argument("--capacity-events", type=int, default=30_000)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--worker-log", type=Path, help="keep the worker's log (INFO and up) at this path")
     args = p.parse_args(argv)
     templates = [json.dumps(r).encode() for r in sample_rows()]
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         root = Path(tmp)
         bundle = alerting_bundle(root)
-        with Cluster.started(root / "kafka") as cluster:
-            report = soak(cluster, bundle, templates, args, root)
+        try:
+            with Cluster.started(root / "kafka") as cluster:
+                report = soak(cluster, bundle, templates, args, root)
+        finally:
+            if args.worker_log is not None and (root / "worker.log").exists():
+                shutil.copyfile(root / "worker.log", args.worker_log)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "soak.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "soak.md").write_text(render(report))
@@ -166,7 +172,7 @@ def start_worker(t: Topics, bundle: Path, brokers: str, delivery: str, root: Pat
     cmd = [sys.executable, "-m", "worker.main", "--model", str(bundle), "--bootstrap-servers", brokers,
            "--input-topic", t.input, "--alert-topic", t.alerts, "--dead-letter-topic", t.dead_letters,
            "--group-id", t.group, "--metrics-host", "127.0.0.1", "--metrics-port", str(port),
-           "--delivery", delivery, "--transactional-id", f"{t.group}-0", "--log-level", "WARNING"]
+           "--delivery", delivery, "--transactional-id", f"{t.group}-0", "--log-level", "INFO"]
     return WorkerProcess(cmd, root / "worker.log", port)
 
 
