@@ -255,11 +255,25 @@ def soak(cluster: Cluster, bundle: Path, templates: list[bytes], args: argparse.
                                   "max": float(rss.max()) if rss.size else None,
                                   "slope_mib_per_hour": slope, "growth_mib": growth},
         "lag": {"max": max(lags) if lags else None, "median": float(np.median(lags)) if lags else None},
+        "longest_stall_s": longest_stall(samples),
         "alerts_published": final.get("anomaly_alerts_published_total"),
         "transactions": {k: v for k, v in final.items() if k.startswith("anomaly_transactions_total")},
         "verdict": verdict.summary(), "problems": verdict.problems(args.delivery),
         "lost": len(verdict.lost), "duplicated": len(verdict.duplicated),
     }
+
+
+def longest_stall(samples: Sequence[dict[str, Any]]) -> float:
+    """The longest time during which lag was above zero and no alert was published (seconds)."""
+    longest, since = 0.0, None
+    for before, after in zip(samples, samples[1:], strict=False):
+        stalled = bool(after["lag"]) and after["alerts"] == before["alerts"]
+        if stalled:
+            since = before["t_s"] if since is None else since
+            longest = max(longest, after["t_s"] - since)
+        else:
+            since = None
+    return longest
 
 
 def render(report: dict[str, Any]) -> str:
@@ -275,7 +289,8 @@ def render(report: dict[str, Any]) -> str:
              f"- Resident memory after warm-up: {rss['min']:.1f} to {rss['max']:.1f} MiB; least-squares slope "
              f"**{rss['slope_mib_per_hour']:+.1f} MiB/hour**; the last tenth of the samples against the first "
              f"(medians): **{rss['growth_mib']:+.1f} MiB**.",
-             f"- Lag (events): median {report['lag']['median']}, max {report['lag']['max']}.",
+             f"- Lag (events): median {report['lag']['median']}, max {report['lag']['max']}; longest stall (lag "
+             f"above zero, no alert published): **{report.get('longest_stall_s', float('nan')):.0f} s**.",
              f"- Alerts published: {report['alerts_published']:,.0f}; transactions: {report['transactions']}.",
              "", "| t (s) | RSS MiB | lag | alerts | ready |", "|---:|---:|---:|---:|---|"]
     for s in report["samples"][::max(1, len(report["samples"]) // 40)]:
