@@ -22,20 +22,26 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread so every cleanup (temporary folders, partial outputs) runs."""
 
 
-def _terminate(signum: int, _frame: FrameType | None) -> None:
-    raise Terminated(signal.Signals(signum).name)
-
-
 def _run(prog: str, body: Callable[[], int]) -> int:
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    terminated: list[str] = []
+
+    def on_sigterm(signum: int, _frame: FrameType | None) -> None:
+        terminated.append(signal.Signals(signum).name)
+        raise Terminated(terminated[0])
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         return body()
-    except AnomalyError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:
-        print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
-        return 143 if isinstance(exc, Terminated) else 130
+    except BaseException as exc:
+        # A SIGTERM that lands inside TensorFlow's graph tracing can surface as another exception (a SystemError
+        # from C code the handler interrupted); the cleanup ran as it unwound all the same, so report the signal.
+        if terminated or isinstance(exc, KeyboardInterrupt):
+            print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
+            return 143 if terminated else 130
+        if isinstance(exc, AnomalyError):
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            return 2
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
 

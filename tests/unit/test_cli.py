@@ -346,6 +346,41 @@ def test_train_refuses_to_replace_a_project_folder(tmp_path: Path, events: pd.Da
     assert sorted(p.name for p in project.iterdir()) == ["index.html", "manifest.json", "src"]
 
 
+def test_sigterm_reported_when_library_code_turns_it_into_another_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """TensorFlow's graph tracing can turn the SIGTERM exception into a SystemError; the exit status still says 143."""
+    import signal
+
+    from training.cli import _run
+
+    cleaned: list[str] = []
+
+    def body() -> int:
+        try:
+            try:
+                signal.raise_signal(signal.SIGTERM)
+            except KeyboardInterrupt as exc:
+                raise SystemError("Objects/listobject.c:338: bad argument to internal function") from exc
+        finally:
+            cleaned.append("temporary folder")
+        return 0
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert _run("anomaly-train", body) == 143
+    assert cleaned == ["temporary folder"]
+    assert "interrupted; nothing was written" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_unexpected_errors_still_propagate_without_a_signal() -> None:
+    from training.cli import _run
+
+    def body() -> int:
+        raise SystemError("a real bug")
+
+    with pytest.raises(SystemError, match="a real bug"):
+        _run("anomaly-train", body)
+
+
 def test_sigterm_during_training_leaves_nothing_behind(tmp_path: Path, events: pd.DataFrame) -> None:
     import os
     import signal
