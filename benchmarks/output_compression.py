@@ -40,7 +40,7 @@ def build_outputs(n: int) -> tuple[list[Any], list[Any]]:
         row = {**rows[i % len(rows)], "id": f"flow-{i}"}
         record = Record("flows", i % 3, i, f"host-{i % 97}".encode(), b"", timestamp_ms=1_764_000_000_000 + i)
         fields = [k for k, v in row.items() if isinstance(v, int | float)][:3]
-        contributions = [Contribution(field=f, share=0.5 / (j + 1), observed=float(row[f]), expected=0.25 * j)
+        contributions = [Contribution(field=f, share=0.5 / (j + 1), observed=float(row[f]), expected=0.25 * j).to_dict()
                          for j, f in enumerate(fields)]
         alerts.append(build_alert(record, row, 4.2 + i % 7, 1.5, "20261129T120000Z-0123abcd", contributions,
                                   1_764_000_001.0 + i))

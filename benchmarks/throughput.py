@@ -323,7 +323,7 @@ def naive_pipeline_class() -> type:
                 score = float(result.score[0])
                 scores.append(score)
                 if score > self.threshold:
-                    contributions = self.scorer.explain(result, 0, event, self.top_features)
+                    contributions = [c.to_dict() for c in self.scorer.explain(result, 0, event, self.top_features)]
                     alerts.append(build_alert(record, event, score, self.threshold, self.bundle.version,
                                               contributions, self.clock()))
             return BatchResult(consumed=len(records), alerts=alerts, dead_letters=dead,

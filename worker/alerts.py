@@ -9,7 +9,6 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-from training.scoring import Contribution
 from worker.records import Alert, Record
 
 #: Bump when the alert document changes shape, so consumers can tell.
@@ -90,11 +89,12 @@ def _iso_text(seconds: float) -> str:
 
 
 def build_alert(record: Record, event: Mapping[str, Any], score: float, threshold: float, model_version: str,
-                contributions: Sequence[Contribution], detected_at: float, entity_field: str | None = None,
+                top_features: Sequence[Mapping[str, Any]], detected_at: float, entity_field: str | None = None,
                 header_names: Sequence[str] = ()) -> Alert:
-    """Assemble one alert; `detected_at` is epoch seconds; `entity_field` names the event field that says
-    which entity (host, account) the alert is about, for flood control and for the reader; `header_names`
-    are input record headers copied into the document."""
+    """Assemble one alert. `top_features` are the explaining fields as documents (`Contribution.to_dict`, or
+    `Scorer.explain_documents` for a batch); `detected_at` is epoch seconds; `entity_field` names the event
+    field that says which entity (host, account) the alert is about, for flood control and for the reader;
+    `header_names` are input record headers copied into the document."""
     when = event_time(event, record)
     ident = alert_id(model_version, record)
     event_id = event.get("id", event.get("event_id"))
@@ -110,7 +110,7 @@ def build_alert(record: Record, event: Mapping[str, Any], score: float, threshol
         "score": float(f"{score:.9g}"),
         "threshold": float(f"{threshold:.9g}"),
         "score_ratio": float(f"{score / threshold:.6g}") if threshold > 0 else None,
-        "top_features": [c.to_dict() for c in contributions],
+        "top_features": list(top_features),
     }
     if entity_field is not None:
         entity = event.get(entity_field)

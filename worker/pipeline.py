@@ -155,13 +155,13 @@ class Pipeline:
             flagged_rows = np.flatnonzero(scores > self.threshold)
             flagged = flagged_rows.tolist()
             flagged_events = [events[valid[i]] for i in flagged]
-            explained = self.scorer.explain_rows(result, flagged, flagged_events, self.top_features)
-            for i, score, event, contributions in zip(flagged, scores[flagged_rows].tolist(), flagged_events,
+            explained = self.scorer.explain_documents(result, flagged, flagged_events, self.top_features)
+            for i, score, event, top_features in zip(flagged, scores[flagged_rows].tolist(), flagged_events,
                                                       explained, strict=True):
                 record = records[positions[valid[i]]]
                 try:
                     alerts.append(build_alert(record, event, score, self.threshold, self.bundle.version,
-                                              contributions, now, self.entity_field, self.alert_headers))
+                                              top_features, now, self.entity_field, self.alert_headers))
                 except Exception as exc:  # noqa: BLE001 - this record's alert only
                     dead.append((positions[valid[i]], self._dead_letter(
                         record, Invalid(Reason.PROCESSING_ERROR, f"building the alert failed: {describe(exc)}"))))

@@ -177,3 +177,7 @@ def test_batch_explanations_equal_row_by_row_ones(trained_bundle: TrainedBundle,
         got = [(c.field, c.share, c.observed, c.expected) for c in contributions]
         assert got == _explain_one_by_one(scorer, tricky, row, records[row], top_k)
         assert [type(c.share) for c in contributions] == [float] * len(contributions)
+    # The worker's alert documents are these contributions, serialised the one way.
+    documents = scorer.explain_documents(tricky, rows, [records[r] for r in rows], top_k)
+    assert documents == [[c.to_dict() for c in contributions] for contributions in batch]
+    assert scorer.explain_documents(tricky, [], [], top_k) == []

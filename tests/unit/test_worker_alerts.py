@@ -49,7 +49,7 @@ def test_event_time_is_none_without_any_timestamp() -> None:
 def test_alert_document() -> None:
     event = {"id": "evt-9", "timestamp": "2024-05-01T12:00:00Z", "latency": 900.0, "method": "TRACE"}
     alert = build_alert(RECORD, event, score=12.3456789012, threshold=2.0, model_version="m1",
-                        contributions=CONTRIBUTIONS, detected_at=1_714_564_801.5)
+                        top_features=[c.to_dict() for c in CONTRIBUTIONS], detected_at=1_714_564_801.5)
     assert alert.alert_id == "m1/events/2/41"
     assert alert.record is RECORD
     assert alert.event_time_s == pytest.approx(datetime(2024, 5, 1, 12, tzinfo=UTC).timestamp())
@@ -76,8 +76,8 @@ def test_alert_document() -> None:
 
 def test_alert_document_is_deterministic_apart_from_detection_time() -> None:
     event = {"event_id": 17, "latency": 900.0}
-    first = build_alert(RECORD, event, 5.0, 1.0, "m1", CONTRIBUTIONS, detected_at=1.0).document
-    again = build_alert(RECORD, event, 5.0, 1.0, "m1", CONTRIBUTIONS, detected_at=2.0).document
+    first = build_alert(RECORD, event, 5.0, 1.0, "m1", [c.to_dict() for c in CONTRIBUTIONS], detected_at=1.0).document
+    again = build_alert(RECORD, event, 5.0, 1.0, "m1", [c.to_dict() for c in CONTRIBUTIONS], detected_at=2.0).document
     assert first.pop("detected_at") != again.pop("detected_at")
     assert first == again
     assert first["event_id"] == 17
@@ -106,7 +106,7 @@ def test_keys_of_any_bytes_selected_headers_and_log_append_time() -> None:
     record = Record(topic="events", partition=0, offset=3, key=b"\x00\xff\xfe", value=b"{}",
                     timestamp_ms=1_700_000_000_000, headers=(("trace", b"t-1"), ("secret", b"x"), ("none", None)),
                     timestamp_type=1)
-    alert = build_alert(record, {}, score=3.0, threshold=1.0, model_version="m1", contributions=[],
+    alert = build_alert(record, {}, score=3.0, threshold=1.0, model_version="m1", top_features=[],
                         detected_at=1_700_000_001.0, header_names=("trace", "none", "absent"))
     doc = alert.document
     assert doc["event_key_base64"] == "AP/+" and doc["headers"] == {"trace": "t-1", "none": None}
