@@ -129,6 +129,7 @@ class Settings:
     http_idle_timeout_s: float = 30.0
     http_max_connections: int = 32
     reload_interval_s: float = 10.0
+    heap_trim_interval_s: float = 60.0  # 0: never (worker/heap.py)
     shadow_model: Path | None = None
     feedback_topic: str | None = None
     alert_key_field: str | None = None
@@ -164,7 +165,7 @@ class Settings:
         if self.retry_backoff_initial_s > self.retry_backoff_max_s:
             raise ConfigError(f"--retry-backoff-initial-s ({self.retry_backoff_initial_s}) must not exceed "
                               f"--retry-backoff-max-s ({self.retry_backoff_max_s})")
-        for name in ("alert_cooldown_s", "max_alerts_per_s"):
+        for name in ("alert_cooldown_s", "max_alerts_per_s", "heap_trim_interval_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (0 turns it off), got {value}")
@@ -246,6 +247,8 @@ def parser() -> argparse.ArgumentParser:
                                    "followed (anomaly-train --repo, anomaly-promote)")
     add("--reload-interval-s", type=float, help="with a repository: check for a promoted version this often; "
                                                 "SIGHUP checks at once (default 10)")
+    add("--heap-trim-interval-s", type=float, help="return freed native memory to the system this often "
+                                                   "(glibc malloc_trim; default 60, 0 = never)")
     add("--bootstrap-servers", help="Kafka bootstrap servers, host:port[,host:port]")
     add("--input-topic", help="topic of JSON events to score")
     add("--alert-topic", help="topic for alerts")
@@ -351,7 +354,7 @@ def from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | No
         ("broker_check_interval_s", float), ("retry_backoff_initial_s", float), ("retry_backoff_max_s", float),
         ("liveness_timeout_s", float), ("http_idle_timeout_s", float), ("http_max_connections", int),
         ("reload_interval_s", float), ("alert_cooldown_s", float), ("max_alerts_per_s", float),
-        ("transaction_timeout_s", float))}
+        ("transaction_timeout_s", float), ("heap_trim_interval_s", float))}
     for name in ("metrics_host", "expected_schema_hash", "client_id", "log_level", "alert_key_field",
                  "feedback_topic", "transactional_id"):
         overrides[name] = get(name)

@@ -40,6 +40,7 @@ import numpy as np
 from worker.drift import FieldDrift, ScoreDrift
 from worker.errors import CommitError, DeliveryError, RebalanceInProgress
 from worker.flood import Decision, FloodControl
+from worker.heap import HeapTrimmer
 from worker.http import HealthState
 from worker.metrics import WorkerMetrics
 from worker.pipeline import BatchResult, Pipeline
@@ -113,7 +114,8 @@ class Worker:
                  input_topic: str, stop: threading.Event | None = None, backoff_max_s: float = 30.0,
                  broker_check_interval_s: float = 2.0, backoff_initial_s: float = 0.5,
                  model_updates: Callable[[], Pipeline | None] | None = None,
-                 flood: FloodControl | None = None, shadow: ShadowScorer | None = None) -> None:
+                 flood: FloodControl | None = None, shadow: ShadowScorer | None = None,
+                 heap: HeapTrimmer | None = None) -> None:
         self.source, self.sink, self.pipeline = source, sink, pipeline
         self.metrics, self.health, self.input_topic = metrics, health, input_topic
         self.stop = stop or threading.Event()
@@ -129,6 +131,7 @@ class Worker:
         self.model_updates = model_updates
         self.flood = flood
         self.shadow = shadow
+        self.heap = heap
         self._stages: dict[str, float] = {}  # seconds per stage of the current batch (metrics)
 
     def swap_model(self, pipeline: Pipeline) -> None:
@@ -166,6 +169,8 @@ class Worker:
     def run_once(self) -> BatchResult | None:
         """One micro-batch through steps 1-5; returns the batch result, or None if nothing was polled."""
         self.health.heartbeat()
+        if self.heap is not None:
+            self.heap.maybe_trim()                                                 # between two batches
         if self.model_updates is not None and (update := self.model_updates()) is not None:
             self.swap_model(update)                                                # between two batches
         polled = time.perf_counter()

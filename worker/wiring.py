@@ -19,6 +19,7 @@ from worker.config import Settings
 from worker.edge import Quarantine, open_sink, open_source, open_transactional_sink
 from worker.feedback import FeedbackLedger
 from worker.flood import FloodControl
+from worker.heap import HeapTrimmer
 from worker.http import HealthState
 from worker.loop import Sink, Source, Worker
 from worker.metrics import WorkerMetrics
@@ -118,7 +119,7 @@ def build_worker(runtime: Runtime, connect: Connect | None = None, stop: threadi
                     model_updates=runtime.watcher.take if runtime.watcher else None,
                     flood=FloodControl(settings.alert_key_field, settings.alert_cooldown_s, settings.max_alerts_per_s)
                     if settings.alert_cooldown_s or settings.max_alerts_per_s else None,
-                    shadow=runtime.shadow)
+                    shadow=runtime.shadow, heap=HeapTrimmer(settings.heap_trim_interval_s))
     owner.append(worker)
     return worker
 
