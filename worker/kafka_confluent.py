@@ -81,6 +81,9 @@ class ConfluentSource:
         #: The current assignment: when each partition was assigned (or last re-added, `_restart_unfetched`).
         self._assigned_at: dict[tuple[str, int], float] = {}
         self._next_fetch_check = 0.0
+        #: librdkafka's fetch state of each partition of the input topic, from its latest statistics, and when.
+        self._fetch_states: dict[tuple[str, int], str] = {}
+        self._stats_at = float("-inf")
         partition_fetch_bytes = max(settings.max_event_bytes * 2, 1024 * 1024)
         prefetch_bytes = max(PREFETCH_MAX_BYTES, partition_fetch_bytes)
         self.consumer = consumer_factory({
@@ -99,6 +102,8 @@ class ConfluentSource:
             # A fetch waits at most one batch window for data, so a quiet topic adds no latency beyond it.
             "fetch.wait.max.ms": max(1, min(500, settings.max_wait_ms)),
             "error_cb": self._on_client_error,
+            # Statistics name each partition's fetch state; `_restart_unfetched` looks for stuck ones.
+            "statistics.interval.ms": int(self._fetch_check_interval_s() * 1000), "stats_cb": self._on_stats,
         })
         try:
             _check_reachable(self.consumer, settings)
@@ -113,6 +118,19 @@ class ConfluentSource:
         if error.fatal():
             self._fatal = error
         log.debug("kafka client error: %s", error)
+
+    def _on_stats(self, text: str) -> None:
+        """Keep each input partition's `fetch_state` from librdkafka's statistics (served inside poll)."""
+        try:
+            partitions = orjson.loads(text)["topics"][self.settings.input_topic]["partitions"]
+            states = {(self.settings.input_topic, int(p)): str(v["fetch_state"]) for p, v in partitions.items()
+                      if int(p) >= 0}
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return  # no statistics for the topic yet (nothing assigned), or a format we do not know
+        self._fetch_states, self._stats_at = states, time.monotonic()
+
+    def _fetch_check_interval_s(self) -> float:
+        return min(self.settings.kafka_timeout_s, 5.0)
 
     def _assigned(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         # librdkafka applies the (incremental) assignment itself after this callback.
@@ -179,30 +197,43 @@ class ConfluentSource:
         return messages
 
     def _restart_unfetched(self) -> None:
-        """Restart partitions assigned a Kafka timeout ago that have never been fetched.
+        """Restart partitions assigned a Kafka timeout ago that are not fetching.
 
-        librdkafka starts fetching a newly assigned partition once it has its committed offset. If that
+        librdkafka starts fetching an assigned partition once it has its committed offset. If that
         OffsetFetch is answered NOT_COORDINATOR for the whole request (the group coordinator moved), the
         partition is left waiting for an answer forever and no later assignment gets its offsets either
         (librdkafka #5586, open): the worker stays up while the lag grows. Taking such partitions out of
         the assignment and adding them back makes librdkafka ask again. A partition whose previous owner
         died inside a transaction also waits (until that transaction times out); asking again is
-        harmless there. A partition has been fetched once the client has a high-water mark for it.
+        harmless there.
+
+        A partition is not fetching if the client has never had a high-water mark for it, or if statistics
+        taken since it was assigned show a fetch state other than `active`. The second matters after a
+        rebalance gives a worker back partitions it had: librdkafka keeps their old high-water marks, so
+        only the fetch state tells that they wait (the way a coordinator move after a broker restart
+        stalled a soak for 170 s).
         """
         now = time.monotonic()
         if now < self._next_fetch_check or not self._assigned_at:
             return
         wait_s = self.settings.kafka_timeout_s
-        self._next_fetch_check = now + min(wait_s, 5.0)
-        unfetched = [TopicPartition(topic, partition) for (topic, partition), since in self._assigned_at.items()
-                     if now - since >= wait_s and self.quarantine.limit(topic, partition) is None
-                     and self.consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)[1] < 0]
+        self._next_fetch_check = now + self._fetch_check_interval_s()
+
+        def waiting(key: tuple[str, int], since: float) -> bool:
+            if now - since < wait_s or self.quarantine.limit(*key) is not None:
+                return False
+            if self._stats_at > since and self._fetch_states.get(key, "active") != "active":
+                return True
+            return bool(self.consumer.get_watermark_offsets(TopicPartition(*key), cached=True)[1] < 0)
+
+        unfetched = [TopicPartition(*key) for key, since in self._assigned_at.items() if waiting(key, since)]
         if not unfetched:
             return
         names = sorted(f"{tp.topic}[{tp.partition}]" for tp in unfetched)
-        log.warning("partitions %s assigned %.0f s ago or more have not started fetching (committed offsets "
-                    "not known yet: a dead owner's open transaction, or a lost answer, librdkafka #5586); "
-                    "re-adding them so their committed offsets are fetched again", names, wait_s)
+        log.warning("partitions %s assigned %.0f s ago or more have not started fetching (fetch states %s; "
+                    "committed offsets not known yet: a dead owner's open transaction, or a lost answer, "
+                    "librdkafka #5586); re-adding them so their committed offsets are fetched again", names, wait_s,
+                    sorted({self._fetch_states.get((tp.topic, tp.partition), "unknown") for tp in unfetched}))
         try:
             self.consumer.incremental_unassign(unfetched)
         except KafkaException as exc:

@@ -1,11 +1,12 @@
-"""A partition that librdkafka has assigned but never started fetching is re-added, on a real broker.
+"""A partition that librdkafka has assigned but does not fetch is re-added, on a real broker.
 
 librdkafka fetches a new partition only once it knows the committed offset. Here that offset is held
 back for real: an open transaction has sent offsets for the group (KIP-447), so the broker answers
 "unstable" until the transaction ends, exactly as when a worker dies inside a transaction. The source
 re-adds the partition after a Kafka timeout (its guard against librdkafka #5586, where the answer is
 lost and the partition would wait forever) and, once the transaction commits, reads from the offset
-the transaction committed: nothing skipped, nothing read twice.
+the transaction committed: nothing skipped, nothing read twice. The second test gives the worker back a
+partition it had read before, the case where only librdkafka's fetch state shows that it waits.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from tests.integration.test_kafka_contract import produce
 from tests.kafka_broker import create_topics, unique_topic, wait_for
@@ -56,6 +58,56 @@ def test_a_partition_waiting_for_its_committed_offset_is_re_added_and_resumes_wh
             return len(got) >= 3
 
         wait_for(read_all, 60, "the records after the offset the transaction committed", interval=0)
+        assert [r.offset for r in got] == [7, 8, 9]
+    finally:
+        source.close()
+        metadata.close()
+
+
+def test_a_partition_given_back_that_waits_for_its_committed_offset_is_re_added(
+        kafka_bootstrap: str, caplog: pytest.LogCaptureFixture) -> None:
+    # The worker reads the partition, then loses its membership (no poll for longer than max.poll.interval,
+    # as after a long stall) while a transaction holds the group's offsets back; rejoining gives it the same
+    # partition back. librdkafka still has the old high-water mark cached, so only its fetch state says that
+    # the partition waits.
+    topic, group = unique_topic("given-back"), unique_topic("given-back-group")
+    create_topics(kafka_bootstrap, [topic], partitions=1)
+    produce(kafka_bootstrap, topic, 10)
+    settings = Settings(model=Path("unused"), bootstrap_servers=kafka_bootstrap, input_topic=topic,
+                        alert_topic=f"{topic}-alerts", dead_letter_topic=f"{topic}-dlq", group_id=group,
+                        kafka_client="confluent", kafka_timeout_s=2.0, max_wait_ms=200, max_batch=10,
+                        session_timeout_s=6.0, max_poll_interval_s=7.0)
+    source = ConfluentSource(settings)
+    metadata = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group})
+    txn = Producer({"bootstrap.servers": kafka_bootstrap, "transactional.id": unique_topic("holder")})
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    got: list[Record] = []
+    try:
+        def read(count: int) -> bool:
+            got.extend(source.poll_batch())
+            return len(got) >= count
+
+        wait_for(lambda: read(10), 60, "the first read of the partition", interval=0)
+        assert source.consumer.get_watermark_offsets(TopicPartition(topic, 0), cached=True)[1] == 10
+        txn.init_transactions(30)
+        txn.begin_transaction()
+        txn.send_offsets_to_transaction([TopicPartition(topic, 0, 7)], metadata.consumer_group_metadata(), 30)
+
+        def left_the_group() -> bool:
+            described = admin.describe_consumer_groups([group], request_timeout=10)[group].result()
+            return not described.members
+
+        wait_for(left_the_group, 60, "the worker to leave the group after max.poll.interval without a poll")
+        got.clear()
+        with caplog.at_level(logging.WARNING, logger="worker.kafka_confluent"):
+            wait_for(lambda: read(1) or "not started fetching" in caplog.text, 60,
+                     "the source to re-add the partition given back", interval=0)
+        assert got == [], "nothing may be read before the committed offset is known"
+        assert "stopped" in caplog.text, "the fetch state showed it"
+        assert source.consumer.get_watermark_offsets(TopicPartition(topic, 0), cached=True)[1] == 10, \
+            "the old high-water mark was still cached: the fetch state is what caught it"
+        txn.commit_transaction(30)
+        wait_for(lambda: read(3), 60, "the records after the offset the transaction committed", interval=0)
         assert [r.offset for r in got] == [7, 8, 9]
     finally:
         source.close()

@@ -5,6 +5,7 @@ The same behaviour on a real broker is in tests/integration/test_kafka_contract.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -319,6 +320,40 @@ def test_confluent_leaves_young_fetched_and_held_partitions_alone() -> None:
     source.poll_batch()
     assert consumer.calls == [], "a revoked partition is not ours to re-add"
     assert source.assigned() == {("in", 0)}, "the assignment follows the rebalance callbacks"
+
+
+def librdkafka_stats(states: dict[int, str], topic: str = "in") -> str:
+    """librdkafka's statistics JSON, cut to what the source reads (STATISTICS.md: topics.partitions)."""
+    partitions = {str(p): {"partition": p, "fetch_state": state, "hi_offset": 42} for p, state in states.items()}
+    partitions["-1"] = {"partition": -1, "fetch_state": "none", "hi_offset": -1001}  # the internal UA partition
+    return json.dumps({"name": "anomaly-worker#consumer-1", "type": "consumer",
+                       "topics": {topic: {"topic": topic, "partitions": partitions}}})
+
+
+def test_confluent_re_adds_a_partition_given_back_that_waits_though_its_old_high_water_mark_is_cached() -> None:
+    # After a rebalance returns partitions a worker had, librdkafka keeps their high-water marks: only the
+    # fetch state ("stopped" while the committed offset is awaited) shows that partition 0 does not fetch.
+    consumer = StalledConsumer()
+    consumer.high[1] = 42
+    source = stalled_source(consumer, assigned_ago_s=11.0)
+    source._on_stats(librdkafka_stats({0: "stopped", 1: "active"}))
+    source.poll_batch()
+    assert consumer.calls == [("unassign", [0]), ("assign", [0])]
+
+
+def test_confluent_ignores_fetch_states_reported_before_the_assignment_or_unreadable() -> None:
+    consumer = StalledConsumer()
+    consumer.high[1] = 42
+    source = stalled_source(consumer, assigned_ago_s=11.0)
+    source._on_stats(librdkafka_stats({0: "stopped", 1: "stopped"}))
+    source._stats_at -= 12.0  # taken before the assignment: the state of the partitions' previous life
+    source.poll_batch()
+    assert consumer.calls == []
+    source._on_stats(librdkafka_stats({0: "stopped"}, topic="another-topic"))
+    source._on_stats("not json")
+    source._next_fetch_check = 0.0
+    source.poll_batch()
+    assert consumer.calls == [], "statistics without the input topic change nothing"
 
 
 def test_confluent_stops_when_a_partition_taken_out_cannot_be_re_added() -> None:
