@@ -49,6 +49,10 @@ from worker.shadow import ShadowScorer
 
 log = logging.getLogger(__name__)
 
+#: A batch stage or an idle pass slower than this is logged with its parts: it shows where a stalled loop
+#: waits (every Kafka call is bounded by the Kafka timeout, but several in a row are not).
+SLOW_S = 5.0
+
 Offsets = Mapping[tuple[str, int], int]
 
 
@@ -177,12 +181,14 @@ class Worker:
         records = self.source.poll_batch()                                         # 1
         self.health.assigned_partitions = len(self.source.assigned())
         if not records:
+            checking = time.perf_counter()
             if self.pending:
                 self._commit_pending()
             else:
                 self._check_broker()
             self._publish_due_summaries()
             self._update_lag()
+            self._warn_if_slow("idle pass", {"poll": checking - polled, "checks": time.perf_counter() - checking})
             return None
         started = time.perf_counter()
         self._stages = {"poll": started - polled}
@@ -205,6 +211,7 @@ class Worker:
             self._record(result, alerts, recording - started)                      # 5
             self._stages["record"] = time.perf_counter() - recording
             self.metrics.observe_stages(self._stages)
+            self._warn_if_slow("batch", self._stages)
         except Exception:  # noqa: BLE001 - metrics never take the worker down after a commit
             log.exception("updating metrics for a batch failed; the batch itself is delivered and committed")
         return result
@@ -339,6 +346,11 @@ class Worker:
                 now - np.array([a.event_time_s for a in published if a.event_time_s is not None], dtype=np.float64))
         self.metrics.observe_batch(result.consumed, seconds)
         self._update_lag()
+
+    @staticmethod
+    def _warn_if_slow(what: str, seconds: Mapping[str, float]) -> None:
+        if max(seconds.values(), default=0.0) >= SLOW_S:
+            log.warning("slow %s: %s", what, ", ".join(f"{stage} {s:.1f} s" for stage, s in seconds.items()))
 
     def _update_lag(self) -> None:
         now = time.monotonic()

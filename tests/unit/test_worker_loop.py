@@ -347,3 +347,36 @@ def test_an_aborted_transaction_rewinds_and_the_batch_is_delivered_once_afterwar
     assert "commit" not in kinds(log)
     assert worker.health.broker_ok is True
     assert registry.get_sample_value("anomaly_transactions_total", {"result": "committed"}) == 2
+
+
+def test_a_slow_batch_stage_or_idle_pass_is_logged_with_its_parts(
+        log: list[tuple], registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A loop that stops making progress must say where it waits: several bounded Kafka calls in a row
+    # (an offset fetch of 30 s, then another) are otherwise invisible between two batches.
+    worker, source, _, pipeline = make_worker(log, {0: [b"n", b"A1"]}, registry, broker_check_interval_s=0.0)
+    clock = [1000.0]
+    monkeypatch.setattr("worker.loop.time.perf_counter", lambda: clock[0])
+    process = pipeline.process
+
+    def slow_process(records: Sequence[Record]) -> BatchResult:
+        clock[0] += 6.0
+        return process(records)
+
+    def slow_reachable() -> bool:
+        clock[0] += 30.0
+        return True
+
+    monkeypatch.setattr(pipeline, "process", slow_process)
+    monkeypatch.setattr(source, "reachable", slow_reachable)
+    with caplog.at_level("WARNING", logger="worker.loop"):
+        worker.run_once()
+        assert "slow batch: poll 0.0 s, process 6.0 s, publish 0.0 s, commit 0.0 s" in caplog.text
+        worker.run_once()  # nothing left: the idle pass asks the broker, which takes 30 s
+        assert "slow idle pass: poll 0.0 s, checks 30.0 s" in caplog.text
+    caplog.clear()
+    fast, *_ = make_worker([], {0: [b"n", b"A1"]}, CollectorRegistry(), broker_check_interval_s=0.0)
+    with caplog.at_level("WARNING", logger="worker.loop"):
+        fast.run_once()
+        fast.run_once()
+    assert "slow" not in caplog.text
