@@ -167,6 +167,13 @@ def lag(cluster: Cluster, t: Topics) -> int | None:
     return sum(max(0, end - committed.get(p, 0)) for p, end in ends.items())
 
 
+def malloc_text(env: dict[str, str]) -> str:
+    """How the worker allocated memory: glibc's malloc unless LD_PRELOAD names another allocator."""
+    if not env:
+        return "glibc malloc, default arenas"
+    return ", ".join(f"{k}={v}" for k, v in sorted(env.items()))
+
+
 def start_worker(t: Topics, bundle: Path, brokers: str, delivery: str, root: Path) -> WorkerProcess:
     port = _free_port()
     cmd = [sys.executable, "-m", "worker.main", "--model", str(bundle), "--bootstrap-servers", brokers,
@@ -248,6 +255,9 @@ def soak(cluster: Cluster, bundle: Path, templates: list[bytes], args: argparse.
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} Linux, nproc {os.cpu_count()}",
+        "command": " ".join(["python -m benchmarks.soak", *sys.argv[1:]]),
+        # The worker inherits these: they choose its memory allocator and how glibc's arenas behave.
+        "malloc_env": {k: os.environ[k] for k in ("LD_PRELOAD", "MALLOC_ARENA_MAX", "MALLOC_CONF") if k in os.environ},
         "delivery": args.delivery, "minutes": args.minutes, "capacity_events_per_s": round(capacity, 1),
         "rate_events_per_s": rate, "events_sent": load.sent + args.capacity_events,
         "restarts": restarts, "samples": samples,
@@ -279,7 +289,8 @@ def longest_stall(samples: Sequence[dict[str, Any]]) -> float:
 def render(report: dict[str, Any]) -> str:
     rss = report["rss_after_warm_up_mib"]
     lines = ["# Soak: the worker under broker restarts", "",
-             f"Run {report['date']} on {report['machine']}; `python -m benchmarks.soak`. "
+             f"Run {report['date']} on {report['machine']}; `{report.get('command', 'python -m benchmarks.soak')}`; "
+             f"allocator: {malloc_text(report.get('malloc_env', {}))}. "
              f"{report['minutes']:.0f} minutes at {report['rate_events_per_s']:,} events/s (half of the "
              f"{report['capacity_events_per_s']:,.0f} events/s measured first with this bundle), "
              f"`--delivery {report['delivery']}`, a 3-node cluster (rf 3, min.insync.replicas 2), one broker "

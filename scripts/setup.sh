@@ -5,6 +5,7 @@
 #   3. Kafka jars from Maven Central into deploy/kafka/libs/
 #   4. Prometheus + promtool (Debian package) when WITH_PROMETHEUS=1
 #   5. kcat (Debian package), an independent Kafka client for the interoperability tests, when WITH_KCAT=1
+#   6. jemalloc (Debian package libjemalloc2), the allocator the image preloads, when WITH_JEMALLOC=1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,5 +44,10 @@ if [ "${WITH_PROMETHEUS:-0}" = 1 ]; then
 fi
 if [ "${WITH_KCAT:-0}" = 1 ]; then
     bash scripts/install-kcat.sh >&2
+fi
+if [ "${WITH_JEMALLOC:-0}" = 1 ] \
+        && ! .venv/bin/python -c "import ctypes.util, sys; sys.exit(ctypes.util.find_library('jemalloc') is None)"; then
+    echo "setup: installing jemalloc (libjemalloc2)" >&2
+    apt_install libjemalloc2
 fi
 echo "setup: ready" >&2

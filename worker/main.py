@@ -37,6 +37,7 @@ def _watchdog(deadline_s: float, done: threading.Event) -> None:
 def run(argv: Sequence[str] | None = None) -> int:
     from worker.config import from_args
     from worker.errors import BrokerUnavailable
+    from worker.heap import allocator
     from worker.http import start_http_server
     from worker.loop import Backoff
     from worker.wiring import build_runtime, build_worker, start_feedback
@@ -79,6 +80,11 @@ def run(argv: Sequence[str] | None = None) -> int:
                           f"({exc.strerror or exc}); choose another --metrics-port or --metrics-host") from exc
     log.info("model %s loaded from %s (threshold %.6g, %d fields); metrics on %s/metrics",
              bundle.version, settings.model, bundle.threshold.value, len(bundle.schema.fields), server.url)
+    if (malloc := allocator()) == "glibc":
+        log.info("memory allocator: glibc malloc, heap trimmed every %.0f s; jemalloc keeps memory flatter "
+                 "through broker restarts (LD_PRELOAD=libjemalloc.so.2, see README)", settings.heap_trim_interval_s)
+    else:
+        log.info("memory allocator: %s", malloc)
 
     feedback = start_feedback(runtime)
     worker: Worker | None = None

@@ -299,6 +299,18 @@ def test_dockerfile_runs_non_root_with_a_healthcheck_and_the_worker_entrypoint()
     assert ("ARG", "PYTHON_IMAGE=python:3.11-slim") in instructions
 
 
+def test_the_image_preloads_jemalloc_it_installs() -> None:
+    # glibc's malloc fragments under broker restarts (worker/heap.py); the runtime stage installs jemalloc
+    # and preloads it by soname, which works on every Debian architecture.
+    instructions = dockerfile_instructions()
+    runtime = instructions[[i for i, (op, arg) in enumerate(instructions) if op == "FROM"
+                            and arg.endswith("AS runtime")][0]:]
+    installs = [i for i, (op, arg) in enumerate(runtime) if op == "RUN" and "libjemalloc2" in arg]
+    preloads = [i for i, (op, arg) in enumerate(runtime) if op == "ENV" and "LD_PRELOAD=libjemalloc.so.2" in arg]
+    assert installs and preloads and installs[0] < preloads[0], "installed, then preloaded"
+    assert "rm -rf /var/lib/apt/lists" in runtime[installs[0]][1]
+
+
 def test_dockerignore_keeps_the_context_small() -> None:
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".venv", "deploy/kafka/libs", ".run", ".git"} <= ignored

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
+import os
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -11,7 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from tests.unit.test_worker_loop import make_worker
-from worker.heap import HeapTrimmer, _glibc_malloc_trim
+from worker.heap import HeapTrimmer, _glibc_malloc_trim, allocator
 
 
 class Clock:
@@ -99,3 +102,24 @@ def test_malloc_trim_returns_freed_pages_that_free_keeps() -> None:
     thread.join()
     assert figures["freed"] > figures["allocated"] - 40, figures      # free() alone kept most of it
     assert figures["trimmed"] < figures["freed"] - 100, figures       # the trim gave back over 100 MiB
+
+
+def test_allocator_is_read_from_the_loaded_libraries(tmp_path: Path) -> None:
+    maps = tmp_path / "maps"
+    maps.write_text("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n")
+    assert allocator(maps) == "jemalloc"
+    maps.write_text("7f00-7f01 r-xp 0 08:01 1 /usr/lib/libtcmalloc_minimal.so.4\n")
+    assert allocator(maps) == "tcmalloc"
+    maps.write_text("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n")
+    assert allocator(maps) in {"glibc", "unknown"}
+
+
+@pytest.mark.skipif(ctypes.util.find_library("jemalloc") is None,
+                    reason="libjemalloc2 not installed (scripts/setup.sh installs it with WITH_JEMALLOC=1)")
+def test_under_jemalloc_the_worker_knows_it_and_does_not_trim() -> None:
+    # The image preloads jemalloc: glibc's arenas then hold next to nothing and trimming them is wasted.
+    out = subprocess.run([sys.executable, "-c", "from worker.heap import allocator, HeapTrimmer; "
+                          "print(allocator(), HeapTrimmer(60).enabled)"],
+                         env={**os.environ, "LD_PRELOAD": "libjemalloc.so.2"}, capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.split() == ["jemalloc", "False"], out.stderr
