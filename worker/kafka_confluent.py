@@ -38,6 +38,9 @@ from worker.errors import (
 from worker.records import Alert, DeadLetter, Record
 
 log = logging.getLogger(__name__)
+
+#: A transaction slower than this is logged with the time of each step.
+SLOW_TRANSACTION_S = 5.0
 librdkafka_log = logging.getLogger("librdkafka")
 
 Offsets = Mapping[tuple[str, int], int]
@@ -459,16 +462,26 @@ class ConfluentTransactionalSink:
             self._replace_producer()
         timeout = self.settings.kafka_timeout_s
         outgoing = outgoing_records(self.settings, alerts, dead_letters)
+        steps = {"produce": time.monotonic()}
         try:
             self.producer.begin_transaction()                                             # 1
             for target, key, value, headers in outgoing:                                  # 2
                 self._produce(target, key, value, headers)
+            steps["send offsets"] = time.monotonic()
             if offsets:                                                                    # 3
                 self.producer.send_offsets_to_transaction(
                     [TopicPartition(t, p, o) for (t, p), o in offsets.items()], self.group_metadata(), timeout)
         except (KafkaException, BufferError) as exc:
             self._abort(f"publishing {len(outgoing)} records and {len(offsets)} offsets failed", exc)
+        steps["commit"] = time.monotonic()
         self._commit(len(outgoing))                                                        # 4
+        steps["end"] = time.monotonic()
+        if steps["end"] - steps["produce"] >= SLOW_TRANSACTION_S:
+            # Which broker answer took so long (a coordinator just restarted, leaders moving, ...).
+            times = list(steps.values())
+            log.warning("slow transaction of %d records: %s", len(outgoing), ", ".join(
+                f"{name} {after - before:.1f} s"
+                for name, before, after in zip(list(steps)[:-1], times[:-1], times[1:], strict=True)))
 
     def _produce(self, topic: str, key: bytes | None, value: bytes | None,
                  headers: list[tuple[str, bytes | None]]) -> None:

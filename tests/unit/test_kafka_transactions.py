@@ -92,6 +92,31 @@ def test_a_batch_is_one_transaction_holding_its_records_and_offsets_in_order() -
     assert producer.offsets == [([("in", 0, 8), ("in", 2, 3)], GROUP_METADATA)]
 
 
+def test_a_slow_transaction_is_logged_with_the_time_of_each_step(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # A soak stall was a single transaction taking 70 s; the log must say whether the offsets or the
+    # commit waited (a coordinator that has just restarted, leaders moving).
+    clock = [500.0]
+    monkeypatch.setattr("worker.kafka_confluent.time.monotonic", lambda: clock[0])
+    made: list[FakeTransactionalProducer] = []
+    sink = sink_with(made)
+    producer = made[0]
+    original = producer.commit_transaction
+
+    def slow_commit(timeout: float) -> None:
+        clock[0] += 42.0
+        original(timeout)
+
+    monkeypatch.setattr(producer, "commit_transaction", slow_commit)
+    with caplog.at_level("WARNING", logger="worker.kafka_confluent"):
+        sink.publish_and_commit([], [LETTER], {("in", 0): 8})
+    assert "slow transaction of 1 records: produce 0.0 s, send offsets 0.0 s, commit 42.0 s" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(producer, "commit_transaction", original)
+    sink.publish_and_commit([], [LETTER], {("in", 0): 9})
+    assert "slow transaction" not in caplog.text
+
+
 def test_records_without_offsets_are_a_transaction_of_their_own() -> None:
     made: list[FakeTransactionalProducer] = []
     sink = sink_with(made)
