@@ -753,7 +753,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"(d) / naive scoring = {sc['batched_vs_naive']:.1f}x. (d) is the median of "
         f"{len(sc.get('batched_pass_events_per_s', [0]))} passes over the same events "
         f"({', '.join(f'{x:,.0f}' for x in sc.get('batched_pass_events_per_s', []))}); the first pass after "
-        f"warm-up, the figure runs before 2026-11-30 reported, ran "
+        f"warm-up (the only figure earlier runs reported) ran "
         f"{sc.get('batched_first_pass_events_per_s', sc['batched_events_per_s']):,.0f} events/s",
         f"- (f)/(a) confluent = **{r['two_workers_vs_worker']:.2f}** (two processes, 4 partitions, against one "
         "in-process worker, 3 partitions; both share these 2 cores with the broker)",
