@@ -4,7 +4,7 @@ Broker restarts make librdkafka's threads allocate and free buffers (reconnects,
 transactions). Under glibc's malloc that memory stays resident and fragmented: in an in-process run on
 the 3-node cluster, ten restarts left the bytes in use flat (~150 MiB) while free-but-resident bytes rose
 from 32 to 107 MiB and RSS from 748 to 805 MiB. Under jemalloc (`LD_PRELOAD=libjemalloc.so.2`, as the
-image does) RSS stayed between 783 and 795 MiB after the first two restarts. Under glibc the worker
+image does) RSS stayed between 782 and 797 MiB after the first two restarts. Under glibc the worker
 calls `malloc_trim(0)` regularly, which returns the whole free pages (807 -> 774 MiB once) but not the
 fragments; under another allocator, or a C library without it (musl, macOS), it does nothing.
 """

@@ -38,10 +38,10 @@ from worker.errors import (
 from worker.records import Alert, DeadLetter, Record
 
 log = logging.getLogger(__name__)
+librdkafka_log = logging.getLogger("librdkafka")
 
 #: A transaction slower than this is logged with the time of each step.
 SLOW_TRANSACTION_S = 5.0
-librdkafka_log = logging.getLogger("librdkafka")
 
 Offsets = Mapping[tuple[str, int], int]
 
