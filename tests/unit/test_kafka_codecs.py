@@ -14,6 +14,17 @@ def test_every_codec_library_is_importable() -> None:
     assert codec.has_gzip() and codec.has_snappy() and codec.has_lz4() and codec.has_zstd()
 
 
+def test_record_batch_checksums_use_the_c_crc32c() -> None:
+    """kafka-python checks a CRC-32C over every fetched batch and writes one into every produced batch; its
+    pure-Python fallback runs at about 7 MB/s, which made it 3.5x slower here (the `crc32c` extra)."""
+    from kafka.record import util
+    from kafka.record._crc32c import crc as pure_python
+
+    assert util.crc32c_c is not None, "install kafka-python[crc32c] (the C crc32c package)"
+    data = bytes(range(256)) * 64
+    assert util.calc_crc32c(memoryview(data)) == pure_python(memoryview(data))
+
+
 @pytest.mark.parametrize("name", sorted(CODECS))
 def test_a_compressed_batch_decodes_to_the_records_written(name: str) -> None:
     values = [b'{"id": "e-%d", "duration": %d}' % (i, i) for i in range(50)]
