@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from training.errors import ConfigError
 from worker.config import Settings, from_args
 from worker.edge import Quarantine
-from worker.errors import DeliveryError, RebalanceInProgress, WorkerError
+from worker.errors import CommitError, DeliveryError, RebalanceInProgress, WorkerError
 from worker.http import HealthState
 from worker.kafka_confluent import ConfluentSink, ConfluentSource
 from worker.kafka_io import KafkaSource
@@ -198,6 +198,95 @@ def test_confluent_commit_during_a_rebalance_waits() -> None:
     source = ConfluentSource(settings(), consumer_factory=lambda conf: consumer)
     with pytest.raises(RebalanceInProgress):
         source.commit({("in", 0): 5})
+
+
+class CommitRecordingConsumer(FakeConfluentConsumer):
+    """Records each commit; the results of asynchronous ones are served (as librdkafka does) in consume."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.commits: list[tuple[dict[tuple[str, int], int], bool]] = []
+        self.results: list[tuple[KafkaError | None, list]] = []
+
+    def commit(self, offsets: list, asynchronous: bool) -> list:
+        self.commits.append(({(tp.topic, tp.partition): tp.offset for tp in offsets}, asynchronous))
+        return offsets
+
+    def consume(self, num_messages: int, timeout: float) -> list[FakeMessage]:
+        while self.results:
+            error, partitions = self.results.pop(0)
+            self.conf["on_commit"](error, partitions)
+        return super().consume(num_messages, timeout)
+
+    def answer(self, error: KafkaError | None, offsets: dict[int, int], partition_error: KafkaError | None = None,
+               ) -> None:
+        from types import SimpleNamespace
+
+        # librdkafka's TopicPartition, whose `error` a test cannot set.
+        self.results.append((error, [SimpleNamespace(topic="in", partition=p, offset=o, error=partition_error)
+                                     for p, o in offsets.items()]))
+
+    def close(self) -> None:
+        pass
+
+
+def async_source() -> tuple[ConfluentSource, CommitRecordingConsumer]:
+    consumer = CommitRecordingConsumer()
+
+    def factory(conf: dict[str, Any]) -> CommitRecordingConsumer:
+        consumer.conf = conf
+        return consumer
+    return ConfluentSource(settings(), consumer_factory=factory), consumer
+
+
+def test_confluent_commits_asynchronously_and_reports_a_failure_at_the_next_commit_sending_it_again() -> None:
+    source, consumer = async_source()
+    source.commit({("in", 0): 5, ("in", 1): 3, ("not-ours", 0): 1})
+    assert consumer.commits == [({("in", 0): 5, ("in", 1): 3}, True)]
+    consumer.answer(None, {0: 5}, partition_error=KafkaError(KafkaError.REQUEST_TIMED_OUT))
+    consumer.answer(None, {1: 3})
+    source.poll_batch()  # serves both results; the failed one is sent again at once
+    assert consumer.commits[-1] == ({("in", 0): 5}, True)
+    with pytest.raises(CommitError, match="earlier offset commit failed"):
+        source.commit({("in", 1): 8})
+    assert consumer.commits[-1] == ({("in", 1): 8}, True)
+    source.commit({("in", 1): 9})  # reported once
+    consumer.answer(None, {0: 5})
+    consumer.answer(None, {1: 9})
+    source.poll_batch()
+    source.close()
+    assert all(asynchronous for _, asynchronous in consumer.commits), "all confirmed: no final commit"
+
+
+def test_confluent_ignores_the_failure_of_a_commit_a_later_one_supersedes() -> None:
+    source, consumer = async_source()
+    source.commit({("in", 0): 5})
+    source.commit({("in", 0): 9})
+    consumer.answer(KafkaError(KafkaError.REBALANCE_IN_PROGRESS), {0: 5})
+    consumer.answer(None, {0: 9})
+    source.poll_batch()
+    source.commit({("in", 1): 2})  # no CommitError: offset 9 of partition 0 is committed
+    assert [c for c, _ in consumer.commits] == [{("in", 0): 5}, {("in", 0): 9}, {("in", 1): 2}]
+
+
+def test_confluent_close_commits_what_is_unconfirmed_synchronously_but_not_revoked_partitions() -> None:
+    source, consumer = async_source()
+    source.commit({("in", 0): 5, ("in", 1): 7})
+    consumer.answer(None, {0: 5})
+    source.poll_batch()
+    source.commit({("in", 0): 6})
+    source.handle_revoked({("in", 0)})  # its next owner decides where partition 0 resumes
+    source.close()
+    assert consumer.commits[-1] == ({("in", 1): 7}, False)
+
+
+def test_confluent_close_after_every_commit_is_confirmed_commits_nothing_more() -> None:
+    source, consumer = async_source()
+    source.commit({("in", 0): 5})
+    consumer.answer(None, {0: 5})
+    source.poll_batch()
+    source.close()
+    assert consumer.commits == [({("in", 0): 5}, True)]
 
 
 class FakeProducer:
