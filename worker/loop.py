@@ -11,6 +11,8 @@ Order of side effects for every micro-batch (this order is the at-least-once gua
 4. Only then commit the batch's next offsets. If step 3 failed, nothing is committed: the source is
    rewound to the batch's first offsets and the batch is read again after a backoff.
    If step 4 fails, the offsets stay pending and are committed with the next batch (or on revoke).
+   The confluent source sends the commit asynchronously (it is confirmed while the next batch is
+   processed; a failure is sent again and raised by the next commit, see worker/kafka_confluent.py).
 5. Update metrics and health.
 
 Exactly-once (`--delivery exactly-once`, a `TransactionalSink`): steps 3 and 4 are one Kafka
@@ -23,7 +25,7 @@ An empty poll commits whatever is pending. With nothing pending it asks the sour
 otherwise never learns that its broker went away, and readiness would stay green through an outage.
 
 Because step 4 runs before the next poll, a rebalance (which happens inside poll) normally finds every
-delivered offset committed; offsets left pending by a failed commit are dropped for revoked partitions
+delivered offset committed (or, with the confluent source, its commit on the way); offsets left pending by a failed commit are dropped for revoked partitions
 (their next owner re-reads them). A stop request finishes the current batch first.
 """
 
