@@ -340,7 +340,9 @@ def scoring_only(bundle_dir: Path, values: Sequence[bytes], naive_events: int, p
     from training.bundle import load_bundle
     from worker.pipeline import Pipeline
     from worker.records import Record
+    from worker.threads import single_threaded_blas
 
+    single_threaded_blas()  # as the worker runs (worker.wiring.build_runtime)
     bundle = load_bundle(bundle_dir, None)
     records = [Record("memory", i % PARTITIONS, i, None, v) for i, v in enumerate(values)]
     out: dict[str, Any] = {"events": len(records), "naive_events": min(naive_events, len(records))}

@@ -25,8 +25,9 @@ An empty poll commits whatever is pending. With nothing pending it asks the sour
 otherwise never learns that its broker went away, and readiness would stay green through an outage.
 
 Because step 4 runs before the next poll, a rebalance (which happens inside poll) normally finds every
-delivered offset committed (or, with the confluent source, its commit on the way); offsets left pending by a failed commit are dropped for revoked partitions
-(their next owner re-reads them). A stop request finishes the current batch first.
+delivered offset committed (or, with the confluent source, its commit on the way); offsets left pending
+by a failed commit are dropped for revoked partitions (their next owner re-reads them). A stop request
+finishes the current batch first.
 """
 
 from __future__ import annotations

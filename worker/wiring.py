@@ -1,8 +1,9 @@
 """Building a worker from settings: the one place main and the benchmarks assemble the product.
 
-`build_runtime` loads and verifies the bundle, builds the pipeline (warmed up), a fresh metrics
-registry and the health state; `build_worker` connects a source and a sink to it. Kafka stays behind
-the `connect` callable, so the benchmarks can wrap the source and the tests can pass fakes.
+`build_runtime` limits BLAS to the loop's thread, loads and verifies the bundle, builds the pipeline
+(warmed up), a fresh metrics registry and the health state; `build_worker` connects a source and a sink
+to it. Kafka stays behind the `connect` callable, so the benchmarks can wrap the source and the tests
+can pass fakes.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from worker.metrics import WorkerMetrics
 from worker.pipeline import Pipeline
 from worker.reload import ModelWatcher
 from worker.shadow import ShadowScorer
+from worker.threads import single_threaded_blas
 
 #: Called with the partitions being revoked (inside the consumer's poll).
 OnRevoke = Callable[[set[tuple[str, int]]], None]
@@ -62,7 +64,9 @@ def observability(settings: Settings, bundle: Bundle) -> tuple[CollectorRegistry
 
 def build_runtime(settings: Settings, pipeline_class: type[Pipeline] = Pipeline) -> Runtime:
     """Load and verify the bundle (a repository's current version; a bad one raises BundleError), build and
-    warm up the pipeline; with a repository, a watcher that follows promotions (started by the caller)."""
+    warm up the pipeline; with a repository, a watcher that follows promotions (started by the caller).
+    BLAS runs single-threaded from here on (worker/threads.py)."""
+    single_threaded_blas()
 
     def make_pipeline(bundle: Bundle) -> Pipeline:
         pipeline = pipeline_class(bundle, settings.max_event_bytes, settings.top_features,
