@@ -190,6 +190,7 @@ class Worker:
             else:
                 self._check_broker()
             self._publish_due_summaries()
+            self._refresh_field_drift()
             self._update_lag()
             self._warn_if_slow("idle pass", {"poll": checking - polled, "checks": time.perf_counter() - checking})
             return None
@@ -339,8 +340,8 @@ class Worker:
             self.metrics.observe_scores(topic, result.scores)
             self.drift.update(result.scores)
             self.metrics.set_score_drift_psi(self.drift.psi())
-            self.field_drift.update(result.columns)
-            self.metrics.set_field_drift_psi(self.field_drift.psi())
+            self.field_drift.update(result.columns, time.monotonic())
+        self._refresh_field_drift()
         self.metrics.record_missing_values(result.missing)
         if published:
             self.metrics.record_alerts_published(topic, len(published))
@@ -349,6 +350,11 @@ class Worker:
                 now - np.array([a.event_time_s for a in published if a.event_time_s is not None], dtype=np.float64))
         self.metrics.observe_batch(result.consumed, seconds)
         self._update_lag()
+
+    def _refresh_field_drift(self) -> None:
+        """Set the per-field drift gauges when the held values are due (see `FieldDrift`), busy or idle."""
+        if self.field_drift.due(time.monotonic()):
+            self.metrics.set_field_drift_psi(self.field_drift.psi())
 
     @staticmethod
     def _warn_if_slow(what: str, seconds: Mapping[str, float]) -> None:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from worker.drift import ScoreDrift
+from worker.drift import FieldDrift, ScoreDrift
 
 
 @pytest.fixture()
@@ -105,3 +105,33 @@ def test_field_drift_follows_each_field_against_its_training_distribution(tmp_pa
     psi = drift.psi()
     assert psi["bytes"] < 0.1 and psi["flag"] < 0.1
     assert psi["port"] > 1.0
+
+
+def small_field_drift(**kwargs: float) -> FieldDrift:
+    from training.features import CategoricalField, FeatureSchema, NumericField
+    from training.threshold import ScoreHistogram
+
+    schema = FeatureSchema((NumericField("bytes", log=False, center=0.0, scale=1.0, impute=0.0),
+                            CategoricalField("port", vocabulary=("80", "443"), impute="80")))
+    histograms = {"bytes": ScoreHistogram(edges=[0.0, 1.0, 2.0, 3.0], counts=[10, 10, 10]),
+                  "port": ScoreHistogram(edges=[-0.5, 0.5, 1.5, 2.5], counts=[20, 10, 0])}
+    return FieldDrift(schema, histograms, window=100, **kwargs)  # type: ignore[arg-type]
+
+
+def test_field_drift_holds_batches_until_due_and_bins_them_as_one() -> None:
+    rng = np.random.default_rng(1)
+    batches = [{"bytes": rng.uniform(0, 3, 30), "port": np.array(rng.choice(["80", "443", "22", None], 30),
+                                                                    dtype=object)} for _ in range(3)]
+    held = small_field_drift(flush_rows=80, flush_interval_s=10.0)
+    assert not held.due(0.0)
+    held.update(batches[0], now=100.0)
+    held.update(batches[1], now=101.0)
+    assert not held.due(109.9), "60 of 80 rows held, 9.9 s after the first"
+    assert held.due(110.0), "the interval since the first held row has passed"
+    held.update(batches[2], now=102.0)
+    assert held.due(102.0), "90 rows held"
+    at_once = small_field_drift()
+    at_once.update({name: np.concatenate([b[name] for b in batches]) for name in ("bytes", "port")})
+    assert held.psi() == at_once.psi()
+    assert not held.due(1e9), "psi took every held row"
+    assert all(math.isfinite(v) for v in held.psi().values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
@@ -380,3 +381,31 @@ def test_a_slow_batch_stage_or_idle_pass_is_logged_with_its_parts(
         fast.run_once()
         fast.run_once()
     assert "slow" not in caplog.text
+
+
+def test_field_drift_gauges_are_set_when_enough_rows_are_held_or_the_interval_passed_while_idle(
+        log: list[tuple], registry: CollectorRegistry) -> None:
+    from tests.kafka_broker import wait_for
+    from tests.unit.test_drift import small_field_drift
+
+    worker, source, _, pipeline = make_worker(log, {0: [b"n"] * 12}, registry)
+    process = pipeline.process
+
+    def with_columns(records: Sequence[Record]) -> BatchResult:
+        ports = np.array(["80"] * len(records), dtype=object)
+        return dataclasses.replace(process(records), columns={
+            "bytes": np.array([r.offset * 0.25 for r in records]), "port": ports})
+    pipeline.process = with_columns  # type: ignore[method-assign]
+    worker.field_drift = small_field_drift(flush_rows=8, flush_interval_s=0.3)
+
+    def gauge() -> float | None:
+        return registry.get_sample_value("anomaly_field_drift_psi", {"field": "bytes"})
+
+    worker.run_once()
+    assert gauge() is None, "4 of 8 rows held"
+    worker.run_once()
+    assert gauge() is not None and gauge() > 0, "8 rows: binned and published"
+    first = gauge()
+    worker.run_once()  # 4 more rows held, then nothing left to read
+    assert gauge() == first
+    wait_for(lambda: worker.run_once() is None and gauge() != first, 10, "an idle pass publishing the held rows")
