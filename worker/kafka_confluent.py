@@ -126,7 +126,7 @@ class ConfluentSource:
             self.consumer.close()
             raise
         self.consumer.subscribe([settings.input_topic], on_assign=self._assigned, on_revoke=self._revoked,
-                                on_lost=self._revoked)
+                                on_lost=self._lost)
 
     def _on_client_error(self, error: KafkaError) -> None:
         """librdkafka recovers from most errors by itself (broker down, coordinator moved); fatal ones stop us."""
@@ -154,6 +154,20 @@ class ConfluentSource:
         self._assigned_at.update({(tp.topic, tp.partition): now for tp in partitions})
 
     def _revoked(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        """Partitions handed back in a rebalance: first confirm their commits still in flight, so their next
+        owner starts after what this worker delivered (a commit from this callback is librdkafka's way)."""
+        keys = {(tp.topic, tp.partition) for tp in partitions}
+        unconfirmed = [TopicPartition(t, p, o) for (t, p), o in self._unconfirmed.items() if (t, p) in keys]
+        if unconfirmed:
+            try:
+                self.consumer.commit(offsets=unconfirmed, asynchronous=False)
+            except KafkaException as exc:
+                log.info("offsets %s of revoked partitions not confirmed; their next owner may read those records "
+                         "again (same alert ids): %s", _describe(unconfirmed), exc)
+        self.handle_revoked(keys)
+
+    def _lost(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        """Partitions lost (the membership expired): another member may own them already; commit nothing."""
         self.handle_revoked({(tp.topic, tp.partition) for tp in partitions})
 
     def handle_revoked(self, partitions: set[tuple[str, int]]) -> None:
@@ -389,7 +403,7 @@ class ConfluentSource:
                 self._unconfirmed.clear()
             except KafkaException as exc:
                 log.warning("final offset commit of %s failed (their records will be read again): %s",
-                            ", ".join(sorted(f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in unconfirmed)), exc)
+                            _describe(unconfirmed), exc)
         try:
             self.consumer.close()
         except (KafkaException, RuntimeError) as exc:
@@ -630,6 +644,10 @@ class ConfluentTransactionalSink:
             return
         if remaining:
             log.warning("producer close: %d records not delivered", remaining)
+
+
+def _describe(partitions: Sequence[TopicPartition]) -> str:
+    return ", ".join(sorted(f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in partitions))
 
 
 def _kafka_error(exc: BaseException) -> KafkaError | None:

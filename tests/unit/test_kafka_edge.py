@@ -280,6 +280,19 @@ def test_confluent_close_commits_what_is_unconfirmed_synchronously_but_not_revok
     assert consumer.commits[-1] == ({("in", 1): 7}, False)
 
 
+def test_confluent_confirms_in_flight_commits_of_revoked_partitions_but_not_of_lost_ones() -> None:
+    from confluent_kafka import TopicPartition as TP
+
+    source, consumer = async_source()
+    source.commit({("in", 0): 5, ("in", 1): 7})
+    consumer.callbacks["on_revoke"](consumer, [TP("in", 0)])
+    assert consumer.commits[-1] == ({("in", 0): 5}, False), "partition 0's next owner starts at 5"
+    assert source.assigned() == {("in", 1)}
+    consumer.callbacks["on_lost"](consumer, [TP("in", 1)])
+    assert len(consumer.commits) == 2, "a lost partition may have another owner already: nothing committed"
+    assert source.assigned() == set()
+
+
 def test_confluent_close_after_every_commit_is_confirmed_commits_nothing_more() -> None:
     source, consumer = async_source()
     source.commit({("in", 0): 5})
