@@ -11,8 +11,9 @@ acknowledged, and librdkafka sends them while the next batch is processed (a syn
 loop for a coordinator round trip, about a sixth of a batch's time at full speed). A failure is reported
 when librdkafka serves the commit's result inside the next poll: the offsets are sent again and the next
 `commit` raises CommitError, so the loop counts it and marks the broker down as for a synchronous one.
-`close` commits synchronously whatever is not confirmed yet. A crash loses at most the commits in flight,
-so their records are read again: duplicates with the same alert ids, never a gap.
+`close`, and a rebalance for the partitions it revokes, commit synchronously whatever is not confirmed yet.
+A crash loses at most the commits in flight, so their records are read again: duplicates with the same
+alert ids, never a gap.
 """
 
 from __future__ import annotations
