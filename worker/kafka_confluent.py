@@ -158,13 +158,7 @@ class ConfluentSource:
         """Partitions handed back in a rebalance: first confirm their commits still in flight, so their next
         owner starts after what this worker delivered (a commit from this callback is librdkafka's way)."""
         keys = {(tp.topic, tp.partition) for tp in partitions}
-        unconfirmed = [TopicPartition(t, p, o) for (t, p), o in self._unconfirmed.items() if (t, p) in keys]
-        if unconfirmed:
-            try:
-                self.consumer.commit(offsets=unconfirmed, asynchronous=False)
-            except KafkaException as exc:
-                log.info("offsets %s of revoked partitions not confirmed; their next owner may read those records "
-                         "again (same alert ids): %s", _describe(unconfirmed), exc)
+        self._confirm_unconfirmed(keys, "revoked partitions")
         self.handle_revoked(keys)
 
     def _lost(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
@@ -329,7 +323,7 @@ class ConfluentSource:
         try:
             self.consumer.commit(offsets=payload, asynchronous=True)
         except KafkaException as exc:
-            error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            error = _kafka_error(exc)
             if error is not None and error.code() in REBALANCING:
                 raise RebalanceInProgress(f"consumer group is rebalancing: {error}") from exc
             raise CommitError(f"offset commit failed: {exc}") from exc
@@ -343,6 +337,21 @@ class ConfluentSource:
             self._send_commit({})
         except (CommitError, RebalanceInProgress) as exc:
             log.debug("offsets %s not sent again yet: %s", sorted(self._failed), exc)
+
+    def _confirm_unconfirmed(self, partitions: set[tuple[str, int]], what: str) -> None:
+        """Commit the unconfirmed offsets of `partitions` synchronously (a revoke, or close)."""
+        offsets = [TopicPartition(t, p, o) for (t, p), o in self._unconfirmed.items() if (t, p) in partitions]
+        if not offsets:
+            return
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            log.warning("offsets %s of %s not confirmed; their records will be read again (same alert ids): %s",
+                        ", ".join(sorted(f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in offsets)), what, exc)
+            return
+        for tp in offsets:
+            self._unconfirmed.pop((tp.topic, tp.partition), None)
+            self._failed.discard((tp.topic, tp.partition))
 
     def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
         """The result of an asynchronous commit (served inside poll): confirm it, or keep it to send again."""
@@ -396,15 +405,7 @@ class ConfluentSource:
 
     def close(self) -> None:
         """Commit what is not confirmed yet (synchronously), then leave the group."""
-        unconfirmed = [TopicPartition(t, p, o) for (t, p), o in self._unconfirmed.items()
-                       if (t, p) in self._assigned_at]
-        if unconfirmed:
-            try:
-                self.consumer.commit(offsets=unconfirmed, asynchronous=False)
-                self._unconfirmed.clear()
-            except KafkaException as exc:
-                log.warning("final offset commit of %s failed (their records will be read again): %s",
-                            _describe(unconfirmed), exc)
+        self._confirm_unconfirmed(set(self._assigned_at), "the final commit")
         try:
             self.consumer.close()
         except (KafkaException, RuntimeError) as exc:
@@ -645,10 +646,6 @@ class ConfluentTransactionalSink:
             return
         if remaining:
             log.warning("producer close: %d records not delivered", remaining)
-
-
-def _describe(partitions: Sequence[TopicPartition]) -> str:
-    return ", ".join(sorted(f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in partitions))
 
 
 def _kafka_error(exc: BaseException) -> KafkaError | None:
