@@ -354,7 +354,16 @@ class ConfluentSource:
             self._failed.discard((tp.topic, tp.partition))
 
     def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
-        """The result of an asynchronous commit (served inside poll): confirm it, or keep it to send again."""
+        """The result of an asynchronous commit (served inside poll): confirm it, or keep it to send again.
+
+        A request that failed as a whole may come back without its partitions: then everything unconfirmed
+        is sent again (a repeated commit of the same offsets is harmless)."""
+        if error is not None and error.code() != KafkaError._NO_OFFSET and not partitions:
+            if not self._failed and self._commit_failure is None:
+                log.warning("offset commit failed, sent again with the next commit: %s", error)
+            self._failed.update(self._unconfirmed)
+            self._commit_failure = self._commit_failure or str(error)
+            return
         for tp in partitions or []:
             key = (tp.topic, tp.partition)
             if self._unconfirmed.get(key) != tp.offset:

@@ -258,6 +258,16 @@ def test_confluent_commits_asynchronously_and_reports_a_failure_at_the_next_comm
     assert all(asynchronous for _, asynchronous in consumer.commits), "all confirmed: no final commit"
 
 
+def test_confluent_sends_everything_unconfirmed_again_after_a_failure_without_partitions() -> None:
+    source, consumer = async_source()
+    source.commit({("in", 0): 5, ("in", 1): 3})
+    consumer.results.append((KafkaError(KafkaError._TRANSPORT), []))
+    source.poll_batch()
+    assert consumer.commits == [({("in", 0): 5, ("in", 1): 3}, True)] * 2, "sent again"
+    with pytest.raises(CommitError, match="earlier offset commit failed"):
+        source.commit({})
+
+
 def test_confluent_ignores_the_failure_of_a_commit_a_later_one_supersedes() -> None:
     source, consumer = async_source()
     source.commit({("in", 0): 5})
