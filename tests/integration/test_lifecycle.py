@@ -130,6 +130,10 @@ def test_a_promotion_under_load_switches_versions_between_batches_and_loses_noth
     wait_for(lambda: metric(worker, "anomaly_events_scored_total", topic=topics.input) >= 500, 120,
              "the first model to score part of the backlog")
     _check_run([BIN / "anomaly-promote", "--repo", view, repo.second])
+    # The worker may finish the first backlog before it loads the promotion: wait for the swap, so the
+    # second backlog is scored by the second version whatever the worker's speed.
+    wait_for(lambda: metric(worker, "anomaly_model_reloads_total", result="loaded") == 1, 60,
+             "the promoted version to be loaded")
     produce(kafka_bootstrap, topics.input, copies(base, 10, "b"))
     wait_all_committed(kafka_bootstrap, topics, worker, timeout=180)
     assert metric(worker, "anomaly_model_reloads_total", result="loaded") == 1
