@@ -14,6 +14,10 @@ when librdkafka serves the commit's result inside the next poll: the offsets are
 `close`, and a rebalance for the partitions it revokes, commit synchronously whatever is not confirmed yet.
 A crash loses at most the commits in flight, so their records are read again: duplicates with the same
 alert ids, never a gap.
+
+Where a partition starts is decided here, not by librdkafka's `auto.offset.reset` (set to "error"; see
+`_start_reset`): librdkafka also resets a partition whose committed offset exists but is held by an open
+transaction, whenever the assignment changes while it asks for it.
 """
 
 from __future__ import annotations
@@ -25,14 +29,17 @@ from typing import Any, NoReturn
 
 import orjson
 from confluent_kafka import (
+    OFFSET_BEGINNING,
     TIMESTAMP_LOG_APPEND_TIME,
     TIMESTAMP_NOT_AVAILABLE,
     Consumer,
+    ConsumerGroupTopicPartitions,
     KafkaError,
     KafkaException,
     Producer,
     TopicPartition,
 )
+from confluent_kafka.admin import AdminClient
 
 from worker.config import Settings
 from worker.edge import Quarantine
@@ -58,6 +65,10 @@ Offsets = Mapping[tuple[str, int], int]
 UNDECODABLE = frozenset({KafkaError._BAD_COMPRESSION, KafkaError._BAD_MSG, KafkaError._NOT_IMPLEMENTED})
 #: Commit errors that mean "the group is rebalancing": the offsets stay pending, as with kafka-python.
 REBALANCING = frozenset({KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION})
+#: The longest `_start_reset` holds the loop asking for committed offsets (usually one round trip).
+COMMITTED_TIMEOUT_S = 2.0
+#: How often a partition without a position asks again for a committed offset an open transaction holds.
+PARKED_RETRY_S = 1.0
 #: The most the consumer buffers ahead of the loop (and fetches in one request).
 PREFETCH_MAX_BYTES = 32 * 1024 * 1024
 #: How long librdkafka waits before fetching again once that buffer is full (its default is 1,000 ms).
@@ -69,6 +80,10 @@ def client_config(settings: Settings) -> dict[str, Any]:
     return {"bootstrap.servers": settings.bootstrap_servers, "client.id": settings.client_id,
             "socket.timeout.ms": int(settings.kafka_timeout_s * 1000), "logger": librdkafka_log,
             **settings.security.librdkafka_config()}
+
+
+def _names(partitions: Sequence[TopicPartition]) -> list[str]:
+    return sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions)
 
 
 def _check_reachable(client: Any, settings: Settings) -> None:
@@ -84,7 +99,7 @@ class ConfluentSource:
 
     def __init__(self, settings: Settings, on_revoke: Callable[[set[tuple[str, int]]], None] | None = None,
                  quarantine: Quarantine | None = None, consumer_factory: Callable[[dict[str, Any]], Any] = Consumer,
-                 ) -> None:
+                 admin_factory: Callable[[dict[str, Any]], Any] = AdminClient) -> None:
         self.settings = settings
         self._on_revoke = on_revoke
         self.quarantine = quarantine or Quarantine()
@@ -100,11 +115,17 @@ class ConfluentSource:
         self._unconfirmed: dict[tuple[str, int], int] = {}
         self._failed: set[tuple[str, int]] = set()
         self._commit_failure: str | None = None  # the first failure since the last `commit` call
+        #: Partitions stopped without a position until their committed offset is known, and when to ask next.
+        self._parked: dict[tuple[str, int], float] = {}
+        self._admin_factory = admin_factory
+        self._admin: Any = None  # created on first use by `_stable_committed`
         partition_fetch_bytes = max(settings.max_event_bytes * 2, 1024 * 1024)
         prefetch_bytes = max(PREFETCH_MAX_BYTES, partition_fetch_bytes)
         self.consumer = consumer_factory({
             **client_config(settings), "group.id": settings.group_id,
-            "enable.auto.commit": False, "enable.auto.offset.store": False, "auto.offset.reset": "earliest",
+            "enable.auto.commit": False, "enable.auto.offset.store": False,
+            # librdkafka reports instead of resetting; `_start_reset` applies the worker's policy (earliest).
+            "auto.offset.reset": "error",
             "isolation.level": settings.isolation_level, "partition.assignment.strategy": "cooperative-sticky",
             "session.timeout.ms": int(settings.session_timeout_s * 1000),
             "max.poll.interval.ms": int(settings.max_poll_interval_s * 1000),
@@ -171,6 +192,7 @@ class ConfluentSource:
         for key in partitions:
             self._assigned_at.pop(key, None)
             self._unconfirmed.pop(key, None)  # the next owner decides; a late result for it is ignored
+            self._parked.pop(key, None)
             self._failed.discard(key)
         self.quarantine.release(partitions)
         if self._on_revoke is not None:
@@ -188,10 +210,14 @@ class ConfluentSource:
         if self._failed:
             self._retry_failed_commits()
         held = self.quarantine.held
+        resets: dict[tuple[str, int], int | None] = {}
         for message in messages:
             error = message.error()
             if error is not None:
-                self._on_message_error(message, error, records)
+                if error.code() == KafkaError._AUTO_OFFSET_RESET and message.partition() is not None:
+                    resets[(message.topic(), message.partition())] = message.offset()
+                else:
+                    self._on_message_error(message, error, records)
                 continue
             topic, partition, offset = message.topic(), message.partition(), message.offset()
             if held and (limit := held.get((topic, partition))) is not None and offset >= limit:
@@ -203,6 +229,11 @@ class ConfluentSource:
             records.append(Record(topic, partition, offset, message.key(), message.value(),
                                   None if kind == TIMESTAMP_NOT_AVAILABLE else timestamp,
                                   tuple(headers) if headers else (), 1 if kind == TIMESTAMP_LOG_APPEND_TIME else 0))
+        if self._parked:
+            now = time.monotonic()
+            resets.update({key: None for key, due in self._parked.items() if due <= now and key not in resets})
+        if resets:
+            self._start_reset(resets)
         if self._fatal is not None:
             raise WorkerError(f"the Kafka client failed fatally: {self._fatal}")
         return records
@@ -251,7 +282,7 @@ class ConfluentSource:
         self._next_fetch_check = now + self._fetch_check_interval_s()
 
         def waiting(key: tuple[str, int], since: float) -> bool:
-            if now - since < wait_s or self.quarantine.limit(*key) is not None:
+            if now - since < wait_s or self.quarantine.limit(*key) is not None or key in self._parked:
                 return False
             if self._stats_at > since and self._fetch_states.get(key, "active") != "active":
                 return True
@@ -260,22 +291,105 @@ class ConfluentSource:
         unfetched = [TopicPartition(*key) for key, since in self._assigned_at.items() if waiting(key, since)]
         if not unfetched:
             return
-        names = sorted(f"{tp.topic}[{tp.partition}]" for tp in unfetched)
         log.warning("partitions %s assigned %.0f s ago or more have not started fetching (fetch states %s; "
                     "committed offsets not known yet: a dead owner's open transaction, or a lost answer, "
-                    "librdkafka #5586); re-adding them so their committed offsets are fetched again", names, wait_s,
+                    "librdkafka #5586); re-adding them so their committed offsets are fetched again",
+                    _names(unfetched), wait_s,
                     sorted({self._fetch_states.get((tp.topic, tp.partition), "unknown") for tp in unfetched}))
+        self._re_add(unfetched)
+
+    def _re_add(self, partitions: list[TopicPartition]) -> None:
+        """Take `partitions` out of the assignment and add them back, each at its offset (none: the committed)."""
         try:
-            self.consumer.incremental_unassign(unfetched)
+            self.consumer.incremental_unassign([TopicPartition(tp.topic, tp.partition) for tp in partitions])
         except KafkaException as exc:
-            log.warning("taking partitions %s out failed, tried again in %.0f s: %s", names, wait_s, exc)
+            log.warning("taking partitions %s out failed, tried again in %.0f s: %s", _names(partitions),
+                        self.settings.kafka_timeout_s, exc)
             return
         try:
-            self.consumer.incremental_assign(unfetched)
+            self.consumer.incremental_assign(partitions)
         except KafkaException as exc:
             # Out of the assignment but still ours in the group: nobody would read them. A restart does.
-            raise WorkerError(f"cannot re-add partitions {names} to the assignment: {exc}") from exc
-        self._assigned_at.update({(tp.topic, tp.partition): now for tp in unfetched})
+            raise WorkerError(f"cannot re-add partitions {_names(partitions)} to the assignment: {exc}") from exc
+        now = time.monotonic()
+        self._assigned_at.update({(tp.topic, tp.partition): now for tp in partitions})
+
+    def _start_reset(self, failed: Mapping[tuple[str, int], int | None]) -> None:
+        """Start partitions librdkafka found no position for (`auto.offset.reset` "error"), by this worker's policy.
+
+        `failed` maps each to the offset that could not be fetched, or None when librdkafka had no committed
+        offset for it. That "none" is not always true: when the assignment changes (a cooperative rebalance,
+        or `_restart_unfetched`) while librdkafka retries an OffsetFetch answered UNSTABLE_OFFSET_COMMIT
+        (an open transaction holds the group's offsets, as after a worker died inside one), librdkafka 2.16
+        drops the answer and starts the partition as if nothing were committed. With "earliest" that read
+        the partition again from its start: duplicates for an exactly-once worker, all of retention for a
+        long-lived group. So the committed offset is asked for again (a stable one, through the admin API,
+        which answers at once instead of retrying):
+
+        - committed: start there;
+        - nothing committed (a new group): start at the earliest offset;
+        - not known yet (the transaction is still open, or no answer): leave the partition stopped and ask
+          again in `PARKED_RETRY_S`. Re-adding it for librdkafka to ask would change the assignment again
+          while its earlier question is still being retried, and start the same reset over;
+        - an offset out of range (records deleted by retention before this group read them, or a recreated
+          topic): start at the earliest offset, with a warning that names what was skipped.
+        """
+        out_of_range = {key: offset for key, offset in failed.items() if offset is not None and offset >= 0}
+        keys = [key for key in failed if key in self._assigned_at and self.quarantine.limit(*key) is None]
+        committed = self._stable_committed([key for key in keys if key not in out_of_range])
+        starts: list[TopicPartition] = []
+        now = time.monotonic()
+        for key in keys:
+            if (offset := out_of_range.get(key)) is not None:
+                low = self._low_watermark(key)
+                log.warning("offset %d of %s[%d] is out of range (earliest now %s): %s; reading from the earliest "
+                            "offset", offset, key[0], key[1], low,
+                            "records deleted by retention were never read" if low is not None and offset < low
+                            else "the partition was recreated or truncated")
+                starts.append(TopicPartition(*key, OFFSET_BEGINNING))
+            elif (position := committed.get(key)) is None:
+                if key not in self._parked:
+                    log.warning("%s[%d] has no position and its committed offset is not known yet (an open "
+                                "transaction holds it?): it waits, asking every %.0f s", *key, PARKED_RETRY_S)
+                self._parked[key] = now + PARKED_RETRY_S
+            elif position >= 0:
+                if failed[key] is None and key not in self._parked:
+                    log.warning("librdkafka started %s[%d] as if nothing were committed (the assignment changed "
+                                "while a transaction held its offset); starting at the committed offset %d instead",
+                                *key, position)
+                starts.append(TopicPartition(*key, position))
+            else:
+                log.info("%s[%d] has no committed offset: reading from the earliest", *key)
+                starts.append(TopicPartition(*key, OFFSET_BEGINNING))
+        for tp in starts:
+            self._parked.pop((tp.topic, tp.partition), None)
+        if starts:
+            self._re_add(starts)
+
+    def _stable_committed(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """The group's committed offsets of `keys` (negative: none); a partition whose offset an open
+        transaction holds, or that got no answer, is missing."""
+        if not keys:
+            return {}
+        if self._admin is None:
+            self._admin = self._admin_factory(client_config(self.settings))
+        request = ConsumerGroupTopicPartitions(self.settings.group_id, [TopicPartition(*key) for key in keys])
+        timeout = min(COMMITTED_TIMEOUT_S, self.settings.kafka_timeout_s)
+        try:
+            future = self._admin.list_consumer_group_offsets([request], require_stable=True,
+                                                             request_timeout=timeout)[self.settings.group_id]
+            answer = future.result(timeout=timeout + 1.0)
+        except Exception as exc:  # noqa: BLE001 - KafkaException, or the future's timeout: asked again later
+            log.warning("asking for the committed offsets of %s failed: %s", sorted(keys), exc)
+            return {}
+        return {(tp.topic, tp.partition): tp.offset for tp in answer.topic_partitions if tp.error is None}
+
+    def _low_watermark(self, key: tuple[str, int]) -> int | None:
+        try:
+            timeout = min(COMMITTED_TIMEOUT_S, self.settings.kafka_timeout_s)
+            return int(self.consumer.get_watermark_offsets(TopicPartition(*key), timeout=timeout)[0])
+        except KafkaException:
+            return None
 
     def _on_message_error(self, message: Any, error: KafkaError, records: list[Record]) -> None:
         topic, partition = message.topic(), message.partition()

@@ -121,7 +121,7 @@ def test_kafka_python_pauses_the_partition_it_cannot_decode_instead_of_raising()
 
 
 class FakeMessage:
-    def __init__(self, partition: int, offset: int, error: KafkaError | None = None) -> None:
+    def __init__(self, partition: int, offset: int | None, error: KafkaError | None = None) -> None:
         self._partition, self._offset, self._error = partition, offset, error
 
     def error(self) -> KafkaError | None:
@@ -133,7 +133,7 @@ class FakeMessage:
     def partition(self) -> int:
         return self._partition
 
-    def offset(self) -> int:
+    def offset(self) -> int | None:
         return self._offset
 
     def key(self) -> bytes | None:
@@ -491,3 +491,120 @@ def test_confluent_prefetches_a_few_batches_not_librdkafkas_default_backlog() ->
     assert big["max.partition.fetch.bytes"] == 80 * 1024 * 1024 <= big["fetch.max.bytes"], \
         "one fetch must still fit the largest event allowed"
     assert big["queued.max.messages.kbytes"] * 1024 == big["fetch.max.bytes"]
+
+
+# -- where a partition starts: the source's policy, not librdkafka's auto.offset.reset -------------------------
+
+NO_POSITION = KafkaError(KafkaError._AUTO_OFFSET_RESET, "no previously committed offset available")
+OUT_OF_RANGE = KafkaError(KafkaError._AUTO_OFFSET_RESET, "fetch failed: Broker: Offset out of range")
+
+
+class FakeAdmin:
+    """`list_consumer_group_offsets` answering from `committed` (an offset, or a KafkaError for the partition)."""
+
+    def __init__(self, committed: dict[int, int | KafkaError]) -> None:
+        self.committed = committed
+        self.asked: list[tuple[list[int], bool]] = []
+
+    def list_consumer_group_offsets(self, requests: list, require_stable: bool, request_timeout: float) -> dict:
+        from concurrent.futures import Future
+
+        from confluent_kafka import ConsumerGroupTopicPartitions
+        from confluent_kafka import TopicPartition as TP
+
+        (request,) = requests
+        self.asked.append(([tp.partition for tp in request.topic_partitions], require_stable))
+        answer = []
+        for tp in request.topic_partitions:
+            value = self.committed.get(tp.partition, -1001)
+            done = TP(tp.topic, tp.partition, value if isinstance(value, int) else -1001)
+            if isinstance(value, KafkaError):
+                done.error = value
+            answer.append(done)
+        future: Future = Future()
+        future.set_result(ConsumerGroupTopicPartitions(request.group_id, answer))
+        return {request.group_id: future}
+
+
+class ResettingConsumer(FakeConfluentConsumer):
+    """librdkafka reporting partitions it found no position for; records how the source restarts them."""
+
+    def __init__(self, messages: list[FakeMessage]) -> None:
+        super().__init__(messages)
+        self.calls: list[tuple[str, list[tuple[int, int]]]] = []
+
+    def incremental_unassign(self, partitions: list) -> None:
+        self.calls.append(("unassign", [(tp.partition, tp.offset) for tp in partitions]))
+
+    def incremental_assign(self, partitions: list) -> None:
+        self.calls.append(("assign", [(tp.partition, tp.offset) for tp in partitions]))
+
+    def get_watermark_offsets(self, tp: Any, cached: bool = False, timeout: float | None = None) -> tuple[int, int]:
+        return 120, 200
+
+
+def resetting_source(messages: list[FakeMessage], admin: FakeAdmin) -> tuple[ConfluentSource, ResettingConsumer]:
+    consumer = ResettingConsumer(messages)
+    source = ConfluentSource(settings(), consumer_factory=lambda conf: consumer, admin_factory=lambda conf: admin)
+    return source, consumer
+
+
+def test_confluent_leaves_no_partition_to_librdkafkas_reset() -> None:
+    seen: list[dict[str, Any]] = []
+    ConfluentSource(settings(), consumer_factory=lambda conf: seen.append(conf) or FakeConfluentConsumer([]))
+    assert seen[0]["auto.offset.reset"] == "error", "librdkafka would also reset a partition whose offset it lost"
+
+
+def test_confluent_starts_a_partition_without_position_at_its_committed_offset_or_else_the_earliest() -> None:
+    # librdkafka 2.16 reports partition 0 without a position although 7 is committed (the assignment changed
+    # while an open transaction held it); partition 1 of a new group has nothing committed.
+    admin = FakeAdmin({0: 7})
+    source, consumer = resetting_source([FakeMessage(0, None, NO_POSITION), FakeMessage(1, None, NO_POSITION)], admin)
+    assert source.poll_batch() == []
+    assert admin.asked == [([0, 1], True)], "one question, for stable offsets (not those an open transaction holds)"
+    assert consumer.calls == [("unassign", [(0, -1001), (1, -1001)]), ("assign", [(0, 7), (1, -2)])], \
+        "partition 0 at its committed offset, partition 1 at the beginning"
+
+
+def test_confluent_keeps_a_partition_whose_committed_offset_a_transaction_holds_stopped_until_it_is_known(
+        caplog: pytest.LogCaptureFixture) -> None:
+    admin = FakeAdmin({0: KafkaError(KafkaError.UNSTABLE_OFFSET_COMMIT)})
+    source, consumer = resetting_source([FakeMessage(0, None, NO_POSITION)], admin)
+    source._assigned_at = {key: at - 60.0 for key, at in source._assigned_at.items()}
+    source.poll_batch()
+    assert consumer.calls == [], "not started: its offset is unknown"
+    assert "not known yet" in caplog.text
+    source._on_stats(librdkafka_stats({0: "none", 1: "active"}))  # long assigned and not fetching
+    source._next_fetch_check = 0.0
+    source.poll_batch()
+    assert consumer.calls == [], "not re-added either: a re-add while librdkafka asks starts the reset over"
+    assert len(admin.asked) == 1, "asked again only after PARKED_RETRY_S"
+    source._parked[("in", 0)] = 0.0  # due
+    source._next_fetch_check = 0.0
+    admin.committed[0] = 7  # the transaction committed
+    source.poll_batch()
+    assert consumer.calls == [("unassign", [(0, -1001)]), ("assign", [(0, 7)])]
+    assert source._parked == {}
+
+
+def test_confluent_reads_a_partition_from_the_earliest_when_its_offset_is_out_of_range_and_says_what_was_lost(
+        caplog: pytest.LogCaptureFixture) -> None:
+    admin = FakeAdmin({})
+    source, consumer = resetting_source([FakeMessage(1, 100, OUT_OF_RANGE)], admin)
+    source.poll_batch()
+    assert admin.asked == [], "an out-of-range offset was committed: nothing to ask"
+    assert consumer.calls == [("unassign", [(1, -1001)]), ("assign", [(1, -2)])]
+    assert "offset 100 of in[1] is out of range (earliest now 120)" in caplog.text
+    assert "deleted by retention were never read" in caplog.text
+
+
+def test_confluent_ignores_a_missing_position_of_a_partition_no_longer_assigned() -> None:
+    admin = FakeAdmin({0: KafkaError(KafkaError.UNSTABLE_OFFSET_COMMIT)})
+    source, consumer = resetting_source([FakeMessage(0, None, NO_POSITION)], admin)
+    source.poll_batch()
+    assert ("in", 0) in source._parked
+    source.handle_revoked({("in", 0)})
+    assert source._parked == {}
+    consumer.messages = [FakeMessage(0, None, NO_POSITION)]  # reported before the revocation reached librdkafka
+    source.poll_batch()
+    assert consumer.calls == [] and len(admin.asked) == 1
