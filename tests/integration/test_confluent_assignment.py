@@ -29,6 +29,13 @@ from worker.records import Record
 pytestmark = pytest.mark.integration
 
 
+def source_settings(bootstrap: str, topic: str, group: str, **overrides: float) -> Settings:
+    """A confluent source's settings for `topic` in `group` (no model: only the source runs)."""
+    return Settings(model=Path("unused"), bootstrap_servers=bootstrap, input_topic=topic,
+                    alert_topic=f"{topic}-alerts", dead_letter_topic=f"{topic}-dlq", group_id=group,
+                    kafka_client="confluent", **overrides)
+
+
 def settled_after_a_re_add(log_text: str) -> bool:
     """The source re-added the partition and then either found librdkafka had started it without its
     committed offset (the assignment changed while librdkafka asked for it: from offset 0, with librdkafka's
@@ -48,9 +55,7 @@ def test_a_partition_waiting_for_its_committed_offset_is_re_added_and_resumes_wh
     txn.init_transactions(30)
     txn.begin_transaction()
     txn.send_offsets_to_transaction([TopicPartition(topic, 0, 7)], metadata.consumer_group_metadata(), 30)
-    settings = Settings(model=Path("unused"), bootstrap_servers=kafka_bootstrap, input_topic=topic,
-                        alert_topic=f"{topic}-alerts", dead_letter_topic=f"{topic}-dlq", group_id=group,
-                        kafka_client="confluent", kafka_timeout_s=2.0, max_wait_ms=200, max_batch=10)
+    settings = source_settings(kafka_bootstrap, topic, group, kafka_timeout_s=2.0, max_wait_ms=200, max_batch=10)
     source = ConfluentSource(settings)
     got: list[Record] = []
     try:
@@ -84,10 +89,8 @@ def test_a_partition_given_back_that_waits_for_its_committed_offset_is_re_added(
     topic, group = unique_topic("given-back"), unique_topic("given-back-group")
     create_topics(kafka_bootstrap, [topic], partitions=1)
     produce(kafka_bootstrap, topic, 10)
-    settings = Settings(model=Path("unused"), bootstrap_servers=kafka_bootstrap, input_topic=topic,
-                        alert_topic=f"{topic}-alerts", dead_letter_topic=f"{topic}-dlq", group_id=group,
-                        kafka_client="confluent", kafka_timeout_s=2.0, max_wait_ms=200, max_batch=10,
-                        session_timeout_s=6.0, max_poll_interval_s=7.0)
+    settings = source_settings(kafka_bootstrap, topic, group, kafka_timeout_s=2.0, max_wait_ms=200, max_batch=10,
+                               session_timeout_s=6.0, max_poll_interval_s=7.0)
     source = ConfluentSource(settings)
     metadata = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group})
     txn = Producer({"bootstrap.servers": kafka_bootstrap, "transactional.id": unique_topic("holder")})
@@ -136,9 +139,7 @@ def test_a_committed_offset_retention_deleted_resumes_at_the_earliest_and_names_
     admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
     for future in admin.delete_records([TopicPartition(topic, 0, 5)], request_timeout=30).values():
         future.result()  # offsets 0-4 are gone, as retention would remove them
-    settings = Settings(model=Path("unused"), bootstrap_servers=kafka_bootstrap, input_topic=topic,
-                        alert_topic=f"{topic}-alerts", dead_letter_topic=f"{topic}-dlq", group_id=group,
-                        kafka_client="confluent", kafka_timeout_s=5.0, max_wait_ms=200, max_batch=10)
+    settings = source_settings(kafka_bootstrap, topic, group, kafka_timeout_s=5.0, max_wait_ms=200, max_batch=10)
     source = ConfluentSource(settings)
     got: list[Record] = []
     try:
