@@ -83,7 +83,11 @@ def client_config(settings: Settings) -> dict[str, Any]:
 
 
 def _names(partitions: Sequence[TopicPartition]) -> list[str]:
-    return sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions)
+    return _keys([(tp.topic, tp.partition) for tp in partitions])
+
+
+def _keys(keys: Sequence[tuple[str, int]]) -> list[str]:
+    return sorted(f"{topic}[{partition}]" for topic, partition in keys)
 
 
 def _check_reachable(client: Any, settings: Settings) -> None:
@@ -342,10 +346,14 @@ class ConfluentSource:
         for key in keys:
             if (offset := out_of_range.get(key)) is not None:
                 low = self._low_watermark(key)
-                log.warning("offset %d of %s[%d] is out of range (earliest now %s): %s; reading from the earliest "
-                            "offset", offset, key[0], key[1], low,
-                            "records deleted by retention were never read" if low is not None and offset < low
-                            else "the partition was recreated or truncated")
+                where = f"offset {offset} of {key[0]}[{key[1]}] is out of range"
+                if low is None:
+                    why = where
+                elif offset < low:
+                    why = f"{where} (earliest now {low}): {low - offset} records deleted by retention were never read"
+                else:
+                    why = f"{where} (earliest now {low}): past the partition's end, it was recreated or truncated"
+                log.warning("%s; reading from the earliest offset", why)
                 starts.append(TopicPartition(*key, OFFSET_BEGINNING))
             elif (position := committed.get(key)) is None:
                 if key not in self._parked:
@@ -353,7 +361,9 @@ class ConfluentSource:
                                 "transaction holds it?): it waits, asking every %.0f s", *key, PARKED_RETRY_S)
                 self._parked[key] = now + PARKED_RETRY_S
             elif position >= 0:
-                if failed[key] is None and key not in self._parked:
+                if key in self._parked:
+                    log.info("%s[%d]: its committed offset %d is known now; starting there", *key, position)
+                else:
                     log.warning("librdkafka started %s[%d] as if nothing were committed (the assignment changed "
                                 "while a transaction held its offset); starting at the committed offset %d instead",
                                 *key, position)
@@ -380,7 +390,9 @@ class ConfluentSource:
                                                              request_timeout=timeout)[self.settings.group_id]
             answer = future.result(timeout=timeout + 1.0)
         except Exception as exc:  # noqa: BLE001 - KafkaException, or the future's timeout: asked again later
-            log.warning("asking for the committed offsets of %s failed: %s", sorted(keys), exc)
+            # Once per partition, not every retry of a parked one (a broker outage would repeat it each second).
+            (log.debug if all(key in self._parked for key in keys) else log.warning)(
+                "asking for the committed offsets of %s failed: %s", _keys(keys), exc)
             return {}
         return {(tp.topic, tp.partition): tp.offset for tp in answer.topic_partitions if tp.error is None}
 

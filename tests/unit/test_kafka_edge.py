@@ -6,6 +6,7 @@ The same behaviour on a real broker is in tests/integration/test_kafka_contract.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -505,10 +506,13 @@ class FakeAdmin:
     def __init__(self, committed: dict[int, int | KafkaError]) -> None:
         self.committed = committed
         self.asked: list[tuple[list[int], bool]] = []
+        self.down = False
 
     def list_consumer_group_offsets(self, requests: list, require_stable: bool, request_timeout: float) -> dict:
         from concurrent.futures import Future
 
+        if self.down:
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT))
         from confluent_kafka import ConsumerGroupTopicPartitions
         from confluent_kafka import TopicPartition as TP
 
@@ -608,3 +612,21 @@ def test_confluent_ignores_a_missing_position_of_a_partition_no_longer_assigned(
     consumer.messages = [FakeMessage(0, None, NO_POSITION)]  # reported before the revocation reached librdkafka
     source.poll_batch()
     assert consumer.calls == [] and len(admin.asked) == 1
+
+
+def test_confluent_keeps_asking_while_no_broker_answers_and_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    admin = FakeAdmin({0: 7})
+    admin.down = True
+    source, consumer = resetting_source([FakeMessage(0, None, NO_POSITION)], admin)
+    with caplog.at_level(logging.INFO, logger="worker.kafka_confluent"):
+        source.poll_batch()
+        for _ in range(3):
+            source._parked[("in", 0)] = 0.0  # due
+            source.poll_batch()
+        assert consumer.calls == [], "started nowhere while its committed offset is unknown"
+        assert caplog.text.count("asking for the committed offsets of ['in[0]'] failed") == 1
+        admin.down = False
+        source._parked[("in", 0)] = 0.0
+        source.poll_batch()
+    assert consumer.calls == [("unassign", [(0, -1001)]), ("assign", [(0, 7)])]
+    assert "its committed offset 7 is known now" in caplog.text
