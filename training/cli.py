@@ -103,6 +103,14 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=_hidden, help="encoder layer sizes, e.g. 64,16 (default: from input width)")
     p.add_argument("--weighting", choices=["normalized", "none"], default="normalized",
                    help="weight each input's error by 1/its typical error on normal rows (default) or not")
+    # The score's settings (training.model.ScoreConfig; docs/preprocessing.md); None keeps its default.
+    p.add_argument("--distance-weight", type=float,
+                   help="share of the distance to the nearest normal training rows in the score, 0-1 (default "
+                        "0.9); 0 scores by the autoencoders' reconstruction error alone")
+    p.add_argument("--neighbours", type=int, help="nearest normal rows the distance is averaged over (default 1)")
+    p.add_argument("--bank-rows", type=int,
+                   help="most normal training rows kept to search for neighbours (default 4096, fewer for wide "
+                        "schemas); every scored event is compared with each, so fewer rows score faster")
     t = p.add_mutually_exclusive_group()
     t.add_argument("--target-fpr", type=float, help="threshold for this false-positive rate on normal rows "
                                                     "(default 0.01)")
@@ -117,7 +125,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         from training.bundle import Destination, promote
         from training.data import Labels
-        from training.model import FitConfig
+        from training.model import FitConfig, ScoreConfig
         from training.threshold import ThresholdConfig
         from training.train import TrainConfig, train_file
 
@@ -132,6 +140,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                           ensemble=args.ensemble),
             threshold=ThresholdConfig(target_fpr=args.target_fpr, quantile=args.threshold_quantile,
                                       manual=args.threshold),
+            score=ScoreConfig(**{name: value for name in ("distance_weight", "neighbours", "bank_rows")
+                                 if (value := getattr(args, name)) is not None}),
             categorical=tuple(args.categorical), drop=tuple(args.drop), weighting=args.weighting,
             labels=Labels(args.label_column, args.normal_value) if args.label_column else None)
         log = lambda line: print(line, flush=True)  # noqa: E731

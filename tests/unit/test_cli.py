@@ -122,11 +122,29 @@ def test_conflicting_threshold_options_are_a_usage_error(tmp_path: Path, events:
     (["--threshold-quantile", "0"], "threshold quantile must be in (0, 1), got 0.0"),
     (["--threshold", "-1"], "a manual threshold must be a positive score, got -1.0"),
     (["--epochs", "0"], "epochs must be >= 1, got 0"),
+    (["--distance-weight", "1.5"], "distance weight must be in [0, 1], got 1.5"),
+    (["--neighbours", "0"], "neighbours must be >= 1, got 0"),
+    (["--bank-rows", "2", "--neighbours", "3"], "the neighbour bank needs at least 3 rows, got 2"),
 ])
 def test_out_of_range_options(tmp_path: Path, events: pd.DataFrame, capsys, option: list[str], message: str) -> None:
     data = tmp_path / "events.csv"
     events.to_csv(data, index=False)
     assert_user_error(train(tmp_path, data, capsys, *option), "anomaly-train", message)
+
+
+def test_score_settings_reach_the_bundle(tmp_path: Path, events: pd.DataFrame, capsys) -> None:
+    data = tmp_path / "events.csv"
+    events.to_csv(data, index=False)
+    common = ("--drop", "event_id", "--label-column", "label", "--normal-value", "normal")
+    code, _, err = train(tmp_path, data, capsys, *common, "--bank-rows", "40", "--neighbours", "2")
+    assert code == 0, err
+    training = load_bundle(tmp_path / "model").manifest.training
+    assert (training["bank_rows"], training["neighbours"], training["distance_weight"]) == (40, 2, 0.9)
+    code, _, err = train(tmp_path, data, capsys, *common, "--distance-weight", "0")
+    assert code == 0, err
+    training = load_bundle(tmp_path / "model").manifest.training
+    assert (training["bank_rows"], training["neighbours"], training["distance_weight"]) == (0, 0, 0.0), \
+        "weight 0: the reconstruction score alone, no neighbour bank"
 
 
 def test_drop_of_unknown_column(tmp_path: Path, events: pd.DataFrame, capsys) -> None:
