@@ -41,6 +41,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def on_partitions_assigned(self, assigned: Any) -> None:
         log.info("partitions assigned: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+        self.source.handle_assigned()
 
 
 class KafkaSource:
@@ -107,6 +108,17 @@ class KafkaSource:
         self.quarantine.release(partitions)
         if self._on_revoke is not None:
             self._on_revoke(partitions)
+
+    def handle_assigned(self) -> None:
+        """Resume partitions still paused though nothing holds them: kafka-python 3.0.12 keeps a partition's
+        pause through a rebalance that gives it back, while the revocation released its hold. Left paused,
+        it would never be fetched again, and nothing would report it; resumed, a batch that still cannot be
+        decoded fails the next fetch and holds it again."""
+        stale = [tp for tp in self.consumer.paused() if self.quarantine.limit(tp.topic, tp.partition) is None]
+        if stale:
+            log.info("resuming %s: paused before the rebalance, not held now",
+                     sorted(f"{tp.topic}[{tp.partition}]" for tp in stale))
+            self.consumer.resume(*stale)
 
     def poll_batch(self) -> list[Record]:
         """Poll until `max_batch` records or `max_wait_ms` have passed.

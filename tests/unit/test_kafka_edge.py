@@ -90,7 +90,7 @@ class FakePythonConsumer:
     def __init__(self, **_: Any) -> None:
         part = type("PartitionRecords", (), {"topic_partition": TopicPartition("in", 1), "next_fetch_offset": 17})
         self._fetcher = type("Fetcher", (), {"_next_partition_records": part})()
-        self.paused: list[TopicPartition] = []
+        self.held: list[TopicPartition] = []
 
     def partitions_for_topic(self, topic: str) -> set[int]:
         return {0, 1}
@@ -99,12 +99,18 @@ class FakePythonConsumer:
         self.listener = listener
 
     def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict:
-        if not self.paused:
+        if not self.held:
             raise UnsupportedCodecError("Libraries for zstd compression codec not found")
         return {}
 
     def pause(self, *partitions: TopicPartition) -> None:
-        self.paused.extend(partitions)
+        self.held.extend(partitions)
+
+    def paused(self) -> set[TopicPartition]:
+        return set(self.held)
+
+    def resume(self, *partitions: TopicPartition) -> None:
+        self.held = [tp for tp in self.held if tp not in partitions]
 
     def group_metadata(self) -> ConsumerGroupMetadata:
         return ConsumerGroupMetadata(group_id="g", state=MemberState.STABLE)
@@ -115,10 +121,27 @@ def test_kafka_python_pauses_the_partition_it_cannot_decode_instead_of_raising()
     source = KafkaSource(settings(kafka_client="kafka-python"), consumer_factory=FakePythonConsumer,
                          quarantine=quarantine)
     assert source.poll_batch() == []
-    assert source.consumer.paused == [TopicPartition("in", 1)]
+    assert source.consumer.held == [TopicPartition("in", 1)]
     assert quarantine.held == {("in", 1): 17}
     source.handle_revoked({("in", 1)})
     assert quarantine.held == {}
+
+
+def test_kafka_python_resumes_a_partition_a_rebalance_gives_back_still_paused_so_it_is_held_again() -> None:
+    # kafka-python 3.0.12 keeps the pause through the rebalance, while the revocation released the hold: left
+    # so, the partition was never fetched again and nothing reported it (the interop test, 2 of 9 runs).
+    quarantine = Quarantine()
+    source = KafkaSource(settings(kafka_client="kafka-python"), consumer_factory=FakePythonConsumer,
+                         quarantine=quarantine)
+    source.poll_batch()
+    listener = source.consumer.listener
+    listener.on_partitions_revoked([TopicPartition("in", 0), TopicPartition("in", 1)])
+    listener.on_partitions_assigned([TopicPartition("in", 0), TopicPartition("in", 1)])
+    assert source.consumer.held == [], "resumed: nothing holds it now"
+    source.poll_batch()
+    assert quarantine.held == {("in", 1): 17}, "its batch still cannot be decoded: held again"
+    listener.on_partitions_assigned([TopicPartition("in", 0), TopicPartition("in", 1)])
+    assert source.consumer.held == [TopicPartition("in", 1)], "a partition still held stays paused"
 
 
 class FakeMessage:
