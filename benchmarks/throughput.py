@@ -411,8 +411,13 @@ def _passthrough_kafka_python(settings: Any, out_topic: str, ends: dict[tuple[st
 
 def _passthrough_confluent(settings: Any, out_topic: str, ends: dict[tuple[str, int], int],
                            deadline_s: float) -> dict[str, Any]:
-    """confluent-kafka: the Consumer and Producer built by ConfluentSource and ConfluentSink, used plainly."""
-    from confluent_kafka import TopicPartition
+    """confluent-kafka: the Consumer and Producer built by ConfluentSource and ConfluentSink, used plainly.
+
+    That consumer has `auto.offset.reset` "error" (the source applies its own start policy): librdkafka
+    reports each partition of this fresh group as having no position, and the loop starts it at the
+    earliest offset, which is what the source does for a group with nothing committed.
+    """
+    from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 
     from worker.kafka_confluent import ConfluentSink, ConfluentSource
 
@@ -431,8 +436,13 @@ def _passthrough_confluent(settings: Any, out_topic: str, ends: dict[tuple[str, 
 
     try:
         while not clock.done():
-            messages = [m for m in consumer.consume(num_messages=MAX_BATCH, timeout=settings.max_wait_ms / 1000.0)
-                        if m.error() is None]
+            polled = consumer.consume(num_messages=MAX_BATCH, timeout=settings.max_wait_ms / 1000.0)
+            messages = [m for m in polled if m.error() is None]
+            unstarted = [TopicPartition(m.topic(), m.partition(), OFFSET_BEGINNING) for m in polled
+                         if m.error() is not None and m.error().code() == KafkaError._AUTO_OFFSET_RESET]
+            if unstarted:
+                consumer.incremental_unassign([TopicPartition(tp.topic, tp.partition) for tp in unstarted])
+                consumer.incremental_assign(unstarted)
             clock.polled(bool(messages))
             if not messages:
                 continue
