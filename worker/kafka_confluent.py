@@ -121,6 +121,8 @@ class ConfluentSource:
         self._commit_failure: str | None = None  # the first failure since the last `commit` call
         #: Partitions stopped without a position until their committed offset is known, and when to ask next.
         self._parked: dict[tuple[str, int], float] = {}
+        #: Partitions this source paused at an undecodable batch (librdkafka keeps a pause until resumed).
+        self._paused: set[tuple[str, int]] = set()
         self._admin_factory = admin_factory
         self._admin: Any = None  # created on first use by `_stable_committed`
         partition_fetch_bytes = max(settings.max_event_bytes * 2, 1024 * 1024)
@@ -178,6 +180,22 @@ class ConfluentSource:
         log.info("partitions assigned: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions))
         now = time.monotonic()
         self._assigned_at.update({(tp.topic, tp.partition): now for tp in partitions})
+        self._resume_released(partitions)
+
+    def _resume_released(self, partitions: list[TopicPartition]) -> None:
+        """Resume partitions given back that this source paused and nothing holds now.
+
+        librdkafka (2.16) keeps an application pause through a rebalance that takes a partition away and
+        gives it back, while the revocation released its hold: left paused, it would never be fetched again,
+        and nothing would report it. Resumed, a batch that still cannot be decoded fails the next fetch and
+        holds it again.
+        """
+        stale = [tp for tp in partitions if (tp.topic, tp.partition) in self._paused
+                 and self.quarantine.limit(tp.topic, tp.partition) is None]
+        if stale:
+            log.info("resuming %s: paused before the rebalance, not held now", _names(stale))
+            self.consumer.resume([TopicPartition(tp.topic, tp.partition) for tp in stale])
+            self._paused.difference_update((tp.topic, tp.partition) for tp in stale)
 
     def _revoked(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         """Partitions handed back in a rebalance: first confirm their commits still in flight, so their next
@@ -408,6 +426,7 @@ class ConfluentSource:
         if error.code() in UNDECODABLE and topic is not None and partition is not None and partition >= 0:
             offset = int(message.offset() or 0)
             self.consumer.pause([TopicPartition(topic, partition)])
+            self._paused.add((topic, partition))
             records[:] = [r for r in records if (r.topic, r.partition) != (topic, partition) or r.offset < offset]
             self.quarantine.hold(topic, partition, offset, error.str())
         elif error.code() != KafkaError._PARTITION_EOF:

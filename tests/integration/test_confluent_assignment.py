@@ -8,7 +8,8 @@ lost and the partition would wait forever) and, once the transaction commits, re
 the transaction committed: nothing skipped, nothing read twice. A re-add while librdkafka asks for the
 held offset made librdkafka 2.16 start the partition from its beginning; the source catches that
 (librdkafka's `auto.offset.reset` is "error") and asks again. The second test gives the worker back a
-partition it had read before, the case where only librdkafka's fetch state shows that it waits.
+partition it had read before, the case where only librdkafka's fetch state shows that it waits. The last
+test gives the source back a partition it held at an undecodable batch, which librdkafka keeps paused.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import logging
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from tests.integration.test_kafka_contract import produce
 from tests.kafka_broker import create_topics, unique_topic, wait_for
 from worker.config import Settings
+from worker.edge import Quarantine
 from worker.kafka_confluent import ConfluentSource
 from worker.records import Record
 
@@ -152,5 +154,81 @@ def test_a_committed_offset_retention_deleted_resumes_at_the_earliest_and_names_
         assert [r.offset for r in got] == [5, 6, 7, 8, 9]
         assert f"offset 2 of {topic}[0] is out of range (earliest now 5)" in caplog.text
         assert "deleted by retention were never read" in caplog.text
+    finally:
+        source.close()
+
+
+class _UndecodableOnce(Consumer):  # type: ignore[misc]
+    """The real client, except that its first consume reports each partition's first batch as undecodable.
+
+    librdkafka here has every codec, and the broker validates what it stores, so a real undecodable batch
+    cannot be provoked; the rebalance and librdkafka's pause state under test are real.
+    """
+
+    def __init__(self, config: dict, topic: str, partitions: int) -> None:
+        super().__init__(config)
+        self.pending = [_Undecodable(topic, p) for p in range(partitions)]
+
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list:
+        if self.pending and self.assignment():
+            injected, self.pending = self.pending, []
+            return [*injected, *super().consume(num_messages=num_messages, timeout=0)]
+        return list(super().consume(num_messages=num_messages, timeout=timeout))
+
+
+class _Undecodable:
+    """A consume result as librdkafka gives it for a batch it cannot decompress."""
+
+    def __init__(self, topic: str, partition: int) -> None:
+        self._topic, self._partition = topic, partition
+
+    def error(self) -> KafkaError:
+        return KafkaError(KafkaError._BAD_COMPRESSION, "Decompression (codec 0x4) of message at 0 failed")
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return 0
+
+
+def test_a_held_partition_a_rebalance_gives_back_is_read_again(kafka_bootstrap: str) -> None:
+    """librdkafka keeps the source's pause of a held partition through a rebalance that takes it away and
+    gives it back, while the revocation released the hold: unless the source resumes it, it is never read."""
+    topic, group = unique_topic("held-back"), unique_topic("held-back-group")
+    create_topics(kafka_bootstrap, [topic], partitions=2)
+    for partition in (0, 1):
+        produce(kafka_bootstrap, topic, 5, partition=partition)
+    settings = source_settings(kafka_bootstrap, topic, group, session_timeout_s=6.0, max_wait_ms=200)
+    quarantine = Quarantine()
+    source = ConfluentSource(settings, quarantine=quarantine,
+                             consumer_factory=lambda config: _UndecodableOnce(config, topic, 2))
+    other = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group, "enable.auto.commit": False,
+                      "partition.assignment.strategy": "cooperative-sticky", "session.timeout.ms": 6000})
+    got: list[Record] = []
+    try:
+        wait_for(lambda: got.extend(source.poll_batch()) or len(quarantine.held) == 2, 60,
+                 "both partitions held at their undecodable batch", interval=0)
+        assert got == [], "nothing handed out past an undecodable batch"
+        other.subscribe([topic])
+
+        def one_moved() -> bool:
+            got.extend(source.poll_batch())
+            other.consume(10, 0.1)  # the joining member's rebalance callbacks run inside its consume
+            return len(source.assigned()) == 1
+
+        wait_for(one_moved, 60, "one partition moved to the joining member", interval=0)
+        moved = {(topic, 0), (topic, 1)} - source.assigned()
+        assert len(moved) == 1
+        other.close()
+        wait_for(lambda: got.extend(source.poll_batch()) or len(source.assigned()) == 2, 60,
+                 "the partition given back", interval=0)
+        wait_for(lambda: got.extend(source.poll_batch()) or len(got) >= 5, 30,
+                 "the partition given back read from its start", interval=0)
+        assert {(r.topic, r.partition) for r in got} == moved and [r.offset for r in got] == [0, 1, 2, 3, 4]
+        assert set(quarantine.held) == {(topic, 0), (topic, 1)} - moved, "the one it kept stays held"
     finally:
         source.close()

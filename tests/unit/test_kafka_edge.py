@@ -195,6 +195,10 @@ class FakeConfluentConsumer:
     def pause(self, partitions: list) -> None:
         self.paused.extend((tp.topic, tp.partition) for tp in partitions)
 
+    def resume(self, partitions: list) -> None:
+        for tp in partitions:
+            self.paused.remove((tp.topic, tp.partition))
+
     def get_watermark_offsets(self, tp: Any, cached: bool) -> tuple[int, int]:
         return 0, 10
 
@@ -215,6 +219,29 @@ def test_confluent_holds_a_partition_at_an_undecodable_batch_and_hands_out_nothi
     assert [(r.partition, r.offset) for r in records] == [(0, 0), (1, 3), (1, 4), (0, 1)]
     assert records[0].timestamp_type == 1 and records[0].timestamp_ms == 1_700_000_000_000
     assert consumer.paused == [("in", 1)] and quarantine.held == {("in", 1): 5}
+
+
+def test_confluent_resumes_a_partition_a_rebalance_gives_back_still_paused_so_it_is_held_again() -> None:
+    # librdkafka 2.16 keeps an application pause through a cooperative rebalance that takes the partition
+    # away and gives it back (checked on a broker), while the revocation released the hold: left so, the
+    # partition would never be fetched again and nothing would report it.
+    from confluent_kafka import TopicPartition as TP
+
+    bad = KafkaError(KafkaError._BAD_COMPRESSION, "Decompression (codec 0x4) of message at 5 failed")
+    quarantine = Quarantine()
+    consumer = FakeConfluentConsumer([FakeMessage(1, 5, bad)])
+    source = ConfluentSource(settings(), quarantine=quarantine, consumer_factory=lambda conf: consumer)
+    source.poll_batch()
+    assert consumer.paused == [("in", 1)] and quarantine.held == {("in", 1): 5}
+    callbacks = consumer.callbacks
+    callbacks["on_revoke"](consumer, [TP("in", 1)])
+    callbacks["on_assign"](consumer, [TP("in", 1)])
+    assert consumer.paused == [], "resumed: nothing holds it now"
+    consumer.messages = [FakeMessage(1, 5, bad)]
+    source.poll_batch()
+    assert quarantine.held == {("in", 1): 5}, "its batch still cannot be decoded: held again"
+    callbacks["on_assign"](consumer, [TP("in", 0), TP("in", 1)])
+    assert consumer.paused == [("in", 1)], "a partition still held stays paused"
 
 
 def test_confluent_commit_during_a_rebalance_waits() -> None:
