@@ -33,13 +33,11 @@ from confluent_kafka import (
     TIMESTAMP_LOG_APPEND_TIME,
     TIMESTAMP_NOT_AVAILABLE,
     Consumer,
-    ConsumerGroupTopicPartitions,
     KafkaError,
     KafkaException,
     Producer,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient
 
 from worker.config import Settings
 from worker.edge import Quarantine
@@ -69,6 +67,8 @@ REBALANCING = frozenset({KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GE
 COMMITTED_TIMEOUT_S = 2.0
 #: How often a partition without a position asks again for a committed offset an open transaction holds.
 PARKED_RETRY_S = 1.0
+#: The longest one such repeated question holds the loop (see `ConfluentSource._stable_committed`).
+PARKED_ASK_S = PARKED_RETRY_S / 2
 #: The most the consumer buffers ahead of the loop (and fetches in one request).
 PREFETCH_MAX_BYTES = 32 * 1024 * 1024
 #: How long librdkafka waits before fetching again once that buffer is full (its default is 1,000 ms).
@@ -102,8 +102,8 @@ class ConfluentSource:
     """Consumer group member that hands out micro-batches and commits exactly the offsets it is given."""
 
     def __init__(self, settings: Settings, on_revoke: Callable[[set[tuple[str, int]]], None] | None = None,
-                 quarantine: Quarantine | None = None, consumer_factory: Callable[[dict[str, Any]], Any] = Consumer,
-                 admin_factory: Callable[[dict[str, Any]], Any] = AdminClient) -> None:
+                 quarantine: Quarantine | None = None,
+                 consumer_factory: Callable[[dict[str, Any]], Any] = Consumer) -> None:
         self.settings = settings
         self._on_revoke = on_revoke
         self.quarantine = quarantine or Quarantine()
@@ -123,8 +123,6 @@ class ConfluentSource:
         self._parked: dict[tuple[str, int], float] = {}
         #: Partitions this source paused at an undecodable batch (librdkafka keeps a pause until resumed).
         self._paused: set[tuple[str, int]] = set()
-        self._admin_factory = admin_factory
-        self._admin: Any = None  # created on first use by `_stable_committed`
         partition_fetch_bytes = max(settings.max_event_bytes * 2, 1024 * 1024)
         prefetch_bytes = max(PREFETCH_MAX_BYTES, partition_fetch_bytes)
         self.consumer = consumer_factory({
@@ -345,8 +343,7 @@ class ConfluentSource:
         (an open transaction holds the group's offsets, as after a worker died inside one), librdkafka 2.16
         drops the answer and starts the partition as if nothing were committed. With "earliest" that read
         the partition again from its start: duplicates for an exactly-once worker, all of retention for a
-        long-lived group. So the committed offset is asked for again (a stable one, through the admin API,
-        which answers at once instead of retrying):
+        long-lived group. So the committed offset is asked for again, a stable one (`_stable_committed`):
 
         - committed: start there;
         - nothing committed (a new group): start at the earliest offset;
@@ -396,23 +393,32 @@ class ConfluentSource:
 
     def _stable_committed(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
         """The group's committed offsets of `keys` (negative: none); a partition whose offset an open
-        transaction holds, or that got no answer, is missing."""
+        transaction holds, or that got no answer, is missing.
+
+        The consumer's own `committed` asks the group coordinator librdkafka already follows, and survives
+        it moving. (The admin API's ListConsumerGroupOffsets, used before, can crash the process with
+        SIGSEGV on NOT_COORDINATOR: librdkafka #5040, confluent-kafka-python #1982; see docs/faults.md.)
+        With `isolation.level=read_committed` (the default) it asks for stable offsets and retries an
+        "unstable" answer until its timeout, so a timeout or an error means "not known yet", never "nothing
+        committed"; read_uncommitted gets what librdkafka itself would start the partition from.
+
+        The loop waits for the answer, at most the Kafka timeout and: `COMMITTED_TIMEOUT_S` for a first
+        question (a coordinator just found may take a few round trips), `PARKED_ASK_S` when every partition
+        asked is parked (an open transaction makes each question last its whole bound, every
+        `PARKED_RETRY_S`: so the loop keeps two thirds of its time for the other partitions).
+        """
         if not keys:
             return {}
-        if self._admin is None:
-            self._admin = self._admin_factory(client_config(self.settings))
-        request = ConsumerGroupTopicPartitions(self.settings.group_id, [TopicPartition(*key) for key in keys])
-        timeout = min(COMMITTED_TIMEOUT_S, self.settings.kafka_timeout_s)
+        parked = all(key in self._parked for key in keys)
+        timeout = min(PARKED_ASK_S if parked else COMMITTED_TIMEOUT_S, self.settings.kafka_timeout_s)
         try:
-            future = self._admin.list_consumer_group_offsets([request], require_stable=True,
-                                                             request_timeout=timeout)[self.settings.group_id]
-            answer = future.result(timeout=timeout + 1.0)
-        except Exception as exc:  # noqa: BLE001 - KafkaException, or the future's timeout: asked again later
+            answer = self.consumer.committed([TopicPartition(*key) for key in keys], timeout=timeout)
+        except KafkaException as exc:  # timed out (still unstable, or no coordinator yet): asked again later
             # Once per partition, not every retry of a parked one (a broker outage would repeat it each second).
-            (log.debug if all(key in self._parked for key in keys) else log.warning)(
+            (log.debug if parked else log.warning)(
                 "asking for the committed offsets of %s failed: %s", _keys(keys), exc)
             return {}
-        return {(tp.topic, tp.partition): tp.offset for tp in answer.topic_partitions if tp.error is None}
+        return {(tp.topic, tp.partition): tp.offset for tp in answer if tp.error is None}
 
     def _low_watermark(self, key: tuple[str, int]) -> int | None:
         try:

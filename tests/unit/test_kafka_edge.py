@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ from worker.config import Settings, from_args
 from worker.edge import Quarantine
 from worker.errors import CommitError, DeliveryError, RebalanceInProgress, WorkerError
 from worker.http import HealthState
-from worker.kafka_confluent import ConfluentSink, ConfluentSource
+from worker.kafka_confluent import COMMITTED_TIMEOUT_S, PARKED_ASK_S, ConfluentSink, ConfluentSource
 from worker.kafka_io import KafkaSource
 from worker.metrics import WorkerMetrics
 from worker.records import DeadLetter, Record
@@ -550,42 +551,32 @@ NO_POSITION = KafkaError(KafkaError._AUTO_OFFSET_RESET, "no previously committed
 OUT_OF_RANGE = KafkaError(KafkaError._AUTO_OFFSET_RESET, "fetch failed: Broker: Offset out of range")
 
 
-class FakeAdmin:
-    """`list_consumer_group_offsets` answering from `committed` (an offset, or a KafkaError for the partition)."""
-
-    def __init__(self, committed: dict[int, int | KafkaError]) -> None:
-        self.committed = committed
-        self.asked: list[tuple[list[int], bool]] = []
-        self.down = False
-
-    def list_consumer_group_offsets(self, requests: list, require_stable: bool, request_timeout: float) -> dict:
-        from concurrent.futures import Future
-
-        if self.down:
-            raise KafkaException(KafkaError(KafkaError._TRANSPORT))
-        from confluent_kafka import ConsumerGroupTopicPartitions
-        from confluent_kafka import TopicPartition as TP
-
-        (request,) = requests
-        self.asked.append(([tp.partition for tp in request.topic_partitions], require_stable))
-        answer = []
-        for tp in request.topic_partitions:
-            value = self.committed.get(tp.partition, -1001)
-            done = TP(tp.topic, tp.partition, value if isinstance(value, int) else -1001)
-            if isinstance(value, KafkaError):
-                done.error = value
-            answer.append(done)
-        future: Future = Future()
-        future.set_result(ConsumerGroupTopicPartitions(request.group_id, answer))
-        return {request.group_id: future}
-
-
 class ResettingConsumer(FakeConfluentConsumer):
-    """librdkafka reporting partitions it found no position for; records how the source restarts them."""
+    """librdkafka reporting partitions it found no position for; records how the source restarts them.
 
-    def __init__(self, messages: list[FakeMessage]) -> None:
+    `committed` answers from `offsets` (an offset, or a KafkaError for the partition; absent: nothing
+    committed), or raises `down` (librdkafka's timeout while it retries an unstable answer, no coordinator).
+    """
+
+    def __init__(self, messages: list[FakeMessage], offsets: dict[int, int | KafkaError]) -> None:
         super().__init__(messages)
+        self.offsets = offsets
+        self.down: KafkaError | None = None
         self.calls: list[tuple[str, list[tuple[int, int]]]] = []
+        self.asked: list[tuple[list[int], float]] = []
+
+    def committed(self, partitions: list, timeout: float) -> list[SimpleNamespace]:
+        """Like `Consumer.committed`: the partitions with their offsets, a partition's error on it."""
+        self.asked.append(([tp.partition for tp in partitions], timeout))
+        if self.down is not None:
+            raise KafkaException(self.down)
+        answer = []
+        for tp in partitions:
+            value = self.offsets.get(tp.partition, -1001)
+            error = value if isinstance(value, KafkaError) else None
+            answer.append(SimpleNamespace(topic=tp.topic, partition=tp.partition,
+                                          offset=-1001 if error else value, error=error))
+        return answer
 
     def incremental_unassign(self, partitions: list) -> None:
         self.calls.append(("unassign", [(tp.partition, tp.offset) for tp in partitions]))
@@ -597,9 +588,10 @@ class ResettingConsumer(FakeConfluentConsumer):
         return 120, 200
 
 
-def resetting_source(messages: list[FakeMessage], admin: FakeAdmin) -> tuple[ConfluentSource, ResettingConsumer]:
-    consumer = ResettingConsumer(messages)
-    source = ConfluentSource(settings(), consumer_factory=lambda conf: consumer, admin_factory=lambda conf: admin)
+def resetting_source(messages: list[FakeMessage], offsets: dict[int, int | KafkaError],
+                     ) -> tuple[ConfluentSource, ResettingConsumer]:
+    consumer = ResettingConsumer(messages, offsets)
+    source = ConfluentSource(settings(), consumer_factory=lambda conf: consumer)
     return source, consumer
 
 
@@ -612,18 +604,43 @@ def test_confluent_leaves_no_partition_to_librdkafkas_reset() -> None:
 def test_confluent_starts_a_partition_without_position_at_its_committed_offset_or_else_the_earliest() -> None:
     # librdkafka 2.16 reports partition 0 without a position although 7 is committed (the assignment changed
     # while an open transaction held it); partition 1 of a new group has nothing committed.
-    admin = FakeAdmin({0: 7})
-    source, consumer = resetting_source([FakeMessage(0, None, NO_POSITION), FakeMessage(1, None, NO_POSITION)], admin)
+    seen: list[dict[str, Any]] = []
+    consumer = ResettingConsumer([FakeMessage(0, None, NO_POSITION), FakeMessage(1, None, NO_POSITION)], {0: 7})
+    source = ConfluentSource(settings(), consumer_factory=lambda conf: seen.append(conf) or consumer)
     assert source.poll_batch() == []
-    assert admin.asked == [([0, 1], True)], "one question, for stable offsets (not those an open transaction holds)"
+    assert consumer.asked == [([0, 1], COMMITTED_TIMEOUT_S)], "one question, to the consumer's own coordinator"
+    assert seen[0]["isolation.level"] == "read_committed", "so librdkafka asks for stable offsets"
     assert consumer.calls == [("unassign", [(0, -1001), (1, -1001)]), ("assign", [(0, 7), (1, -2)])], \
         "partition 0 at its committed offset, partition 1 at the beginning"
 
 
+def test_confluent_asks_no_admin_client_for_committed_offsets(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The admin API's ListConsumerGroupOffsets can crash the process (SIGSEGV) when the coordinator moves
+    # (librdkafka #5040); tests/faults/test_committed_offsets.py shows the consumer's way survives it.
+    import confluent_kafka.admin
+
+    from worker import kafka_confluent
+
+    def refuse(*_args: Any, **_kwargs: Any) -> None:
+        raise AssertionError("the source must not create an admin client")
+
+    monkeypatch.setattr(confluent_kafka.admin, "AdminClient", refuse)
+    monkeypatch.setattr(confluent_kafka, "AdminClient", refuse, raising=False)
+    monkeypatch.setattr(kafka_confluent, "AdminClient", refuse, raising=False)
+    source, consumer = resetting_source([FakeMessage(0, None, NO_POSITION)], {0: 7})
+    source.poll_batch()
+    assert consumer.calls == [("unassign", [(0, -1001)]), ("assign", [(0, 7)])]
+
+
+@pytest.mark.parametrize("held", [KafkaError(KafkaError.UNSTABLE_OFFSET_COMMIT), None],
+                         ids=["answered-unstable", "timed-out-retrying-unstable"])
 def test_confluent_keeps_a_partition_whose_committed_offset_a_transaction_holds_stopped_until_it_is_known(
-        caplog: pytest.LogCaptureFixture) -> None:
-    admin = FakeAdmin({0: KafkaError(KafkaError.UNSTABLE_OFFSET_COMMIT)})
-    source, consumer = resetting_source([FakeMessage(0, None, NO_POSITION)], admin)
+        held: KafkaError | None, caplog: pytest.LogCaptureFixture) -> None:
+    # librdkafka (read_committed) retries an "unstable" answer until the call's timeout, then raises
+    # _TIMED_OUT; an exhausted retry leaves the error on the partition. Neither means "nothing committed".
+    source, consumer = resetting_source([FakeMessage(0, None, NO_POSITION)], {} if held is None else {0: held})
+    if held is None:
+        consumer.down = KafkaError(KafkaError._TIMED_OUT, "Local: Timed out")
     source._assigned_at = {key: at - 60.0 for key, at in source._assigned_at.items()}
     source.poll_batch()
     assert consumer.calls == [], "not started: its offset is unknown"
@@ -632,10 +649,14 @@ def test_confluent_keeps_a_partition_whose_committed_offset_a_transaction_holds_
     source._next_fetch_check = 0.0
     source.poll_batch()
     assert consumer.calls == [], "not re-added either: a re-add while librdkafka asks starts the reset over"
-    assert len(admin.asked) == 1, "asked again only after PARKED_RETRY_S"
+    assert len(consumer.asked) == 1, "asked again only after PARKED_RETRY_S"
     source._parked[("in", 0)] = 0.0  # due
     source._next_fetch_check = 0.0
-    admin.committed[0] = 7  # the transaction committed
+    source.poll_batch()
+    assert consumer.calls == [] and ("in", 0) in source._parked, "still held: still waiting"
+    assert consumer.asked[1] == ([0], PARKED_ASK_S), "a parked partition's question holds the loop less long"
+    source._parked[("in", 0)] = 0.0
+    consumer.down, consumer.offsets[0] = None, 7  # the transaction committed
     source.poll_batch()
     assert consumer.calls == [("unassign", [(0, -1001)]), ("assign", [(0, 7)])]
     assert source._parked == {}
@@ -643,31 +664,29 @@ def test_confluent_keeps_a_partition_whose_committed_offset_a_transaction_holds_
 
 def test_confluent_reads_a_partition_from_the_earliest_when_its_offset_is_out_of_range_and_says_what_was_lost(
         caplog: pytest.LogCaptureFixture) -> None:
-    admin = FakeAdmin({})
-    source, consumer = resetting_source([FakeMessage(1, 100, OUT_OF_RANGE)], admin)
+    source, consumer = resetting_source([FakeMessage(1, 100, OUT_OF_RANGE)], {})
     source.poll_batch()
-    assert admin.asked == [], "an out-of-range offset was committed: nothing to ask"
+    assert consumer.asked == [], "an out-of-range offset was committed: nothing to ask"
     assert consumer.calls == [("unassign", [(1, -1001)]), ("assign", [(1, -2)])]
     assert "offset 100 of in[1] is out of range (earliest now 120)" in caplog.text
     assert "deleted by retention were never read" in caplog.text
 
 
 def test_confluent_ignores_a_missing_position_of_a_partition_no_longer_assigned() -> None:
-    admin = FakeAdmin({0: KafkaError(KafkaError.UNSTABLE_OFFSET_COMMIT)})
-    source, consumer = resetting_source([FakeMessage(0, None, NO_POSITION)], admin)
+    source, consumer = resetting_source([FakeMessage(0, None, NO_POSITION)],
+                                        {0: KafkaError(KafkaError.UNSTABLE_OFFSET_COMMIT)})
     source.poll_batch()
     assert ("in", 0) in source._parked
     source.handle_revoked({("in", 0)})
     assert source._parked == {}
     consumer.messages = [FakeMessage(0, None, NO_POSITION)]  # reported before the revocation reached librdkafka
     source.poll_batch()
-    assert consumer.calls == [] and len(admin.asked) == 1
+    assert consumer.calls == [] and len(consumer.asked) == 1
 
 
 def test_confluent_keeps_asking_while_no_broker_answers_and_warns_once(caplog: pytest.LogCaptureFixture) -> None:
-    admin = FakeAdmin({0: 7})
-    admin.down = True
-    source, consumer = resetting_source([FakeMessage(0, None, NO_POSITION)], admin)
+    source, consumer = resetting_source([FakeMessage(0, None, NO_POSITION)], {0: 7})
+    consumer.down = KafkaError(KafkaError._TRANSPORT)
     with caplog.at_level(logging.INFO, logger="worker.kafka_confluent"):
         source.poll_batch()
         for _ in range(3):
@@ -675,7 +694,7 @@ def test_confluent_keeps_asking_while_no_broker_answers_and_warns_once(caplog: p
             source.poll_batch()
         assert consumer.calls == [], "started nowhere while its committed offset is unknown"
         assert caplog.text.count("asking for the committed offsets of ['in[0]'] failed") == 1
-        admin.down = False
+        consumer.down = None
         source._parked[("in", 0)] = 0.0
         source.poll_batch()
     assert consumer.calls == [("unassign", [(0, -1001)]), ("assign", [(0, 7)])]
