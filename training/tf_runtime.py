@@ -7,7 +7,9 @@ operations are on ...`) and when it builds graphs (`E0000 ... NodeDef mentions a
 
 `quiet_native_stderr()` points descriptor 2 at a temporary file around the calls that print them
 (the import, fitting, SavedModel loading), then restores it. What was captured is dropped, or written
-to stderr after all if an exception escapes, so a failure keeps its context. Everything written to
+to stderr after all if an exception escapes, so a failure keeps its context; an interruption (Ctrl-C,
+or SIGTERM as the CLIs raise it) is no failure, and its captured lines are dropped too, so the CLI's
+one line is all that reaches the terminal. Everything written to
 stderr inside the window is captured, Python's output included, so windows stay around TensorFlow
 calls only; a native crash inside a window loses its message (rerun verbose to see it).
 
@@ -40,7 +42,8 @@ def verbose() -> bool:
 
 @contextmanager
 def quiet_native_stderr() -> Iterator[None]:
-    """Capture file descriptor 2 for the block (also usable as a decorator); replay it if the block raises."""
+    """Capture file descriptor 2 for the block (also usable as a decorator); replay it if the block raises
+    (not if it is interrupted)."""
     if verbose():
         yield
         return
@@ -54,6 +57,9 @@ def quiet_native_stderr() -> Iterator[None]:
         os.dup2(capture.fileno(), 2)
         try:
             yield
+        except KeyboardInterrupt:
+            _restore(saved)
+            raise
         except BaseException:
             _restore(saved)
             capture.seek(0)

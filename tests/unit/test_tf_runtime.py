@@ -120,3 +120,49 @@ def test_train_and_score_clis_print_no_native_lines_by_default(tmp_path: Path) -
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "scores.csv").is_file()
     assert native_lines(result.stderr) == [], result.stderr
+
+
+@pytest.mark.usefixtures("quiet")
+def test_an_interruption_drops_the_captured_lines(capfd: pytest.CaptureFixture[str]) -> None:
+    # Ctrl-C is no failure: the CLI prints its one line, the runtime's captured noise stays off the terminal.
+    with pytest.raises(KeyboardInterrupt), quiet_native_stderr():
+        native_write("E0000 NodeDef mentions attribute use_unbounded_threadpool\n")
+        raise KeyboardInterrupt
+    native_write("after\n")
+    assert capfd.readouterr().err == "after\n"
+
+
+def test_sigint_during_training_prints_only_the_one_line(tmp_path: Path) -> None:
+    """Issue 19 row 13: Ctrl-C once the epochs run leaves exactly the CLI's line on stderr (no native E0000)."""
+    import signal
+    import threading
+
+    from tests.kafka_broker import wait_for
+
+    synthetic_events(3000, seed=2).to_csv(tmp_path / "events.csv", index=False)
+    code = "import sys; from training.cli import train_main; sys.exit(train_main(sys.argv[1:]))"
+    environ = {k: v for k, v in os.environ.items() if k != ENV_VERBOSE} | {"PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "--data", "events.csv", "--out", "bundle", "--label-column", "label",
+         "--normal-value", "normal", "--drop", "event_id", "--epochs", "200", "--hidden", "8,3", "--ensemble", "1"],
+        cwd=tmp_path, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out: list[str] = []
+    err: list[str] = []
+    readers = [threading.Thread(target=lambda: out.extend(proc.stdout or []), daemon=True),
+               threading.Thread(target=lambda: err.extend(proc.stderr or []), daemon=True)]
+    for reader in readers:
+        reader.start()
+    try:
+        # The first epoch line: fitting has begun, and the runtime has written its E0000 line into the window.
+        wait_for(lambda: any(line.startswith("epoch") for line in out) or proc.poll() is not None, timeout=300,
+                 what="the first epoch", interval=0.05)
+        assert proc.poll() is None, "training finished before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    for reader in readers:
+        reader.join(timeout=10)
+    assert proc.returncode == 130, err
+    assert "".join(err) == "anomaly-train: interrupted; nothing was written\n"
+    assert not (tmp_path / "bundle").exists()
