@@ -2,12 +2,13 @@
 
 Nothing else in the worker creates metrics: it receives a `WorkerMetrics` built on an injected
 `CollectorRegistry`, so tests use a fresh registry and read values with `get_sample_value`.
-Labels stay low-cardinality: topic, partition, dead-letter reason, schema field, Kafka operation
+Labels stay low-cardinality: topic, partition, dead-letter and feedback reason, schema field, Kafka operation
 and the current model version.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -16,9 +17,12 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from training.contract import Reason
+from worker.feedback import VERDICTS as FEEDBACK_VERDICTS
+from worker.feedback import Rejection
 from worker.histogram import ArrayHistogram
 
 DEAD_LETTER_REASONS: tuple[str, ...] = tuple(reason.value for reason in Reason)
+FEEDBACK_REJECTIONS: tuple[str, ...] = tuple(reason.value for reason in Rejection)
 KAFKA_OPERATIONS: tuple[str, ...] = ("poll", "produce", "commit")
 MODEL_RELOAD_RESULTS: tuple[str, ...] = ("loaded", "refused")
 DELIVERY_MODES: tuple[str, ...] = ("at-least-once", "exactly-once")
@@ -195,9 +199,13 @@ class WorkerMetrics:
             ["model_version"], registry=registry,
         )
         self.feedback_rejected = Counter(
-            "anomaly_feedback_rejected", "Feedback messages that are not a verdict on an alert (skipped).",
-            registry=registry,
+            "anomaly_feedback_rejected",
+            "Feedback messages skipped, by reason: not a verdict on an alert id (malformed), or on a model "
+            "version this worker cannot have run (unknown_model_version).",
+            ["reason"], registry=registry,
         )
+        for reason in FEEDBACK_REJECTIONS:
+            self.feedback_rejected.labels(reason=reason)
         self.model_reloads = Counter(
             "anomaly_model_reloads", "Promoted model versions swapped in (loaded) or refused, by result.",
             ["result"], registry=registry,
@@ -362,8 +370,17 @@ class WorkerMetrics:
         if total:
             self.alert_precision.labels(model_version=version).set(counts.get("true_positive", 0) / total)
 
-    def record_feedback_rejected(self) -> None:
-        self.feedback_rejected.inc()
+    def clear_feedback(self, version: str) -> None:
+        """Remove the series of a model version that left the feedback ledger."""
+        for verdict in FEEDBACK_VERDICTS:
+            with contextlib.suppress(KeyError):
+                self.feedback_verdicts.remove(version, verdict)
+        with contextlib.suppress(KeyError):
+            self.alert_precision.remove(version)
+
+    def record_feedback_rejected(self, reason: Rejection) -> None:
+        """Count a skipped feedback message (a `Rejection`, so the label set stays bounded)."""
+        self.feedback_rejected.labels(reason=str(reason)).inc()
 
     def record_model_reload(self, result: str) -> None:
         """Count a promoted version that was swapped in ("loaded") or refused ("refused")."""

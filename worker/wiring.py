@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from training.bundle import Bundle, is_repository, load_bundle, resolve_model
 from worker.config import Settings
 from worker.edge import Quarantine, open_sink, open_source, open_transactional_sink
-from worker.feedback import FeedbackLedger
+from worker.feedback import FeedbackLedger, KnownVersions
 from worker.flood import FloodControl
 from worker.heap import HeapTrimmer
 from worker.http import HealthState
@@ -133,12 +133,17 @@ class Stoppable(Protocol):
 
 
 def start_feedback(runtime: Runtime) -> Stoppable | None:
-    """With --feedback-topic: a background reader feeding analyst verdicts to the precision metrics."""
+    """With --feedback-topic: a background reader feeding analyst verdicts to the precision metrics.
+
+    Verdicts count for the versions loaded here and, with a repository, for its versions (worker/feedback.py)."""
     topic = runtime.settings.feedback_topic
     if topic is None:
         return None
     from worker.kafka_feedback import FeedbackReader
 
-    reader = FeedbackReader(runtime.settings, topic, FeedbackLedger(runtime.metrics).add)
+    loaded = {runtime.bundle.version} | ({runtime.shadow.pipeline.bundle.version} if runtime.shadow else set())
+    model = runtime.settings.model
+    known = KnownVersions(loaded, repository=model if is_repository(model) else None)
+    reader = FeedbackReader(runtime.settings, topic, FeedbackLedger(runtime.metrics, known).add)
     reader.start()
     return reader

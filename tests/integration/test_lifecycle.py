@@ -230,12 +230,14 @@ def test_analyst_feedback_moves_the_precision_metric(
     ids = [a["alert_id"] for a in alerts[:4]]
     verdicts = [{"alert_id": ids[0], "verdict": "true_positive"}, {"alert_id": ids[1], "verdict": "true_positive"},
                 {"alert_id": ids[2], "verdict": "false_positive"}, {"alert_id": ids[3], "verdict": "false_positive"},
-                {"alert_id": ids[3], "verdict": "true_positive"},  # changed on review: 3 of 4 true
-                {"alert_id": "not-an-alert", "verdict": "yes"}]
+                {"alert_id": "not-an-alert", "verdict": "yes"},
+                {"alert_id": f"fakever{repo.first}/{topics.input}/0/1", "verdict": "true_positive"},  # never ran
+                {"alert_id": ids[3], "verdict": "true_positive"}]  # changed on review: 3 of 4 true, read last
     produce_to(kafka_bootstrap, feedback, [orjson.dumps(v) for v in verdicts])
     wait_for(lambda: metric(worker, "anomaly_alert_precision_ratio", model_version=repo.first) == 0.75, 60,
              "precision 0.75 for the running model")
-    assert metric(worker, "anomaly_feedback_rejected_total") == 1
+    assert metric(worker, "anomaly_feedback_rejected_total", reason="malformed") == 1
+    assert metric(worker, "anomaly_feedback_rejected_total", reason="unknown_model_version") == 1
     assert metric(worker, "anomaly_feedback_verdicts", model_version=repo.first, verdict="false_positive") == 1
 
 
