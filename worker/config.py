@@ -128,6 +128,8 @@ class Settings:
     liveness_timeout_s: float = 60.0
     http_idle_timeout_s: float = 30.0
     http_max_connections: int = 32
+    http_request_timeout_s: float = 5.0
+    metrics_web_config: Path | None = None  # None: plain HTTP, no auth (worker/web_config.py)
     reload_interval_s: float = 10.0
     heap_trim_interval_s: float = 60.0  # 0: never (worker/heap.py)
     shadow_model: Path | None = None
@@ -158,7 +160,8 @@ class Settings:
             raise ConfigError(f"metrics port must be in [0, 65535], got {self.metrics_port}")
         for name in ("shutdown_timeout_s", "kafka_timeout_s", "rejoin_timeout_s", "session_timeout_s",
                      "max_poll_interval_s", "broker_check_interval_s", "liveness_timeout_s", "http_idle_timeout_s",
-                     "retry_backoff_initial_s", "retry_backoff_max_s", "reload_interval_s", "transaction_timeout_s"):
+                     "retry_backoff_initial_s", "retry_backoff_max_s", "reload_interval_s", "transaction_timeout_s",
+                     "http_request_timeout_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive number of seconds, got {value}")
@@ -270,7 +273,12 @@ def parser() -> argparse.ArgumentParser:
     add("--retry-backoff-max-s", type=float, help="longest wait between retries (default 30)")
     add("--liveness-timeout-s", type=float, help="/healthz fails when the loop is stuck this long (default 60)")
     add("--http-idle-timeout-s", type=float, help="close idle HTTP keep-alive connections after (default 30)")
-    add("--http-max-connections", type=int, help="concurrent HTTP connections served (default 32)")
+    add("--http-max-connections", type=int, help="concurrent HTTP connections served; when all are taken, a new "
+                                                 "one replaces the oldest idle or slow one (default 32)")
+    add("--http-request-timeout-s", type=float, help="an HTTP request must arrive whole within this of its first "
+                                                     "byte, and its response be taken within as long (default 5)")
+    add("--metrics-web-config", type=Path, help="Prometheus web.config file: TLS and basic auth for the metrics "
+                                                "endpoint (docs/metrics-endpoint.md; default: plain HTTP)")
     add("--shadow-model", type=Path, help="a candidate bundle that scores every batch too; its alerts are never "
                                           "published, its alert rate and agreement with the live model are metrics")
     add("--feedback-topic", help="topic of analyst verdicts {\"alert_id\": ..., \"verdict\": \"true_positive\" | "
@@ -353,6 +361,7 @@ def from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | No
         ("rejoin_timeout_s", float), ("session_timeout_s", float), ("max_poll_interval_s", float),
         ("broker_check_interval_s", float), ("retry_backoff_initial_s", float), ("retry_backoff_max_s", float),
         ("liveness_timeout_s", float), ("http_idle_timeout_s", float), ("http_max_connections", int),
+        ("http_request_timeout_s", float),
         ("reload_interval_s", float), ("alert_cooldown_s", float), ("max_alerts_per_s", float),
         ("transaction_timeout_s", float), ("heap_trim_interval_s", float))}
     for name in ("metrics_host", "expected_schema_hash", "client_id", "log_level", "alert_key_field",
@@ -365,6 +374,8 @@ def from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | No
         overrides["alert_headers"] = tuple(h.strip() for h in headers.split(",") if h.strip())
     if get("shadow_model") is not None:
         overrides["shadow_model"] = Path(get("shadow_model"))
+    if get("metrics_web_config") is not None:
+        overrides["metrics_web_config"] = Path(get("metrics_web_config"))
     return Settings(
         model=Path(get("model")), bootstrap_servers=get("bootstrap_servers"), input_topic=get("input_topic"),
         alert_topic=get("alert_topic"), dead_letter_topic=get("dead_letter_topic"), group_id=get("group_id"),

@@ -2,9 +2,9 @@
 
 Start-up (assembled by `worker.wiring`): load and verify the bundle, serve /metrics, /healthz and
 /readyz, connect to Kafka (retrying with backoff while the broker is away), then run
-`worker.loop.Worker` until SIGTERM/SIGINT. A bad flag, bundle or metrics port stops the process with
-a one-line error and exit code 2. On a signal the current batch is finished,
-flushed and committed, the clients are closed, and the process exits 0; if that takes longer than
+`worker.loop.Worker` until SIGTERM/SIGINT. A bad flag, bundle, web.config or metrics port stops the
+process with a one-line error and exit code 2. On a signal the current batch is finished, flushed and
+committed, the clients are closed, and the process exits 0; if that takes longer than
 `--shutdown-timeout-s` it exits 1 without committing anything more.
 """
 
@@ -40,6 +40,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     from worker.heap import allocator
     from worker.http import start_http_server
     from worker.loop import Backoff
+    from worker.web_config import WebConfig, load_web_config
     from worker.wiring import build_runtime, build_worker, start_feedback
 
     settings = from_args(argv)
@@ -49,6 +50,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     client_level = logging.DEBUG if settings.log_level.upper() == "DEBUG" else logging.WARNING
     logging.getLogger("kafka").setLevel(client_level)
     logging.getLogger("librdkafka").setLevel(client_level)
+    # Before the bundle loads (seconds): a bad web.config is a one-line error at once.
+    web = WebConfig() if settings.metrics_web_config is None else load_web_config(settings.metrics_web_config)
 
     stop = threading.Event()
     done = threading.Event()
@@ -74,7 +77,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     try:
         server = start_http_server(settings.metrics_host, settings.metrics_port, runtime.registry, health,
                                    max_connections=settings.http_max_connections,
-                                   idle_timeout_s=settings.http_idle_timeout_s)
+                                   idle_timeout_s=settings.http_idle_timeout_s,
+                                   request_timeout_s=settings.http_request_timeout_s, web=web)
     except OSError as exc:
         raise ConfigError(f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port} "
                           f"({exc.strerror or exc}); choose another --metrics-port or --metrics-host") from exc
