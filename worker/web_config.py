@@ -47,7 +47,9 @@ class BasicAuth:
 
     A verified user and password is remembered as a SHA-256 digest (the exporter toolkit caches likewise),
     so Prometheus' scrapes cost one bcrypt per credential, not one each. An unknown user is checked
-    against a known user's hash anyway, so the reply time does not tell which user names exist.
+    against a known user's hash anyway, so the reply time does not tell which user names exist. One
+    bcrypt runs at a time: clients guessing passwords on every connection take one core at most, not
+    all of them from the worker's loop.
     """
 
     def __init__(self, users: Mapping[str, bytes]) -> None:
@@ -57,6 +59,7 @@ class BasicAuth:
         self._decoy = next(iter(self._users.values()))
         self._verified: set[bytes] = set()
         self._lock = threading.Lock()
+        self._bcrypt = threading.Lock()
 
     def check(self, authorization: str | None) -> bool:
         """True when the header names a configured user with the right password."""
@@ -73,7 +76,8 @@ class BasicAuth:
         except UnicodeDecodeError:
             hashed = None
         try:
-            matches = bcrypt.checkpw(password, hashed or self._decoy)
+            with self._bcrypt:
+                matches = bcrypt.checkpw(password, hashed or self._decoy)
         except ValueError:  # a password longer than bcrypt's 72 bytes
             return False
         if not (matches and hashed):

@@ -18,6 +18,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -36,6 +37,7 @@ import yaml
 from kafka import KafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.certs import bcrypt_hash, make_pki
 from tests.kafka_broker import create_topics, unique_topic, wait_for
 
 pytestmark = [
@@ -87,9 +89,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def http_status(url: str) -> int:
+def http_status(url: str, context: ssl.SSLContext | None = None) -> int:
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        with urllib.request.urlopen(url, timeout=2, context=context) as response:
             return int(response.status)
     except urllib.error.HTTPError as exc:
         return exc.code
@@ -364,3 +366,73 @@ def test_render_dashboard_png(run: Run) -> None:
                                   step=1, variables=VARIABLES)
     assert out.stat().st_size > 20_000
     assert json.loads((ROOT / "deploy/grafana/dashboards/anomaly-worker.json").read_text())["panels"]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="the openssl command makes the test certificates")
+def test_prometheus_scrapes_the_worker_over_tls_with_basic_auth(bundle: Path, kafka_bootstrap: str,
+                                                                 tmp_path: Path) -> None:
+    """A real Prometheus scrapes `--metrics-web-config` TLS + basic auth: up with the password, down without."""
+    pki = make_pki(tmp_path / "pki")
+    input_topic, alert_topic, dead_topic = (unique_topic(f"prom-tls-{kind}") for kind in ("events", "alerts", "dead"))
+    create_topics(kafka_bootstrap, [input_topic, alert_topic, dead_topic], partitions=1)
+    web_config = tmp_path / "web.yml"
+    web_config.write_text(yaml.safe_dump({
+        "tls_server_config": {"cert_file": str(pki.server_cert), "key_file": str(pki.server_key)},
+        "basic_auth_users": {"prometheus": bcrypt_hash("scrape-password")}}))
+    (tmp_path / "password").write_text("scrape-password\n")
+    (tmp_path / "wrong-password").write_text("guess\n")
+    worker_port, prometheus_port = free_port(), free_port()
+
+    def job(name: str, password_file: str) -> dict[str, Any]:
+        return {"job_name": name, "scheme": "https", "tls_config": {"ca_file": str(pki.ca_cert)},
+                "basic_auth": {"username": "prometheus", "password_file": str(tmp_path / password_file)},
+                "static_configs": [{"targets": [f"127.0.0.1:{worker_port}"]}]}
+
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump({"global": {"scrape_interval": "1s"},
+                                      "scrape_configs": [job("tls-auth", "password"),
+                                                         job("tls-wrong-password", "wrong-password")]}))
+    worker_log, prometheus_log = tmp_path / "worker.log", tmp_path / "prometheus.log"
+    context = ssl.create_default_context(cafile=str(pki.ca_cert))
+    worker_url, prometheus = f"https://127.0.0.1:{worker_port}", f"http://127.0.0.1:{prometheus_port}"
+    processes: list[subprocess.Popen[bytes]] = []
+    with worker_log.open("wb") as wlog, prometheus_log.open("wb") as plog:
+        try:
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "worker.main", "--model", str(bundle), "--bootstrap-servers", kafka_bootstrap,
+                 "--input-topic", input_topic, "--alert-topic", alert_topic, "--dead-letter-topic", dead_topic,
+                 "--group-id", unique_topic("prom-tls-group"), "--metrics-host", "127.0.0.1",
+                 "--metrics-port", str(worker_port), "--metrics-web-config", str(web_config)],
+                cwd=ROOT, stdout=wlog, stderr=subprocess.STDOUT,
+                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}))
+            processes.append(subprocess.Popen(
+                ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                 f"--web.listen-address=127.0.0.1:{prometheus_port}"],
+                cwd=tmp_path, stdout=plog, stderr=subprocess.STDOUT))
+            worker, prometheus_process = processes
+
+            def worker_ready() -> bool:  # the probe path needs TLS but no password
+                assert worker.poll() is None, f"worker exited {worker.returncode}:\n{log_tail(worker_log)}"
+                return http_status(f"{worker_url}/readyz", context) == 200
+
+            wait_for(worker_ready, 180, "worker /readyz 200 over TLS", interval=0.5)
+            assert http_status(f"{worker_url}/metrics", context) == 401
+
+            def targets() -> dict[str, dict[str, Any]]:
+                assert prometheus_process.poll() is None, f"prometheus exited:\n{log_tail(prometheus_log)}"
+                try:
+                    active = render.prometheus_get(prometheus, "/api/v1/targets", {})["activeTargets"]
+                except OSError:
+                    return {}
+                return {t["labels"]["job"]: t for t in active if t["health"] != "unknown"}
+
+            scraped = wait_for(lambda: len(targets()) == 2 and targets(), 60, "both targets scraped", interval=0.5)
+            assert scraped["tls-auth"]["health"] == "up", scraped["tls-auth"].get("lastError")
+            assert scraped["tls-wrong-password"]["health"] == "down"
+            assert "401" in scraped["tls-wrong-password"]["lastError"]
+            query = {"query": 'anomaly_worker_ready{job="tls-auth"}'}
+            assert render.prometheus_get(prometheus, "/api/v1/query", query)["result"], "no worker metrics scraped"
+        finally:
+            for process in reversed(processes):
+                stop(process)
+    assert "scrape-password" not in worker_log.read_text(errors="replace")
