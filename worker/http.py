@@ -12,8 +12,9 @@ that is idle or still sending its request, preferring the peer that holds the mo
 of responses in progress refuses it (503). Why not just refuse when full, or reserve slots for probes:
 refusing let 32 clients trickling header lines take every slot for good, so the liveness probe failed
 and Kubernetes restarted a healthy pod; a reservation cannot tell a probe from an attacker before the
-request line is read. Eviction can: a probe sends its request in one packet and is answered in
-milliseconds, so it is never the oldest non-responding connection, while a trickling client always is.
+request line is read. Eviction needs no such knowledge: a probe sends its request in one packet and is
+answered in milliseconds, so it is hardly ever the oldest connection not being answered; a trickling
+client soon is.
 
 With a `WebConfig` (`--metrics-web-config`, `worker/web_config.py`) the server speaks TLS, the handshake
 done on the connection's own thread under the same deadline, and asks for basic auth on every path
