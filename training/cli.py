@@ -171,13 +171,15 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 def train_from_kafka(args: argparse.Namespace, destination: Any, config: Any, log: Callable[[str], None]) -> Any:
     """anomaly-train --from-kafka: read the window, say what was skipped, train as from a file."""
-    from training.kafka_window import parse_since, read_window
+    from training.kafka_window import parse_since, read_window, skip_contract_breaches
     from training.train import train_frame
 
     if not args.bootstrap_servers or not args.topic:
         raise ConfigError("--from-kafka needs --bootstrap-servers and --topic")
     since = parse_since(args.since) if args.since else None
     window = read_window(args.bootstrap_servers, args.topic, args.max_events, since)
+    ignored = [*config.drop, *([config.labels.column] if config.labels else [])]
+    window = skip_contract_breaches(window, ignored, config.categorical, log)
     skipped = sum(window.skipped.values())
     log(f"{window.source}: {len(window.frame)} events read"
         + (f"; {skipped} records skipped ({', '.join(f'{k} {v}' for k, v in window.skipped.items())})"

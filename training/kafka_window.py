@@ -4,6 +4,9 @@ The only module of the training package that imports `kafka`. The window is fixe
 starts: from `since` (or the beginning of each partition) up to each partition's end offset at that
 moment, at most `max_events` events in all; records are decoded exactly as the worker decodes them,
 and records that are not JSON objects are skipped and counted (a stream's dead letters), never trained on.
+`skip_contract_breaches` then skips, and counts by reason, the events whose values break the data
+contract (`training.contract`) under the kinds training infers, such as an array where a feature
+belongs: the worker would dead-letter them, so a file would be refused but a stream is not.
 """
 
 from __future__ import annotations
@@ -11,15 +14,16 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pandas as pd
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
-from training.contract import Invalid, decode_event
-from training.data import object_frame
+from training.contract import Invalid, build_columns, decode_event
+from training.data import infer_kinds, object_frame, raw_values
 from training.errors import DataError
 
 MAX_EVENT_BYTES = 1_048_576
@@ -27,12 +31,18 @@ MAX_EVENT_BYTES = 1_048_576
 
 @dataclass(frozen=True)
 class Window:
-    """The events of a window as a frame, their digest, and what was skipped (by reason)."""
+    """The events of a window as a frame, their digest, and what was skipped (by reason).
+
+    `values` and `positions` are each event's record value and (partition, offset), row by row: what the
+    digest covers and what a skip names.
+    """
 
     frame: pd.DataFrame
     sha256: str
     skipped: Counter[str]
     source: str
+    values: list[bytes] = field(repr=False)
+    positions: list[tuple[int, int]] = field(repr=False)
 
 
 def read_window(bootstrap_servers: str, topic: str, max_events: int, since_ms: int | None = None,
@@ -58,8 +68,9 @@ def read_window(bootstrap_servers: str, topic: str, max_events: int, since_ms: i
         if since_ms is not None:
             found = consumer.offsets_for_times({tp: since_ms for tp in tps})
             starts = {tp: (found[tp].offset if found.get(tp) is not None else ends[tp]) for tp in tps}
-        digest = hashlib.sha256()
         rows: list[dict[str, Any]] = []
+        values: list[bytes] = []
+        positions: list[tuple[int, int]] = []
         skipped: Counter[str] = Counter()
         deadline = time.monotonic() + max(timeout_s, 1.0) * 10
         for tp in tps:  # one partition at a time: a deterministic row order for the splits
@@ -77,15 +88,68 @@ def read_window(bootstrap_servers: str, topic: str, max_events: int, since_ms: i
                     if isinstance(event, Invalid):
                         skipped[event.reason.value] += 1
                         continue
-                    digest.update(message.value or b"")
                     rows.append(event)
+                    values.append(message.value or b"")
+                    positions.append((tp.partition, message.offset))
     except KafkaError as exc:
         raise DataError(f"{source}: reading failed ({exc})") from exc
     finally:
         consumer.close()
     if not rows:
         raise DataError(f"{source}: the window holds no JSON events (skipped: {dict(skipped) or 'none'})")
-    return Window(frame=object_frame(rows), sha256=digest.hexdigest(), skipped=skipped, source=source)
+    return Window(frame=object_frame(rows), sha256=_digest(values), skipped=skipped, source=source, values=values,
+                  positions=positions)
+
+
+def skip_contract_breaches(window: Window, ignored: Sequence[str], categorical: Sequence[str],
+                           log: Callable[[str], None] = print) -> Window:
+    """The window without the events whose values break the data contract, counted by reason in `skipped`.
+
+    The feature columns are the frame's columns less `ignored` (--drop and the label column), their kinds
+    those training infers (`--categorical` first). Skipping a row can change an inferred kind, so this
+    repeats until no row breaks the contract. One line per reason names the first such record.
+    """
+    frame, values, positions, skipped = window.frame, window.values, window.positions, Counter(window.skipped)
+    first: dict[str, str] = {}
+    while True:
+        features = frame.drop(columns=[name for name in ignored if name in frame.columns])
+        if features.shape[1] == 0:  # training says what is wrong with that
+            break
+        kinds = infer_kinds(features, categorical)
+        problems = build_columns({name: raw_values(features[name]) for name in kinds}, kinds, len(features)).problems
+        if not problems:
+            break
+        for row, problem in problems.items():
+            skipped[problem.reason.value] += 1
+            partition, offset = positions[row]
+            first.setdefault(problem.reason.value, f"{window.source}[{partition}]@{offset}: {problem.message}")
+        keep = [row for row in range(len(frame)) if row not in problems]
+        values, positions = [values[row] for row in keep], [positions[row] for row in keep]
+        frame = object_frame([_event(value) for value in values])  # as if the skipped records were never read
+    if len(frame) == len(window.frame):
+        return window
+    for reason, example in first.items():
+        log(f"skipped {skipped[reason] - window.skipped[reason]} events that break the data contract "
+            f"({reason}), as the worker would dead-letter them; the first: {example}")
+    if frame.empty:
+        raise DataError(f"{window.source}: no event of the window fits the data contract "
+                        f"(skipped: {dict(skipped)})")
+    return replace(window, frame=frame, sha256=_digest(values), skipped=skipped, values=values, positions=positions)
+
+
+def _event(value: bytes) -> dict[str, Any]:
+    """A record value of the window, decoded again (it decoded to an object when the window was read)."""
+    event = decode_event(value, MAX_EVENT_BYTES)
+    assert not isinstance(event, Invalid), "a window keeps only records that decode to JSON objects"
+    return event
+
+
+def _digest(values: Sequence[bytes]) -> str:
+    """SHA-256 of the record values trained on, in window order."""
+    digest = hashlib.sha256()
+    for value in values:
+        digest.update(value)
+    return digest.hexdigest()
 
 
 def parse_since(text: str, now_s: float | None = None) -> int:

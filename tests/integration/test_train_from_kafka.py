@@ -54,6 +54,26 @@ def test_a_bounded_window_stops_at_max_events(kafka_bootstrap: str, tmp_path: Pa
     assert load_bundle(out).manifest.training["rows"] == 500
 
 
+def test_an_event_whose_feature_holds_an_array_is_skipped_not_fatal(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """Issue 19 row 11: one such record stopped the whole training; the worker would dead-letter it."""
+    import subprocess
+
+    rows = pd.read_csv(SAMPLE).head(600).drop(columns=["difficulty", "label"])
+    events = [orjson.dumps(r) for r in rows.to_dict(orient="records")]
+    bad = orjson.dumps({**rows.iloc[0].to_dict(), "src_bytes": [1, 2]})
+    topic = unique_topic("array")
+    create_topics(kafka_bootstrap, [topic], partitions=1)
+    send(kafka_bootstrap, topic, [*events[:300], bad, *events[300:]])
+    out = tmp_path / "m"
+    result = subprocess.run([str(BIN / "anomaly-train"), "--from-kafka", "--bootstrap-servers", kafka_bootstrap,
+                             "--topic", topic, "--out", str(out), "--epochs", "2", "--ensemble", "1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert f"kafka:{topic}: {len(events)} events read; 1 records skipped (wrong_type 1)" in result.stdout
+    assert f"the first: kafka:{topic}[0]@300: field 'src_bytes' must be a number, got array" in result.stdout
+    assert load_bundle(out).manifest.training["rows"] == len(events)
+
+
 def _columns(bundle: object, rows: pd.DataFrame) -> dict:
     from training.data import raw_columns
 
