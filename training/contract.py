@@ -6,9 +6,10 @@ events (`worker/pipeline.py`) both call it, so a row means the same thing on bot
 
 =================  ==========================================================================
 numeric field      finite number -> float; ``true``/``false`` (JSON booleans or that text, any
-                   case) -> 1/0; text -> Python ``float()`` of the stripped text; NA-like text,
-                   null, NaN -> missing; infinite or too large -> ``non_finite``; other text,
-                   arrays, objects -> ``wrong_type``.
+                   case) -> 1/0; text -> Python ``float()`` of the stripped text, else, if it
+                   is an ISO 8601 date or date-time, its epoch seconds (`instant`); NA-like
+                   text, null, NaN -> missing; infinite or too large -> ``non_finite``; other
+                   text, arrays, objects -> ``wrong_type``.
 categorical field  text with surrounding whitespace removed; NA-like text, null, NaN -> missing;
                    a number -> its text (80, 80.0 and the text "80.0" -> "80"); a boolean ->
                    "true"/"false"; arrays, objects -> ``wrong_type``.
@@ -16,7 +17,9 @@ a row or event     with no schema field present (all absent or missing) -> ``no_
 =================  ==========================================================================
 
 NA-like text is `NA_STRINGS` after stripping whitespace: the list pandas reads as missing by
-default, so files that were read that way keep their meaning. docs/preprocessing.md states the
+default, so files that were read that way keep their meaning. An instant is a number in every format:
+epoch seconds (UTC), from ISO 8601 text here and from Parquet timestamps and dates in
+`training.data.raw_values`, both through `epoch_seconds`'s rounding. docs/preprocessing.md states the
 contract for users.
 """
 
@@ -27,7 +30,9 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import date
 from enum import StrEnum
+from functools import lru_cache
 from operator import itemgetter
 from typing import Any, cast
 
@@ -163,6 +168,63 @@ def _why_not_json(value: bytes, exc: orjson.JSONDecodeError) -> Invalid:
 
 # --- one value ---------------------------------------------------------------------------------
 
+#: Strict ISO 8601 (the RFC 3339 profile): a date, or a date and a time with an optional UTC offset.
+_INSTANT_TEXT = re.compile(r"([0-9]{4}-[0-9]{2}-[0-9]{2})(?:[Tt ]([0-9]{2}):([0-9]{2})(?::([0-9]{2})"
+                           r"(?:\.([0-9]{1,9}))?)?(?:[Zz]|([+-])([0-9]{2}):?([0-9]{2}))?)?")
+_EPOCH_DAY = date(1970, 1, 1).toordinal()
+_NANOS = 10**9
+
+
+def instant(text: str) -> float | None:
+    """Epoch seconds of ISO 8601 text (``2024-05-01``, ``2024-05-01T12:00:00.5+02:00``; no offset = UTC), or None.
+
+    Computed from whole nanoseconds and rounded once, as `epoch_seconds` rounds Parquet ticks, so the same
+    instant is the same float from text and from a timestamp column.
+    """
+    match = _INSTANT_TEXT.fullmatch(text)
+    if match is None:
+        return None
+    day, hour, minute, second, fraction, sign, offset_hours, offset_minutes = match.groups()
+    days = _epoch_day(day)
+    if days is None:
+        return None
+    if hour is None:
+        return float(days * 86_400)
+    hours, minutes, seconds = int(hour), int(minute), int(second) if second else 0
+    if hours > 23 or minutes > 59 or seconds > 59:
+        return None
+    whole = days * 86_400 + hours * 3_600 + minutes * 60 + seconds
+    if sign:
+        offset_h, offset_m = int(offset_hours), int(offset_minutes)
+        if offset_h > 23 or offset_m > 59:
+            return None
+        whole += offset_h * 3_600 + offset_m * 60 if sign == "-" else -(offset_h * 3_600 + offset_m * 60)
+    if not fraction:
+        return float(whole)
+    return (whole * _NANOS + int(fraction.ljust(9, "0"))) / _NANOS
+
+
+@lru_cache(maxsize=4096)  # events of a stream share their days
+def _epoch_day(text: str) -> int | None:
+    """Days from 1970-01-01 to a ``YYYY-MM-DD`` date, or None if there is no such day (2023-02-29, year 0)."""
+    try:
+        return date.fromisoformat(text).toordinal() - _EPOCH_DAY
+    except ValueError:
+        return None
+
+
+def epoch_seconds(ticks: np.ndarray, per_second: int) -> np.ndarray:
+    """Integer ticks since the epoch (`per_second` of them a second) -> float seconds, each correctly rounded."""
+    ticks = np.asarray(ticks, dtype=np.int64)
+    while per_second > 1 and not (ticks % 1000).any():  # e.g. nanosecond columns holding whole microseconds
+        ticks, per_second = ticks // 1000, per_second // 1000
+    out = ticks.astype(np.float64) / per_second  # exact ticks, one rounding: correct below 2**53
+    inexact = np.flatnonzero(np.abs(ticks) > 2**53)
+    if inexact.size:
+        out[inexact] = [tick / per_second for tick in ticks[inexact].tolist()]  # Python's int division rounds once
+    return out
+
+
 def number(value: Any, field: str) -> float | Invalid:
     """The numeric meaning of one raw value: a float (NaN = missing) or why it has none."""
     if value is None:
@@ -183,6 +245,10 @@ def number(value: Any, field: str) -> float | Invalid:
     except OverflowError:
         return Invalid(Reason.NON_FINITE, f"field {field!r} is {_shown(value)}, out of the range of numbers", field)
     except (TypeError, ValueError):
+        # Only text that is not a number is tried as an instant, so plain numbers keep the fast path.
+        seconds = instant(value.strip()) if isinstance(value, str) else None
+        if seconds is not None:
+            return seconds
         return Invalid(Reason.WRONG_TYPE, f"field {field!r} must be a number, got {json_type(value)} {_shown(value)}",
                        field)
     if math.isinf(out):

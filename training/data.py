@@ -1,12 +1,15 @@
 """Reading event files (CSV, JSON Lines, Parquet) into raw columns, with errors that name file, column and row.
 
-Row numbers in messages count data rows from 1 (for CSV, row 1 is the line after the header).
+Row numbers in messages count data rows from 1 (for CSV, row 1 is the line after the header). Column names
+are unique: a file that repeats one is refused (JSON Lines cannot: a repeated key is one value, the last,
+as in an event).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,8 @@ from training.contract import (
     build_columns,
     categorical_column,
     decode_event,
+    epoch_seconds,
+    instant,
     json_type,
     numeric_share,
 )
@@ -60,6 +65,9 @@ def _read_chunks(path: Path, chunk_rows: int | None) -> Iterator[pd.DataFrame]:
             # Every cell as text; NA-like text is missing (the contract, not pandas' defaults, decides).
             opts: dict[str, Any] = {"dtype": str, "skipinitialspace": True, "keep_default_na": False,
                                     "na_values": sorted(NA_STRINGS)}
+            # pandas renames a repeated header name ("x" -> "x.1"); the header read as a row keeps it.
+            header = pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False, skipinitialspace=True)
+            _unique([name for name in header.iloc[0].tolist() if name], path)  # blank ones: "Unnamed: N"
             if chunk_rows is None:
                 yield pd.read_csv(path, **opts)
             else:
@@ -70,14 +78,23 @@ def _read_chunks(path: Path, chunk_rows: int | None) -> Iterator[pd.DataFrame]:
             import pyarrow.parquet as pq
 
             parquet = pq.ParquetFile(path)
+            _unique(parquet.schema_arrow.names, path)
             for batch in parquet.iter_batches(batch_size=chunk_rows or 65_536):
-                yield batch.to_pandas()
+                yield batch.to_pandas(date_as_object=False)  # dates as datetime64, instants like timestamps
     except pd.errors.EmptyDataError as exc:
         raise DataError(f"{path}: file is empty") from exc
     except (ValueError, pd.errors.ParserError, OSError) as exc:
         if isinstance(exc, DataError):
             raise
         raise DataError(f"{path}: cannot be read as {fmt}: {str(exc).splitlines()[0]}") from exc
+
+
+def _unique(names: Iterable[object], path: Path) -> None:
+    """Refuse a file whose header names a column twice (one name, one column: a field is not two values)."""
+    repeated = [name for name, count in Counter(map(str, names)).items() if count > 1]
+    if repeated:
+        raise DataError(f"{path}: column {repeated[0]!r} appears more than once; column names must be unique "
+                        f"(rename or remove the repeated column)")
 
 
 def _read_jsonl(path: Path, chunk_rows: int | None) -> Iterator[pd.DataFrame]:
@@ -136,8 +153,22 @@ def iter_frames(path: Path, chunk_rows: int) -> Iterator[tuple[int, pd.DataFrame
         raise DataError(f"{path}: file has no data rows")
 
 
+#: Ticks per second of each pandas datetime unit.
+_PER_SECOND = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}
+
+
 def raw_values(values: pd.Series) -> np.ndarray:
-    """A frame column as the contract takes it: a typed numeric array, or objects with None for missing."""
+    """A frame column as the contract takes it: a typed numeric array, or objects with None for missing.
+
+    Timestamps (any unit; with a time zone or without, which means UTC) and dates are instants: epoch
+    seconds, the number ISO 8601 text of the same instant has in CSV, JSON Lines and events.
+    """
+    if pd.api.types.is_datetime64_any_dtype(values.dtype):
+        array = values.array
+        present = ~values.isna().to_numpy()
+        seconds = np.full(len(values), np.nan)
+        seconds[present] = epoch_seconds(array.asi8[present], _PER_SECOND[array.unit])  # type: ignore[attr-defined]
+        return seconds
     if not isinstance(values.dtype, pd.api.extensions.ExtensionDtype) and (
             pd.api.types.is_bool_dtype(values.dtype) or pd.api.types.is_numeric_dtype(values.dtype)):
         return values.to_numpy()
@@ -148,6 +179,34 @@ def infer_kinds(frame: pd.DataFrame, categorical: Sequence[str]) -> dict[str, st
     """Kind of each column: declared categorical, else numeric when most present values are numbers."""
     return {str(name): CATEGORICAL if name in categorical or numeric_share(raw_values(frame[name])) < NUMERIC_SHARE
             else NUMERIC for name in frame.columns}
+
+
+def instant_columns(frame: pd.DataFrame, names: Iterable[str]) -> list[str]:
+    """Those of `names` that hold instants: timestamp or date columns, or text mostly in ISO 8601 form."""
+    return [name for name in names if name in frame.columns and _holds_instants(frame[name])]
+
+
+def _holds_instants(values: pd.Series) -> bool:
+    if pd.api.types.is_datetime64_any_dtype(values.dtype):
+        return True
+    raw = raw_values(values)
+    if raw.dtype != object:
+        return False
+    try:
+        raw.astype(np.float64)  # numbers and NA-like text only: no instant (the common case, in one C call)
+        return False
+    except (TypeError, ValueError, OverflowError):
+        pass
+    texts = [value.strip() for value in raw.tolist() if isinstance(value, str)]
+    present = [text for text in texts if text not in NA_STRINGS]
+    return sum(instant(text) is not None for text in present) >= NUMERIC_SHARE * max(len(present), 1)
+
+
+def instant_warnings(frame: pd.DataFrame, names: Iterable[str]) -> list[str]:
+    """One line per instant column of the features: an absolute time leaves its training range (`--drop` it)."""
+    return [f"warning: column {name!r} holds instants: an absolute time keeps growing past its training range, "
+            f"so later events look anomalous on it; pass --drop {name} unless that is intended"
+            for name in instant_columns(frame, names)]
 
 
 def raw_columns(frame: pd.DataFrame, kinds: dict[str, str], path: Path, first_row: int = 1) -> dict[str, np.ndarray]:

@@ -20,7 +20,7 @@ import pandas as pd
 
 from training import report
 from training.bundle import BundleContents, Destination, Manifest
-from training.data import Labels, file_sha256, infer_kinds, raw_columns, read_frame
+from training.data import Labels, file_sha256, infer_kinds, instant_warnings, raw_columns, read_frame
 from training.errors import ConfigError, DataError
 from training.evaluate import Evaluation, evaluate
 from training.features import CATEGORICAL, field_histograms, fit_schema
@@ -115,6 +115,8 @@ def train_frame(frame: pd.DataFrame, out_dir: Path | Destination, config: TrainC
         f"({len(schema.categorical_names)} categorical) -> {schema.width} model inputs")
     log(f"splits of normal rows: train {splits.train.size}, validation {splits.validation.size}, "
         f"calibration {splits.calibration.size}, test {splits.test_normal.size}")
+    for warning in instant_warnings(features, kinds):
+        log(warning)
 
     def on_epoch(epoch: int, loss: float, val_loss: float) -> None:
         log(f"epoch {epoch:3d}/{config.fit.epochs}  loss {loss:.5f}  val_loss {val_loss:.5f}")

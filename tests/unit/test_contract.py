@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,9 @@ from training.contract import (
     build_columns,
     categorical_column,
     category,
+    epoch_seconds,
     event_columns,
+    instant,
     number,
     numeric_column,
 )
@@ -194,3 +197,66 @@ def test_event_batches_parse_exactly_like_the_column_builder(events: list[dict[s
     assert got.problems == reference.problems and got.rows == reference.rows
     assert list(got.columns) == list(reference.columns)
     assert all(_same(got.columns[name], reference.columns[name]) for name in kinds)
+
+
+# --- instants: epoch seconds (UTC) in every format ----------------------------------------------
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("2024-05-01", datetime(2024, 5, 1, tzinfo=UTC)),
+    ("2024-05-01T12:30", datetime(2024, 5, 1, 12, 30, tzinfo=UTC)),
+    ("2024-05-01 12:30:15", datetime(2024, 5, 1, 12, 30, 15, tzinfo=UTC)),
+    ("2024-05-01T12:30:15.25Z", datetime(2024, 5, 1, 12, 30, 15, 250_000, tzinfo=UTC)),
+    ("2024-05-01t12:30:15z", datetime(2024, 5, 1, 12, 30, 15, tzinfo=UTC)),
+    ("2024-05-01T12:30:15.123456+02:00", datetime(2024, 5, 1, 10, 30, 15, 123_456, tzinfo=UTC)),
+    ("2024-05-01T12:30:15-0530", datetime(2024, 5, 1, 18, 0, 15, tzinfo=UTC)),
+    ("1969-12-31T23:59:59.5Z", datetime(1969, 12, 31, 23, 59, 59, 500_000, tzinfo=UTC)),
+])
+def test_iso_8601_text_in_a_numeric_field_is_its_epoch_seconds(text: str, expected: datetime) -> None:
+    assert instant(text) == expected.timestamp()
+    assert number(f" {text} ", "ts") == expected.timestamp()
+    assert event_columns([{"ts": text}], {"ts": NUMERIC}).columns["ts"][0] == expected.timestamp()
+
+
+@pytest.mark.parametrize("text", [
+    "2024-02-30", "2024-13-01", "0000-01-01", "2024-5-1", "2024-05-01T", "2024-05-01T24:00", "2024-05-01T12:60",
+    "2024-05-01T12:30:60", "2024-05-01Z", "2024-05-01T12:30+24:00", "2024-05-01T12:30:15.1234567890",
+    "01/05/2024", "2024-05-01T12:30:15 UTC", "\u0662\u0660\u0662\u0664-05-01",
+])
+def test_text_that_is_not_a_strict_iso_instant_is_wrong_type(text: str) -> None:
+    assert instant(text) is None
+    got = number(text, "ts")
+    assert isinstance(got, Invalid) and got.reason == Reason.WRONG_TYPE
+
+
+def test_iso_text_stays_text_in_a_categorical_field() -> None:
+    assert category(" 2024-05-01 ", "day") == "2024-05-01"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(-(2**63) + 1000, 2**63 - 1), st.sampled_from([1, 10**3, 10**6, 10**9]))
+def test_epoch_seconds_rounds_ticks_once_like_integer_division(tick: int, per_second: int) -> None:
+    got = epoch_seconds(np.array([tick, tick - tick % 1000]), per_second)
+    assert got.tolist() == [tick / per_second, (tick - tick % 1000) / per_second]
+
+
+_INSTANTS = st.datetimes(min_value=datetime(1900, 1, 1), max_value=datetime(2200, 1, 1),
+                         timezones=st.sampled_from([UTC, timezone(timedelta(hours=5, minutes=30)),
+                                                    timezone(timedelta(hours=-8))]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_INSTANTS, st.sampled_from(["T", " "]), st.sampled_from(["auto", "seconds", "milliseconds", "microseconds"]))
+def test_an_instant_is_one_number_from_iso_text_epoch_ticks_and_events(moment: datetime, sep: str,
+                                                                       timespec: str) -> None:
+    if timespec == "seconds":
+        moment = moment.replace(microsecond=0)
+    elif timespec == "milliseconds":
+        moment = moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+    text = moment.isoformat(sep=sep, timespec=timespec)
+    micros = (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+    expected = micros / 10**6
+    assert instant(text) == expected == moment.timestamp()
+    assert epoch_seconds(np.array([micros]), 10**6)[0] == expected
+    assert epoch_seconds(np.array([micros * 1000]), 10**9)[0] == expected
+    parsed = event_columns([{"ts": text, "n": 1}, {"ts": expected, "n": 2}], {"ts": NUMERIC, "n": NUMERIC})
+    assert parsed.problems == {} and parsed.columns["ts"].tolist() == [expected, expected]

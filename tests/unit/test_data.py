@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, date, datetime, time, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from training.contract import decode_event, event_columns, instant
 from training.data import (
     Labels,
     check_columns,
+    encode_frame,
     file_format,
     infer_kinds,
+    instant_columns,
+    instant_warnings,
     iter_frames,
     raw_columns,
     read_frame,
@@ -182,3 +192,121 @@ def test_labels_select_normal_rows() -> None:
 def test_label_problems_say_what_to_fix(frame: pd.DataFrame, message: str) -> None:
     with pytest.raises(DataError, match=message):
         Labels("y", "ok").is_normal(frame, Path("f.csv"))
+
+
+# --- instants: one number (epoch seconds) whatever the format ----------------------------------
+
+def _iso(moment: datetime, style: int) -> str:
+    """The instant as different writers render it: Z, an offset, naive UTC with a space, a bare date at midnight."""
+    if style == 0:
+        return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    if style == 1:
+        return moment.astimezone(timezone(timedelta(hours=-3, minutes=-30))).isoformat()
+    if style == 2 or moment.astimezone(UTC).time() != time(0):
+        return moment.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ")
+    return moment.astimezone(UTC).date().isoformat()
+
+
+_MOMENTS = st.datetimes(min_value=datetime(1950, 1, 1), max_value=datetime(2150, 1, 1), timezones=st.just(UTC))
+
+
+@settings(max_examples=60, deadline=None)
+@given(moments=st.lists(st.one_of(st.none(), _MOMENTS, _MOMENTS.map(lambda m: m.replace(hour=0, minute=0, second=0,
+                                                                                        microsecond=0))),
+                        min_size=1, max_size=8).filter(lambda ms: any(ms)),
+       styles=st.lists(st.integers(0, 3), min_size=8, max_size=8),
+       unit=st.sampled_from(["us", "ns"]), tz=st.sampled_from([None, "UTC", "Asia/Kolkata"]))
+def test_an_instant_decodes_to_one_number_from_parquet_csv_jsonl_and_events(
+        tmp_path_factory: pytest.TempPathFactory, moments: list[datetime | None], styles: list[int], unit: str,
+        tz: str | None) -> None:
+    directory = tmp_path_factory.mktemp("instants")
+    texts = [None if m is None else _iso(m, styles[i]) for i, m in enumerate(moments)]
+    expected = np.array([np.nan if m is None else m.timestamp() for m in moments])
+    micros = [None if m is None else (m - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+              for m in moments]
+    parquet = directory / "a.parquet"
+    ticks = [None if t is None else t * (1000 if unit == "ns" else 1) for t in micros]
+    pq.write_table(pa.table({"ts": pa.array(ticks, pa.timestamp(unit, tz)), "n": list(range(len(moments)))}), parquet)
+    csv = _write(directory / "a.csv", "ts,n\n" + "".join(f"{t or ''},{i}\n" for i, t in enumerate(texts)))
+    jsonl = _write(directory / "a.jsonl", "".join(  # odd rows carry the epoch seconds as a JSON number
+        json.dumps({"ts": t if i % 2 == 0 or t is None else instant(t), "n": i}) + "\n" for i, t in enumerate(texts)))
+    for path in (parquet, csv, jsonl):
+        frame = read_frame(path)
+        assert infer_kinds(frame, []) == {"ts": NUMERIC, "n": NUMERIC}, path
+        if path != jsonl:  # (a JSON number is a number: epoch seconds are not told from other numbers)
+            assert instant_columns(frame, ["ts", "n"]) == ["ts"], path
+        got = raw_columns(frame, {"ts": NUMERIC, "n": NUMERIC}, path)["ts"]
+        assert got.tobytes() == expected.tobytes(), (path, got, expected)
+    events = [{"ts": t, "n": i} for i, t in enumerate(texts)]
+    assert event_columns(events, {"ts": NUMERIC, "n": NUMERIC}).columns["ts"].tobytes() == expected.tobytes()
+
+
+def test_date_columns_are_epoch_seconds_at_midnight_utc(tmp_path: Path) -> None:
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"day": pa.array([date(2024, 5, 1), None, date(1969, 12, 31)], pa.date32()),
+                             "n": [1, 2, 3]}), path)
+    np.testing.assert_array_equal(raw_columns(read_frame(path), {"day": NUMERIC, "n": NUMERIC}, path)["day"],
+                                  [datetime(2024, 5, 1, tzinfo=UTC).timestamp(), np.nan, -86_400.0])
+
+
+def test_issue_19_row_3_parquet_timestamps_and_jsonl_text_encode_alike(tmp_path: Path) -> None:
+    # Trained on Parquet with a timestamp[ms] column, the same rows scored as Parquet and as JSON Lines (ISO
+    # text, as pandas writes them): the column was a category and only the Parquet rows matched it.
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"bytes": rng.lognormal(5, 1, 50),
+                          "seen": pd.to_datetime(1_700_000_000_000 + rng.integers(0, 10**9, 50), unit="ms")})
+    parquet, jsonl = tmp_path / "a.parquet", tmp_path / "a.jsonl"
+    pq.write_table(pa.Table.from_pandas(frame).cast(pa.schema([("bytes", pa.float64()),
+                                                                ("seen", pa.timestamp("ms"))])), parquet)
+    frame.to_json(jsonl, orient="records", lines=True, date_format="iso", date_unit="ms")
+    assert '"seen":"2023-' in jsonl.read_text()
+    trained = read_frame(parquet)
+    kinds = infer_kinds(trained, [])
+    assert kinds == {"bytes": NUMERIC, "seen": NUMERIC}
+    schema = fit_schema(raw_columns(trained, kinds, parquet), [])
+    np.testing.assert_array_equal(encode_frame(schema, read_frame(jsonl), jsonl),
+                                  encode_frame(schema, read_frame(parquet), parquet))
+    assert instant_warnings(trained, kinds) == [
+        "warning: column 'seen' holds instants: an absolute time keeps growing past its training range, so later "
+        "events look anomalous on it; pass --drop seen unless that is intended"]
+
+
+def test_only_columns_of_instants_are_warned_about() -> None:
+    frame = pd.DataFrame({"n": ["1", "2", "2024-01-01"], "words": ["a", "b", "2024-01-01"],
+                          "ts": ["2024-01-01T00:00Z", "NA", "2024-01-02"], "f": [1.5, 2.0, 3.0]})
+    assert instant_columns(frame, frame.columns) == ["ts"]
+
+
+# --- one name, one column ----------------------------------------------------------------------
+
+def test_a_repeated_csv_column_name_is_refused_not_renamed(tmp_path: Path) -> None:
+    # pandas renames the second src_bytes to src_bytes.1, a field no event carries.
+    path = _write(tmp_path / "a.csv", "src_bytes,dst_bytes,src_bytes\n1,2,3\n")
+    for read in (read_frame, lambda p: list(iter_frames(p, 10))):
+        with pytest.raises(DataError, match=r"a\.csv: column 'src_bytes' appears more than once"):
+            read(path)
+
+
+def test_a_repeated_parquet_column_name_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.Table.from_arrays([pa.array([1, 2]), pa.array([3, 4])], names=["src_bytes", "src_bytes"]), path)
+    with pytest.raises(DataError, match=r"a\.parquet: column 'src_bytes' appears more than once"):
+        read_frame(path)
+
+
+def test_a_repeated_json_key_is_its_last_value_as_in_an_event(tmp_path: Path) -> None:
+    line = b'{"src_bytes": 1, "dst_bytes": 2, "src_bytes": 3}'
+    frame = read_frame(_write(tmp_path / "a.jsonl", line.decode() + "\n"))
+    assert list(frame.columns) == ["src_bytes", "dst_bytes"] and frame["src_bytes"].tolist() == [3]
+    assert decode_event(line, len(line)) == {"src_bytes": 3, "dst_bytes": 2}
+
+
+def test_anomaly_train_names_the_repeated_column_in_one_line(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.unit.test_cli import assert_user_error, run
+    from training.cli import train_main
+
+    path = _write(tmp_path / "events.csv", "src_bytes,src_bytes\n" + "1,2\n" * 30)
+    result = run(train_main, ["--data", path, "--out", tmp_path / "model"], capsys)
+    assert_user_error(result, "anomaly-train", "events.csv: column 'src_bytes' appears more than once")
+    assert not (tmp_path / "model").exists()

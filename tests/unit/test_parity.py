@@ -1,21 +1,26 @@
 """Parity as a property: a row means the same in a file scored by anomaly-score and as a JSON event in the worker.
 
 Hypothesis generates rows of mixed columns (numbers, numeric text, NA-like text, nulls, booleans and their
-text, known and unseen categories, out-of-range timestamps); each batch is written as CSV, JSON Lines and
-Parquet and scored with `anomaly-score`, and sent through the worker's pipeline as JSON events. Every
-row must get the same score and flag on every path; a row the worker dead-letters for its values makes
-`anomaly-score` refuse the file.
+text, known and unseen categories, instants, out-of-range timestamps); each batch is written as CSV, JSON
+Lines and Parquet and scored with `anomaly-score`, and sent through the worker's pipeline as JSON events.
+Instants are ISO 8601 text (any offset) or epoch seconds in CSV, JSON and events, and a timestamp column
+(ms, us or ns, with or without a time zone) in Parquet. Every row must get the same score and flag on
+every path; a row the worker dead-letters for its values makes `anomaly-score` refuse the file.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -25,7 +30,28 @@ from training.cli import score_main, train_main
 from worker.pipeline import Pipeline
 from worker.records import Record
 
-COLUMNS = ["bytes", "count", "flag", "proto", "timestamp"]
+COLUMNS = ["bytes", "count", "flag", "proto", "seen", "timestamp"]
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: The instants of the training rows (each seen several times: a model that took them as categories knows them).
+TRAINING_MS = [1_700_000_000_000 + 3_600_000 * i + 250 for i in range(40)]
+
+
+@dataclass(frozen=True)
+class Instant:
+    """An instant (whole milliseconds since the epoch) and how a writer renders it in CSV, JSON and events."""
+
+    ms: int
+    style: int
+
+    def rendered(self) -> str | float:
+        moment = EPOCH + timedelta(milliseconds=self.ms)
+        if self.style == 0:
+            return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        if self.style == 1:
+            return moment.astimezone(timezone(timedelta(hours=-9, minutes=-30))).isoformat()
+        if self.style == 2:
+            return moment.replace(tzinfo=None).isoformat(sep=" ")  # no offset: UTC
+        return self.ms / 1000  # epoch seconds, a number
 
 
 def training_rows(n: int = 600, seed: int = 4) -> pd.DataFrame:
@@ -35,6 +61,7 @@ def training_rows(n: int = 600, seed: int = 4) -> pd.DataFrame:
         "count": rng.integers(0, 20, n),
         "flag": rng.random(n) < 0.3,
         "proto": rng.choice(["tcp", "udp", "icmp"], n, p=[0.6, 0.3, 0.1]),
+        "seen": [Instant(int(ms), 0).rendered() for ms in rng.choice(TRAINING_MS, n)],
         "timestamp": rng.integers(1_600_000_000, 1_700_000_000, n),
     })
 
@@ -56,10 +83,15 @@ NUMERIC = st.one_of(st.none(), NA_TEXT, NUMBER, NUMBER.map(lambda v: f" {v!r} ")
 CATEGORY = st.one_of(st.none(), NA_TEXT, st.sampled_from(["tcp", "udp", "icmp", " tcp ", "gre", "TCP"]),
                      st.integers(0, 99), st.integers(0, 99).map(lambda v: v + 0.5), st.integers(0, 9).map(float),
                      st.text(alphabet="ab,\" \n", min_size=1, max_size=4))
+SEEN = st.one_of(st.none(), NA_TEXT, st.builds(Instant, st.sampled_from(TRAINING_MS), st.integers(0, 3)),
+                 st.builds(Instant, st.integers(1_600_000_000_000, 1_800_000_000_000), st.integers(0, 3)))
 TIMESTAMP = st.one_of(st.none(), st.sampled_from(["9999-12-31T23:59:59-12:00", 1e20, -1e12, 2**62, "not a time"]),
                       st.integers(0, 2_000_000_000))
 ROW = st.fixed_dictionaries({"bytes": NUMERIC, "count": NUMERIC, "flag": NUMERIC, "proto": CATEGORY,
-                             "timestamp": TIMESTAMP})
+                             "seen": SEEN, "timestamp": TIMESTAMP})
+#: How Parquet holds the instants: a timestamp column's unit and time zone (none: UTC).
+PARQUET_TIME = st.sampled_from([("ms", None), ("us", None), ("ns", "UTC"), ("ms", "Asia/Kolkata")])
+_TICKS = {"ms": 1, "us": 10**3, "ns": 10**6}
 
 
 def csv_text(value: Any) -> str:
@@ -67,17 +99,25 @@ def csv_text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def write(rows: list[dict[str, Any]], path: Path) -> None:
+def plain(row: dict[str, Any]) -> dict[str, Any]:
+    """The row as JSON and CSV carry it: instants rendered."""
+    return {c: v.rendered() if isinstance(v, Instant) else v for c, v in row.items()}
+
+
+def write(rows: list[dict[str, Any]], path: Path, parquet_time: tuple[str, str | None] = ("ms", None)) -> None:
     if path.suffix == ".jsonl":
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        path.write_text("".join(json.dumps(plain(r)) + "\n" for r in rows))
     elif path.suffix == ".csv":
         with path.open("w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(COLUMNS)
-            writer.writerows([[csv_text(r[c]) for c in COLUMNS] for r in rows])
-    else:  # Parquet with text columns, as many exporters write mixed data
-        pd.DataFrame({c: pd.array([None if r[c] is None else str(r[c]) for r in rows], dtype="string")
-                      for c in COLUMNS}).to_parquet(path)
+            writer.writerows([[csv_text(plain(r)[c]) for c in COLUMNS] for r in rows])
+    else:  # Parquet with text columns, as many exporters write mixed data, and instants in a timestamp column
+        unit, tz = parquet_time
+        instants = [r["seen"].ms * _TICKS[unit] if isinstance(r["seen"], Instant) else None for r in rows]
+        pq.write_table(pa.table({c: pa.array(instants, pa.timestamp(unit, tz)) if c == "seen" else
+                                 pa.array([None if r[c] is None else str(r[c]) for r in rows], pa.string())
+                                 for c in COLUMNS}), path)
 
 
 def score_file(bundle: Bundle, path: Path) -> tuple[int, pd.DataFrame | None]:
@@ -87,7 +127,8 @@ def score_file(bundle: Bundle, path: Path) -> tuple[int, pd.DataFrame | None]:
 
 
 def worker_scores(bundle: Bundle, rows: list[dict[str, Any]]) -> tuple[dict[int, float], dict[int, bool], set[int]]:
-    records = [Record("events", 0, i, None, json.dumps(r).encode(), timestamp_ms=2**62) for i, r in enumerate(rows)]
+    records = [Record("events", 0, i, None, json.dumps(plain(r)).encode(), timestamp_ms=2**62)
+               for i, r in enumerate(rows)]
     result = Pipeline(bundle).process(records)
     dead = {d.record.offset for d in result.dead_letters}
     scored = [i for i in range(len(rows)) if i not in dead]
@@ -97,9 +138,11 @@ def worker_scores(bundle: Bundle, rows: list[dict[str, Any]]) -> tuple[dict[int,
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.lists(ROW, min_size=1, max_size=15).filter(lambda rows: any(
-    any(r[c] not in (None, "", "NA", "n/a", "None", "null", "NaN", " NULL ") for c in COLUMNS[:4]) for r in rows)))
+    any(r[c] not in (None, "", "NA", "n/a", "None", "null", "NaN", " NULL ") for c in COLUMNS[:4]) for r in rows)),
+       parquet_time=PARQUET_TIME)
 def test_a_row_scores_the_same_in_every_file_format_and_in_the_worker(
-        bundle: Bundle, tmp_path_factory: pytest.TempPathFactory, rows: list[dict[str, Any]]) -> None:
+        bundle: Bundle, tmp_path_factory: pytest.TempPathFactory, rows: list[dict[str, Any]],
+        parquet_time: tuple[str, str | None]) -> None:
     directory = tmp_path_factory.mktemp("rows")
     _, _, dead = worker_scores(bundle, rows)
     if dead:  # rows without any feature value: the worker dead-letters them, anomaly-score refuses the file
@@ -110,7 +153,7 @@ def test_a_row_scores_the_same_in_every_file_format_and_in_the_worker(
     assert not dead
     for suffix in (".csv", ".jsonl", ".parquet"):
         path = directory / f"rows{suffix}"
-        write(rows, path)
+        write(rows, path, parquet_time)
         code, out = score_file(bundle, path)
         assert code == 0 and out is not None, f"{suffix}: anomaly-score refused rows the worker scored"
         np.testing.assert_allclose(out["score"].to_numpy(), [scores[i] for i in range(len(rows))], rtol=2e-6,
