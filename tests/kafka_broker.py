@@ -12,10 +12,14 @@ Example::
     with kafka_bootstrap() as bootstrap:
         topic = unique_topic("events")
         create_topics(bootstrap, [topic])
+
+`secured_kafka()` always uses the launcher: one broker with a SASL_SSL listener (SCRAM-SHA-512) and ACLs
+enforced, whose `SecuredKafka` adds SCRAM users and ACLs through its admin principal.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -27,6 +31,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -106,10 +111,11 @@ def _local_kafka(attempts: int = 3) -> Iterator[str]:
             _run_launcher(["stop", "--dir", run_dir], env, timeout=120)
 
 
-def _start_local(run_dir: str, env: dict[str, str], attempts: int) -> str:
+def _start_local(run_dir: str, env: dict[str, str], attempts: int, *options: str) -> str:
+    """The last stdout line of `kafka-local.sh start OPTIONS` on free ports (retried if one is taken)."""
     for attempt in range(1, attempts + 1):
         port, controller_port = _free_ports(2)
-        args = ["start", "--dir", run_dir, "--port", str(port), "--controller-port", str(controller_port)]
+        args = ["start", *options, "--dir", run_dir, "--port", str(port), "--controller-port", str(controller_port)]
         try:
             return _run_launcher(args, env, timeout=180).strip().splitlines()[-1]
         except LauncherError as e:
@@ -117,6 +123,98 @@ def _start_local(run_dir: str, env: dict[str, str], attempts: int) -> str:
             if "already in use" not in e.stderr or attempt == attempts:
                 raise
     raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class Acl:
+    """One ALLOW rule: `operation` on resource `resource_type` `name` (a literal name, or a prefix)."""
+
+    resource_type: str  # TOPIC, GROUP, TRANSACTIONAL_ID, CLUSTER
+    name: str
+    operation: str      # READ, WRITE, DESCRIBE, ...
+    prefixed: bool = False
+
+
+@dataclass(frozen=True)
+class SecuredKafka:
+    """A running SASL_SSL broker with ACLs enforced, and what a client needs to reach it."""
+
+    bootstrap: str
+    cafile: str
+    mechanism: str
+    admin_user: str
+    admin_password: str = field(repr=False)
+
+    def client_flags(self, user: str, password_file: Path) -> list[str]:
+        """Worker/anomaly-replay/anomaly-train flags for `user` (the password is read from the file)."""
+        return ["--bootstrap-servers", self.bootstrap, "--security-protocol", "SASL_SSL", "--sasl-mechanism",
+                self.mechanism, "--sasl-username", user, "--sasl-password-file", str(password_file),
+                "--ssl-cafile", self.cafile]
+
+    def kafka_python(self, user: str | None = None, password: str | None = None) -> dict[str, object]:
+        """kafka-python client options (default: the admin principal, which is a super user)."""
+        return {"bootstrap_servers": self.bootstrap, "security_protocol": "SASL_SSL", "sasl_mechanism": self.mechanism,
+                "sasl_plain_username": user or self.admin_user, "sasl_plain_password": password or self.admin_password,
+                "ssl_cafile": self.cafile}
+
+    def librdkafka(self, user: str | None = None, password: str | None = None) -> dict[str, str | int | float | bool]:
+        """confluent-kafka configuration (default: the admin principal)."""
+        return {"bootstrap.servers": self.bootstrap, "security.protocol": "SASL_SSL", "sasl.mechanism": self.mechanism,
+                "sasl.username": user or self.admin_user, "sasl.password": password or self.admin_password,
+                "ssl.ca.location": self.cafile}
+
+    def add_user(self, user: str, password: str, acls: Iterable[Acl] = ()) -> None:
+        """Create (or update) SCRAM user `user` and allow it exactly `acls`, both through the admin API."""
+        from confluent_kafka.admin import (
+            AclBinding,
+            AclOperation,
+            AclPermissionType,
+            AdminClient,
+            ResourcePatternType,
+            ResourceType,
+            ScramCredentialInfo,
+            ScramMechanism,
+            UserScramCredentialUpsertion,
+        )
+
+        admin = AdminClient(self.librdkafka())
+        mechanism = ScramMechanism[self.mechanism.replace("-", "_")]
+        upsert = UserScramCredentialUpsertion(user, ScramCredentialInfo(mechanism, 4096), password.encode())
+        for future in admin.alter_user_scram_credentials([upsert], request_timeout=30).values():
+            future.result()
+        bindings = [AclBinding(ResourceType[a.resource_type], a.name,
+                               ResourcePatternType.PREFIXED if a.prefixed else ResourcePatternType.LITERAL,
+                               f"User:{user}", "*", AclOperation[a.operation], AclPermissionType.ALLOW)
+                    for a in acls]
+        if bindings:
+            for future in admin.create_acls(bindings, request_timeout=30).values():
+                future.result()
+
+    def create_topics(self, names: Iterable[str], partitions: int = 3) -> list[str]:
+        """Create topics as the admin principal and wait until every partition has a leader."""
+        names = list(names)
+        admin = KafkaAdminClient(client_id="tests-create-topics", **self.kafka_python())  # type: ignore[arg-type]
+        try:
+            admin.create_topics({name: {"num_partitions": partitions} for name in names}, timeout_ms=30_000)
+            admin.wait_for_topics(names, timeout_ms=30_000)
+        finally:
+            admin.close()
+        return names
+
+
+@contextmanager
+def secured_kafka(attempts: int = 3) -> Iterator[SecuredKafka]:
+    """Run `kafka-local.sh start --secure` on free ports in a temporary directory; stop it afterwards."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    _run_launcher(["fetch"], env, timeout=900)
+    with tempfile.TemporaryDirectory(prefix="kafka-secure-test-") as run_dir:
+        try:
+            client = json.loads(_start_local(run_dir, env, attempts, "--secure"))
+            yield SecuredKafka(bootstrap=client["bootstrap_servers"], cafile=client["ssl_cafile"],
+                               mechanism=client["sasl_mechanism"], admin_user=client["admin_username"],
+                               admin_password=Path(client["admin_password_file"]).read_text().strip())
+        finally:
+            _run_launcher(["stop", "--dir", run_dir], env, timeout=120)
 
 
 def _run_launcher(args: list[str], env: dict[str, str], timeout: float) -> str:

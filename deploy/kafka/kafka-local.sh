@@ -4,6 +4,7 @@
 #
 #   kafka-local.sh fetch                                   # jars -> deploy/kafka/libs/ (once)
 #   kafka-local.sh start [--nodes 1|3] [--dir DIR] [--port PORT] [--controller-port PORT] [--keep]
+#   kafka-local.sh start --secure [--dir DIR] [--port PORT] [--controller-port PORT]
 #   kafka-local.sh start-node --node N [--dir DIR]            # relaunch one stopped/killed node
 #   kafka-local.sh stop [--dir DIR]
 #   kafka-local.sh status [--dir DIR]
@@ -12,22 +13,29 @@
 # broker comes back with its topics and offsets), starts the node(s) in the background, waits until
 # every broker answers Kafka requests and prints the bootstrap servers as the last line of stdout
 # (progress goes to stderr), so `BOOTSTRAP=$(kafka-local.sh start)` works.
+# `start --secure`: one node whose client listener is SASL_SSL (SCRAM-SHA-512, a CA and a broker
+# certificate for 127.0.0.1/localhost made at start with openssl) with ACLs enforced (StandardAuthorizer,
+# super users `broker` and `admin`, nothing allowed without an ACL). It writes DIR/secure/client.json
+# (bootstrap, protocol, mechanism, CA file, admin user and password file) and prints it as the last
+# line of stdout, so `CLIENT=$(kafka-local.sh start --secure)` works.
 # `start-node` brings back ONE node of a running cluster (one that was killed, e.g. by a fault test)
 # with its existing config and storage, and waits until it answers and sees every running node.
-# Environment: PYTHON (readiness check), KAFKA_HEAP_OPTS, KAFKA_JVM_OPTS, KAFKA_START_TIMEOUT
-# (seconds, default 90), KAFKA_STOP_TIMEOUT (default 30), MAVEN_OPTS (honoured by mvn).
+# Environment: PYTHON (readiness check; --secure needs its kafka-python), KAFKA_HEAP_OPTS, KAFKA_JVM_OPTS,
+# KAFKA_START_TIMEOUT (seconds, default 90), KAFKA_STOP_TIMEOUT (default 30), MAVEN_OPTS (honoured by mvn).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$HERE/../.." && pwd)"
 LIBS="$HERE/libs"
 DEFAULT_DIR="$REPO_ROOT/.run/kafka"
+# Set by `start --secure`: the directory holding certificates, passwords and client.json.
+SECURE_DIR=""
 
 log() { echo "kafka-local: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 usage() {
-    sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -114,11 +122,15 @@ write_node_config() {
         else
             echo "controller.quorum.voters=$voters"
         fi
-        echo "listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport"
-        echo "advertised.listeners=PLAINTEXT://127.0.0.1:$port"
-        echo "controller.listener.names=CONTROLLER"
-        echo "inter.broker.listener.name=PLAINTEXT"
-        echo "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+        if [[ -n "$SECURE_DIR" ]]; then
+            secure_listener_config "$port" "$cport"
+        else
+            echo "listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport"
+            echo "advertised.listeners=PLAINTEXT://127.0.0.1:$port"
+            echo "controller.listener.names=CONTROLLER"
+            echo "inter.broker.listener.name=PLAINTEXT"
+            echo "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+        fi
         echo "log.dirs=$node_dir/data"
         echo "num.partitions=3"
         echo "default.replication.factor=$rf"
@@ -140,6 +152,72 @@ write_node_config() {
         echo "controlled.shutdown.enable=$controlled_shutdown"
         echo "log.retention.hours=24"
     } >"$node_dir/server.properties"
+    # A secure node's config holds the broker's passwords.
+    [[ -z "$SECURE_DIR" ]] || chmod 600 "$node_dir/server.properties"
+}
+
+# ------------------------------------------------------------------------------------ --secure
+
+random_password() {
+    # Letters and digits only: the password goes into JAAS and --add-scram strings unquoted.
+    head -c 24 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 24
+}
+
+# Makes $SECURE_DIR afresh: a CA, a broker certificate for 127.0.0.1/localhost signed by it (PKCS12
+# keystore), the broker and admin passwords, and client.json for bootstrap servers $1.
+make_secure_dir() {
+    local bootstrap="$1" d="$SECURE_DIR"
+    command -v openssl >/dev/null || die "openssl not found; --secure makes its certificates with it"
+    rm -rf "$d"
+    mkdir -p "$d"
+    chmod 700 "$d"
+    log "making a CA and a broker certificate in $d"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=kafka-local test CA" \
+        -keyout "$d/ca.key" -out "$d/ca.pem" -addext "basicConstraints=critical,CA:TRUE" \
+        -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout "$d/broker.key" -out "$d/broker.csr" \
+        2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n' >"$d/broker.ext"
+    openssl x509 -req -in "$d/broker.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial -days 30 \
+        -extfile "$d/broker.ext" -out "$d/broker.pem" 2>/dev/null
+    random_password >"$d/keystore.password"
+    random_password >"$d/broker.password"
+    random_password >"$d/admin.password"
+    openssl pkcs12 -export -in "$d/broker.pem" -inkey "$d/broker.key" -certfile "$d/ca.pem" -name broker \
+        -out "$d/broker.p12" -passout "file:$d/keystore.password"
+    rm -f "$d/broker.csr" "$d/broker.ext" "$d/ca.srl"
+    chmod 600 "$d"/*.key "$d"/*.password "$d/broker.p12"
+    "$(python_bin)" -c 'import json, sys; print(json.dumps(dict(zip(sys.argv[1::2], sys.argv[2::2]))))' \
+        bootstrap_servers "$bootstrap" security_protocol SASL_SSL sasl_mechanism SCRAM-SHA-512 \
+        ssl_cafile "$d/ca.pem" admin_username admin admin_password_file "$d/admin.password" >"$d/client.json"
+}
+
+# The listener part of a --secure node's server.properties (client port $1, controller port $2).
+secure_listener_config() {
+    local port="$1" cport="$2" d="$SECURE_DIR" broker_pw
+    broker_pw="$(cat "$d/broker.password")"
+    echo "listeners=SASL_SSL://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport"
+    echo "advertised.listeners=SASL_SSL://127.0.0.1:$port"
+    echo "controller.listener.names=CONTROLLER"
+    echo "inter.broker.listener.name=SASL_SSL"
+    # The controller listener authenticates too (PLAIN: KRaft controllers cannot use SCRAM, whose
+    # credentials live in the metadata they serve); an open one would let anyone act as the cluster.
+    echo "listener.security.protocol.map=SASL_SSL:SASL_SSL,CONTROLLER:SASL_PLAINTEXT"
+    echo "sasl.enabled.mechanisms=SCRAM-SHA-512"
+    echo "sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512"
+    echo "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username=\"broker\" password=\"$broker_pw\";"
+    echo "sasl.mechanism.controller.protocol=PLAIN"
+    echo "listener.name.controller.sasl.enabled.mechanisms=PLAIN"
+    echo "listener.name.controller.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required username=\"broker\" password=\"$broker_pw\" user_broker=\"$broker_pw\";"
+    echo "ssl.keystore.type=PKCS12"
+    echo "ssl.keystore.location=$d/broker.p12"
+    echo "ssl.keystore.password=$(cat "$d/keystore.password")"
+    echo "ssl.truststore.type=PEM"
+    echo "ssl.truststore.location=$d/ca.pem"
+    echo "ssl.endpoint.identification.algorithm=https"
+    echo "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer"
+    echo "super.users=User:broker;User:admin"
+    echo "allow.everyone.if.no.acl.found=false"
 }
 
 # True if every node directory of $1 (for $2 nodes) holds formatted KRaft storage.
@@ -155,6 +233,7 @@ format_storage() {
     local dir="$1" nodes="$2" port="$3" cport="$4" voters="$5" cluster_id nd i
     # A test broker starts empty: stale data from an earlier run would hide bugs.
     rm -rf "$dir"/node-* "$dir/bootstrap"
+    [[ -n "$SECURE_DIR" ]] || rm -rf "$dir/secure"
     cluster_id="$(new_cluster_id)"
     log "formatting $nodes node(s) in $dir (cluster id $cluster_id)"
     local -a format_pids=()
@@ -164,6 +243,11 @@ format_storage() {
         write_node_config "$nd" $((i + 1)) $((port + i)) $((cport + i)) "$nodes" "$voters"
         local -a standalone=()
         (( nodes == 1 )) && standalone=(--standalone)
+        if [[ -n "$SECURE_DIR" ]]; then
+            # SCRAM users exist from the first start (KRaft stores them in the metadata log).
+            standalone+=(--add-scram "SCRAM-SHA-512=[name=broker,password=$(cat "$SECURE_DIR/broker.password")]"
+                         --add-scram "SCRAM-SHA-512=[name=admin,password=$(cat "$SECURE_DIR/admin.password")]")
+        fi
         java -Xmx256m -XX:TieredStopAtLevel=1 -XX:+UseSerialGC \
             -Dkafka.logs.dir="$nd/logs" -Dlog4j2.configurationFile="$HERE/log4j2.properties" \
             -cp "$LIBS/*" kafka.tools.StorageTool format \
@@ -196,11 +280,12 @@ launch_node() {
 }
 
 cmd_start() {
-    local nodes=1 dir="$DEFAULT_DIR" port=9092 cport="" keep=0
+    local nodes=1 dir="$DEFAULT_DIR" port=9092 cport="" keep=0 secure=0
     while (( $# )); do
         case "$1" in
             --nodes) nodes="${2:?--nodes needs a value}"; shift 2 ;;
             --keep) keep=1; shift ;;
+            --secure) secure=1; shift ;;
             --dir) dir="${2:?--dir needs a value}"; shift 2 ;;
             --port) port="${2:?--port needs a value}"; shift 2 ;;
             --controller-port) cport="${2:?--controller-port needs a value}"; shift 2 ;;
@@ -209,6 +294,10 @@ cmd_start() {
         esac
     done
     [[ "$nodes" == 1 || "$nodes" == 3 ]] || die "--nodes must be 1 or 3, got $nodes"
+    if (( secure )); then
+        (( nodes == 1 )) || die "--secure runs one node, got --nodes $nodes"
+        (( keep == 0 )) || die "--secure makes new certificates and users on every start; --keep is not supported"
+    fi
     [[ "$port" =~ ^[0-9]+$ ]] || die "--port must be a number, got $port"
     cport="${cport:-$((port + 100))}"
     [[ "$cport" =~ ^[0-9]+$ ]] || die "--controller-port must be a number, got $cport"
@@ -229,10 +318,13 @@ cmd_start() {
         [[ -n "$(node_pid "$nd")" ]] && running=$((running + 1))
     done
     if (( running > 0 )); then
-        if [[ -f "$dir/bootstrap" && "$(cat "$dir/bootstrap")" == "$bootstrap" ]] && (( running == nodes )); then
+        local was_secure=0
+        [[ -f "$dir/secure/client.json" ]] && was_secure=1
+        if [[ -f "$dir/bootstrap" && "$(cat "$dir/bootstrap")" == "$bootstrap" ]] && (( running == nodes )) \
+                && (( was_secure == secure )); then
             log "already running in $dir"
             wait_ready "$dir" "$bootstrap" "$nodes"
-            echo "$bootstrap"
+            start_output "$dir" "$bootstrap"
             return 0
         fi
         die "a different Kafka is running in $dir ($running node(s)); run: $0 stop --dir $dir"
@@ -254,6 +346,10 @@ cmd_start() {
         done
     else
         if (( keep )); then log "--keep: no formatted storage for $nodes node(s) in $dir; formatting it"; fi
+        if (( secure )); then
+            SECURE_DIR="$dir/secure"
+            make_secure_dir "$bootstrap"
+        fi
         format_storage "$dir" "$nodes" "$port" "$cport" "$voters"
     fi
 
@@ -274,7 +370,12 @@ cmd_start() {
     fi
     log "ready in $(awk -v s="$started_at" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')s;" \
         "logs: $dir/node-*/logs/server.log"
-    echo "$bootstrap"
+    start_output "$dir" "$bootstrap"
+}
+
+# The last line of `start`: client.json for a --secure broker, else the bootstrap servers $2.
+start_output() {
+    if [[ -f "$1/secure/client.json" ]]; then cat "$1/secure/client.json"; else echo "$2"; fi
 }
 
 # Polls (short waits between checks) until every broker of $2 (comma-separated) answers a Kafka
@@ -287,7 +388,7 @@ wait_ready() {
         for nd in $(node_dirs "$dir"); do pids+="${pids:+,}$(cat "$nd/kafka.pid")"; done
     fi
     "$(python_bin)" - "$bootstrap" "$nodes" "$pids" "${KAFKA_START_TIMEOUT:-90}" "$dir" <<'PY'
-import glob, logging, os, socket, sys, time
+import glob, json, logging, os, socket, sys, time
 
 bootstrap, nodes, pids, timeout, run_dir = sys.argv[1:6]
 addrs, nodes, deadline = bootstrap.split(","), int(nodes), time.monotonic() + float(timeout)
@@ -298,6 +399,21 @@ try:
 except ImportError:
     KafkaAdminClient = KafkaConfigurationError = None
     print("kafka-local: kafka-python not importable; readiness = port open + log line", file=sys.stderr)
+
+def security():
+    """kafka-python options for a --secure broker (its admin user), else none."""
+    try:
+        with open(os.path.join(run_dir, "secure", "client.json")) as f:
+            client = json.load(f)
+    except FileNotFoundError:
+        return {}
+    with open(client["admin_password_file"]) as f:
+        password = f.read().strip()
+    return {"security_protocol": client["security_protocol"], "sasl_mechanism": client["sasl_mechanism"],
+            "sasl_plain_username": client["admin_username"], "sasl_plain_password": password,
+            "ssl_cafile": client["ssl_cafile"]}
+
+SECURITY = security()
 
 def alive(pid):
     try:
@@ -314,7 +430,7 @@ def ready(addr):
         logs = glob.glob(os.path.join(run_dir, "node-*", "logs", "server.log"))
         return sum("Kafka Server started" in open(p, errors="replace").read() for p in logs) >= nodes
     admin = KafkaAdminClient(bootstrap_servers=addr, request_timeout_ms=5000,
-                             bootstrap_timeout_ms=2000, client_id="kafka-local-ready")
+                             bootstrap_timeout_ms=2000, client_id="kafka-local-ready", **SECURITY)
     try:
         return len(admin.describe_cluster()["brokers"]) >= nodes
     finally:
@@ -360,7 +476,7 @@ cmd_start_node() {
     [[ -f "$nd/server.properties" && -f "$nd/data/meta.properties" ]] \
         || die "no formatted node $node in $dir; start the cluster first ($0 start --dir $dir)"
     local port pid started_at
-    port="$(sed -n 's|^listeners=PLAINTEXT://127.0.0.1:\([0-9]*\),.*|\1|p' "$nd/server.properties")"
+    port="$(sed -n 's|^listeners=[A-Z_]*://127.0.0.1:\([0-9]*\),.*|\1|p' "$nd/server.properties")"
     [[ -n "$port" ]] || die "cannot read the client port of node $node from $nd/server.properties"
     started_at=$(date +%s.%N)
     pid="$(node_pid "$nd")"
