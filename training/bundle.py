@@ -11,17 +11,20 @@ Layout of a bundle directory (format 1)::
     report/                report.html and PNG plots (informational)
 
 Every file except the manifest is listed in the manifest with its SHA-256; loading refuses a bundle
-with an unlisted, missing or changed file, a schema hash or format version that does not match, or a
-value out of range (threshold, histogram). `write_bundle` replaces only a bundle it wrote itself.
+with an unlisted, missing or changed file, a symbolic link or special file anywhere in its tree, a schema
+hash or format version that does not match, or a value out of range (feature statistics, threshold,
+histogram). `write_bundle` replaces only a bundle it wrote itself.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import platform
 import shutil
+import stat
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -120,9 +123,34 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
+def _bundle_files(root: Path) -> list[str]:
+    """Relative paths of every file under `root`, which may hold only folders and regular files.
+
+    A symbolic link (to a file or a folder, inside the bundle or not) or a special file (a FIFO, a device)
+    anywhere in the tree is refused: everything a bundle is read from lies inside it, and is what was hashed.
+    """
+    def fail(exc: OSError) -> None:
+        raise BundleError(f"{exc.filename}: cannot be read ({exc.strerror}); copy the bundle again") from exc
+
+    files = []
+    for folder, dirs, names in os.walk(root, onerror=fail):
+        for name in sorted([*dirs, *names]):
+            path = Path(folder) / name
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                raise BundleError(f"{path} is a symbolic link; a bundle holds only its own files and folders. "
+                                  f"Copy the bundle again (cp -rL dereferences links) or retrain")
+            if name in names and not stat.S_ISREG(mode):
+                raise BundleError(f"{path} is not a regular file; a bundle holds only files and folders. "
+                                  f"Remove it, or copy the bundle again")
+            if name in names:
+                files.append(path.relative_to(root).as_posix())
+    return sorted(files)
+
+
 def _file_hashes(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): _sha256(p)
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    """SHA-256 of every file of the bundle at `root` except its manifest (see `_bundle_files`)."""
+    return {name: _sha256(root / name) for name in _bundle_files(root) if name != MANIFEST}
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
@@ -191,28 +219,49 @@ def check_replaceable(out_dir: Path) -> None:
     folder with anything else in it (a project, a bundle someone added notes to) is never replaced.
     """
     if not out_dir.exists():
+        check_creatable(out_dir, "--out")
         return
     if not out_dir.is_dir():
         raise BundleError(f"{out_dir} is a file; --out must name a new directory or an existing model bundle")
     if not any(out_dir.iterdir()):
         return
     try:
+        files = _bundle_files(out_dir)
         manifest = load_manifest(out_dir)
     except BundleError as exc:
         raise BundleError(f"{out_dir} exists and is not a model bundle ({exc}); choose a new or empty "
                           f"directory for --out") from None
-    foreign = sorted(set(_file_hashes(out_dir)) - set(manifest.files))
+    foreign = sorted(set(files) - set(manifest.files) - {MANIFEST})
     if foreign:
         raise BundleError(f"{out_dir} holds files the bundle did not write ({', '.join(foreign[:3])}); it is not "
                           f"replaced. Choose another --out, or move those files away")
 
 
+def check_creatable(path: Path, option: str) -> None:
+    """Refuse, before any work, a new `path` that cannot be made: its nearest existing ancestor must be a
+    folder we may write in."""
+    for ancestor in path.absolute().parents:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise BundleError(f"{option} {path}: {ancestor} is a file, not a directory; choose a path in a "
+                                  f"directory")
+            if not os.access(ancestor, os.W_OK | os.X_OK):
+                raise BundleError(f"{option} {path}: {ancestor} is not writable; choose a directory you can write")
+            return
+
+
 def _read_json(path: Path) -> dict[str, Any]:
+    """The one reader of a bundle's JSON files: any way a file fails to parse is a `BundleError`."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError as exc:
         raise BundleError(f"{path} is missing; the bundle is incomplete, retrain the model") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise BundleError(f"{path} cannot be read ({exc.strerror}); copy the bundle again or retrain") from exc
+    except RecursionError as exc:
+        raise BundleError(f"{path} is not valid JSON (nested too deeply); the bundle is corrupt, retrain the "
+                          f"model") from exc
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4,300 digits
         raise BundleError(f"{path} is not valid JSON ({exc}); the bundle is corrupt, retrain the model") from exc
     if not isinstance(data, dict):
         raise BundleError(f"{path} must hold a JSON object; the bundle is corrupt, retrain the model")
@@ -261,8 +310,8 @@ def load_bundle(path: Path, expected_schema_sha256: str | None = None) -> Bundle
     path = Path(path)
     if not path.is_dir():
         raise BundleError(f"{path}: no model bundle here; train one with anomaly-train --out {path}")
+    actual = _file_hashes(path)  # first: refuses links and special files before any file is read
     manifest = load_manifest(path)
-    actual = _file_hashes(path)
     for name in REQUIRED_FILES:
         if name not in manifest.files:
             raise BundleError(f"{path / MANIFEST}: does not list {name}; every bundle file must be listed and "
@@ -278,7 +327,11 @@ def load_bundle(path: Path, expected_schema_sha256: str | None = None) -> Bundle
         if actual[name] != digest:
             raise BundleError(f"{path}: file {name} does not match its hash in the manifest (modified or "
                               f"corrupt); copy the bundle again or retrain")
-    schema = FeatureSchema.from_dict(_read_json(path / FEATURES))
+    features = _read_json(path / FEATURES)
+    try:
+        schema = FeatureSchema.from_dict(features)
+    except BundleError as exc:
+        raise BundleError(f"{path / FEATURES}: {exc}") from exc
     if schema.schema_hash() != manifest.schema_sha256:
         raise BundleError(f"{path}: features.json does not match the manifest's schema hash; retrain the model")
     if expected_schema_sha256 is not None and manifest.schema_sha256 != expected_schema_sha256:
@@ -333,7 +386,11 @@ class Destination:
     def check(self) -> None:
         """Refuse early, before any training, a destination that write() would refuse."""
         if self.repository:
-            if self.path.exists() and any(self.path.iterdir()) and not is_repository(self.path):
+            if not self.path.exists():
+                check_creatable(self.path, "--repo")
+            elif not self.path.is_dir():
+                raise BundleError(f"--repo {self.path} is a file; name a new directory or a model repository")
+            elif any(self.path.iterdir()) and not is_repository(self.path):
                 raise BundleError(f"{self.path} exists and is not a model repository (no {VERSIONS}/ folder); "
                                   f"choose a new or empty directory for --repo")
         else:
@@ -360,20 +417,63 @@ def write_to_repository(repo: Path, contents: BundleContents) -> tuple[Path, Man
     manifest = write_bundle(incoming, contents)
     final = versions / manifest.model_version
     try:
+        if os.path.lexists(final):  # rename() would replace an empty folder or follow nothing; say so instead
+            raise FileExistsError(errno.EEXIST, "exists already", str(final))
         os.rename(incoming, final)
-    except OSError:
+    except OSError as exc:
         shutil.rmtree(incoming, ignore_errors=True)
-        raise
+        raise BundleError(f"{repo}: cannot add version {manifest.model_version} ({exc.strerror}: {final})") from exc
     return final, manifest
 
 
 def current_version(repo: Path) -> str | None:
-    """The promoted version's name, or None before the first promotion."""
+    """The promoted version's name, or None before the first promotion.
+
+    `CURRENT` must be a regular file naming a version folder inside `REPO/versions/` (see `version_path`);
+    anything else (a path out of the repository, a link) is refused, never followed.
+    """
+    where = Path(repo) / CURRENT
     try:
-        text = (Path(repo) / CURRENT).read_text().strip()
+        if not stat.S_ISREG(where.lstat().st_mode):
+            raise BundleError(f"{where} is not a regular file; promote a version with anomaly-promote --repo {repo} "
+                              f"VERSION")
+        text = where.read_text().strip()
     except FileNotFoundError:
         return None
-    return text or None
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{where} cannot be read ({exc}); promote a version with anomaly-promote --repo {repo} "
+                          f"VERSION") from exc
+    if not text:
+        return None
+    version_path(repo, text, source=CURRENT)
+    return text
+
+
+def version_path(repo: Path, version: str, source: str = "") -> Path:
+    """`REPO/versions/<version>`, refused unless `version` is one folder name (not hidden, not a path) and that
+    folder exists inside the repository (a symbolic link is refused: it can point anywhere).
+
+    `source` names where the version came from (CURRENT) for the message."""
+    repo = Path(repo)
+    named = f"{source} names {version[:80]!r}" if source else f"{version!r}"
+    if not version or "\0" in version or Path(version).name != version or version.startswith("."):
+        raise BundleError(f"{repo}: {named}, which is not a version name (a folder under {repo / VERSIONS}); "
+                          f"promote a version with anomaly-promote --repo {repo} VERSION")
+    path = repo / VERSIONS / version
+    try:
+        mode = path.lstat().st_mode
+    except OSError:
+        mode = 0
+    if stat.S_ISLNK(mode):
+        raise BundleError(f"{repo}: {named}, which is a symbolic link; a version is a folder inside "
+                          f"{repo / VERSIONS}, copy the bundle there instead")
+    if not stat.S_ISDIR(mode):
+        known = sorted(p.name for p in (repo / VERSIONS).iterdir() if not p.name.startswith(".")) \
+            if is_repository(repo) else []
+        missing = f"{named}, but there is no such version" if source else f"no version {named}"
+        raise BundleError(f"{repo}: {missing}; versions are {', '.join(known[-5:]) or 'none'} (promote one with "
+                          f"anomaly-promote)")
+    return path
 
 
 def resolve_model(path: Path) -> Path:
@@ -385,7 +485,12 @@ def resolve_model(path: Path) -> Path:
     if version is None:
         raise BundleError(f"{path}: the repository has no current version yet; promote one with "
                           f"anomaly-promote --repo {path} VERSION")
-    return path / VERSIONS / version
+    return version_path(path, version)
+
+
+def load_model(path: Path, expected_schema_sha256: str | None = None) -> Bundle:
+    """`load_bundle` of a bundle directory, or of a repository's current version (what `--model` accepts)."""
+    return load_bundle(resolve_model(path), expected_schema_sha256)
 
 
 def promote(repo: Path, version: str, reason: str = "promote") -> Manifest:
@@ -393,31 +498,57 @@ def promote(repo: Path, version: str, reason: str = "promote") -> Manifest:
     repo = Path(repo)
     if not is_repository(repo):
         raise BundleError(f"{repo} is not a model repository; train into one with anomaly-train --repo {repo}")
-    if not version or "/" in version or version.startswith("."):
-        raise BundleError(f"{version!r} is not a version name; list them with: ls {repo / VERSIONS}")
-    target = repo / VERSIONS / version
-    if not target.is_dir():
-        known = sorted(p.name for p in (repo / VERSIONS).iterdir() if not p.name.startswith("."))
-        raise BundleError(f"{repo}: no version {version!r}; versions are {', '.join(known[-5:]) or 'none'}")
-    manifest = load_bundle(target).manifest
-    tmp = repo / f".{CURRENT}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(version + "\n")
-    os.replace(tmp, repo / CURRENT)
-    with (repo / PROMOTIONS).open("a") as fh:
-        fh.write(json.dumps({"version": version, "at": datetime.now(UTC).isoformat(), "action": reason}) + "\n")
+    manifest = load_bundle(version_path(repo, version)).manifest
+    record = json.dumps({"version": version, "at": datetime.now(UTC).isoformat(), "action": reason}) + "\n"
+    try:
+        # O_NOFOLLOW: a link planted as promotions.jsonl must not make us append to the file it names.
+        fd = os.open(repo / PROMOTIONS, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK,
+                     0o644)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a regular file")
+    except OSError as exc:
+        raise BundleError(f"{repo / PROMOTIONS}: cannot be written ({exc.strerror}; it must be a regular file); "
+                          f"nothing was promoted") from exc
+    with os.fdopen(fd, "a") as history:
+        tmp = repo / f".{CURRENT}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.write_text(version + "\n")
+        os.replace(tmp, repo / CURRENT)  # replaces a link at CURRENT, never what it points to
+        history.write(record)
     return manifest
 
 
 def rollback(repo: Path) -> Manifest:
     """Promote the version that was current before the current one."""
     repo = Path(repo)
-    try:
-        lines = (repo / PROMOTIONS).read_text().splitlines()
-    except FileNotFoundError:
-        lines = []
-    history = [json.loads(line)["version"] for line in lines if line.strip()]
     current = current_version(repo)
+    history = _promotions(repo)
     previous = next((v for v in reversed(history) if v != current), None)
     if previous is None:
         raise BundleError(f"{repo}: no earlier promoted version to roll back to")
     return promote(repo, previous, reason="rollback")
+
+
+def _promotions(repo: Path) -> list[str]:
+    """The promoted versions in `REPO/promotions.jsonl`, oldest first; a line that is no record is refused."""
+    where = repo / PROMOTIONS
+    try:
+        lines = where.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{where} cannot be read ({exc}); promote a version by name instead") from exc
+    history = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except (ValueError, RecursionError):
+            entry = None
+        if not isinstance(entry, dict) or not isinstance(entry.get("version"), str):
+            raise BundleError(f"{where}, line {number}: not a promotion record (a JSON object with a \"version\"); "
+                              f"fix or delete that line, or promote a version by name: anomaly-promote --repo "
+                              f"{repo} VERSION")
+        history.append(entry["version"])
+    return history

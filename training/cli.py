@@ -134,6 +134,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         if args.promote and args.repo is None:
             raise ConfigError("--promote needs --repo (a bundle written with --out is used as it is)")
         destination = Destination(args.repo, repository=True) if args.repo else Destination(args.out)
+        destination.check()  # before reading any data (a Kafka window too): refused in a second, not after training
         config = TrainConfig(
             fit=FitConfig(hidden=args.hidden, epochs=args.epochs, batch_size=args.batch_size,
                           learning_rate=args.learning_rate, seed=args.seed,
@@ -195,7 +196,8 @@ def load_threshold(path: Path) -> float:
 
 def score_main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="anomaly-score", description="Score every row of a file with a bundle.")
-    p.add_argument("--model", type=Path, required=True, help="bundle directory written by anomaly-train")
+    p.add_argument("--model", type=Path, required=True,
+                   help="bundle directory written by anomaly-train, or a model repository (its current version)")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="CSV to write: one row per input row, same order")
     p.add_argument("--passthrough", nargs="+", default=[], metavar="COL",
@@ -204,11 +206,11 @@ def score_main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body() -> int:
-        from training.bundle import load_bundle
+        from training.bundle import load_model
         from training.data import check_columns, check_passthrough, encode_frame, iter_frames
 
         check_score_output(args.out, args.data)
-        bundle = load_bundle(args.model)
+        bundle = load_model(args.model)
         scorer = bundle.scorer
         allowed = [*bundle.passthrough_columns, *args.passthrough]
         started, rows, anomalies = time.perf_counter(), 0, 0
@@ -269,14 +271,20 @@ def promote_main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         from training.bundle import VERSIONS, current_version, is_repository, promote, rollback
+        from training.errors import BundleError
 
         if args.list:
             if not is_repository(args.repo):
                 raise ConfigError(f"{args.repo} is not a model repository")
-            current = current_version(args.repo)
+            try:
+                current, refused = current_version(args.repo), None
+            except BundleError as exc:  # list the versions to choose from all the same, then say what is wrong
+                current, refused = None, exc
             for path in sorted((args.repo / VERSIONS).iterdir()):
                 if not path.name.startswith("."):
                     print(f"{'*' if path.name == current else ' '} {path.name}")
+            if refused is not None:
+                raise refused
             return 0
         manifest = rollback(args.repo) if args.rollback else promote(args.repo, args.version)
         print(f"{args.repo}: current version is now {manifest.model_version}")
@@ -287,7 +295,8 @@ def promote_main(argv: Sequence[str] | None = None) -> int:
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="anomaly-evaluate", description="Evaluate a bundle on a labelled file.")
-    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--model", type=Path, required=True,
+                   help="bundle directory written by anomaly-train, or a model repository (its current version)")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--label-column", required=True)
     p.add_argument("--normal-value", required=True)
@@ -297,12 +306,12 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         from training import report
-        from training.bundle import load_bundle
+        from training.bundle import load_model
         from training.data import Labels, check_columns, encode_frame, read_frame
         from training.errors import DataError
         from training.evaluate import evaluate
 
-        bundle = load_bundle(args.model)
+        bundle = load_model(args.model)
         frame = read_frame(args.data)
         normal = Labels(args.label_column, args.normal_value).is_normal(frame, args.data)
         if normal.all():

@@ -273,25 +273,92 @@ class FeatureSchema:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FeatureSchema:
+        """Read a schema written by `to_dict`, range-checking every value (docs/bundle.md, "Loading")."""
         try:
             fields: list[Field] = []
             for item in data["fields"]:
                 if item["kind"] == NUMERIC:
-                    fields.append(NumericField(
-                        name=item["name"], log=bool(item["log"]), center=float(item["center"]),
-                        scale=float(item["scale"]), impute=float(item["impute"]),
-                        constant=bool(item.get("constant", False)),
-                        low=None if item.get("low") is None else float(item["low"]),
-                        high=None if item.get("high") is None else float(item["high"])))
+                    fields.append(_numeric_from_dict(item))
                 elif item["kind"] == CATEGORICAL:
-                    fields.append(CategoricalField(
-                        name=item["name"], vocabulary=tuple(str(v) for v in item["vocabulary"]),
-                        impute=str(item["impute"])))
+                    fields.append(_categorical_from_dict(item))
                 else:
                     raise BundleError(f"unknown field kind {item['kind']!r} for field {item.get('name')!r}")
-        except (KeyError, TypeError, ValueError) as exc:
+            return cls(fields=tuple(fields))
+        except (KeyError, TypeError, ValueError, ConfigError) as exc:
             raise BundleError(f"feature schema is malformed ({exc!r}); retrain the model") from exc
-        return cls(fields=tuple(fields))
+
+
+#: Relative slack for a statistic computed in floating point against the range it came from.
+_ROUNDING = 1e-9
+
+
+def _name(item: Mapping[str, Any]) -> str:
+    name = item["name"]
+    if not isinstance(name, str) or not name:
+        raise BundleError(f"a field name must be a non-empty string, got {name!r}; retrain the model")
+    return name
+
+
+def _finite(item: Mapping[str, Any], key: str, name: str) -> float:
+    value = item[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise BundleError(f"field {name!r}: {key} must be a finite number, got {value!r}; retrain the model")
+    return float(value)
+
+
+def _numeric_from_dict(item: Mapping[str, Any]) -> NumericField:
+    """A numeric field whose statistics `fit_numeric` could have learned from finite training values."""
+    name = _name(item)
+    center, scale, impute = (_finite(item, key, name) for key in ("center", "scale", "impute"))
+    low, high = (None if item.get(key) is None else _finite(item, key, name) for key in ("low", "high"))
+    f = NumericField(name=name, log=bool(item["log"]), center=center, scale=scale, impute=impute,
+                     constant=bool(item.get("constant", False)), low=low, high=high)
+    problem = _statistics_problem(f)
+    if problem is not None:
+        raise BundleError(f"field {name!r}: {problem}; retrain the model")
+    return f
+
+
+def _statistics_problem(f: NumericField) -> str | None:
+    """Why `f`'s statistics cannot come from its training values, or None.
+
+    The rule: scale > 0; impute (the median) lies in the training range [low, high]; after the log
+    transform (if any) the center (the mean) lies in that range, and the scale (the standard deviation)
+    is at most the range's width, or 1 (a constant column's), and at least a 1e-9th of it. Only a field
+    without values in training has no range, and it is constant with center 0 and scale 1.
+    """
+    if f.scale <= 0:
+        return f"scale must be positive, got {f.scale!r}"
+    if f.low is None or f.high is None:
+        if f.low is None and f.high is None and f.constant and f.center == 0.0 and f.scale == 1.0:
+            return None
+        return (f"low and high (the training range) are required unless the field had no values in training "
+                f"(then constant, center 0, scale 1); got low {f.low!r}, high {f.high!r}, center {f.center!r}, "
+                f"scale {f.scale!r}")
+    if f.low > f.high:
+        return f"low {f.low!r} is above high {f.high!r}"
+    if not f.low <= f.impute <= f.high:
+        return f"impute {f.impute!r} must lie in the training range [{f.low!r}, {f.high!r}]"
+    lo, hi = (float(signed_log1p(np.array(b))) if f.log else b for b in (f.low, f.high))
+    after_log = " (after log)" if f.log else ""
+    if not lo - _ROUNDING * max(abs(lo), abs(hi)) <= f.center <= hi + _ROUNDING * max(abs(lo), abs(hi)):
+        return f"center {f.center!r} must lie in the training range [{lo!r}, {hi!r}]{after_log}"
+    width = hi - lo
+    if not width * _ROUNDING <= f.scale <= max(width, 1.0) * (1 + _ROUNDING):
+        return (f"scale {f.scale!r} must be at most the training range's width {width!r}{after_log} (or 1) and at "
+                f"least a 1e-9th of it")
+    return None
+
+
+def _categorical_from_dict(item: Mapping[str, Any]) -> CategoricalField:
+    name = _name(item)
+    vocabulary, impute = item["vocabulary"], item["impute"]
+    if not isinstance(vocabulary, list) or not all(isinstance(v, str) for v in vocabulary) \
+            or len(set(vocabulary)) != len(vocabulary):
+        raise BundleError(f"field {name!r}: vocabulary must be a list of distinct strings; retrain the model")
+    if not isinstance(impute, str):
+        raise BundleError(f"field {name!r}: impute must be a string, got {impute!r}; retrain the model")
+    return CategoricalField(name=name, vocabulary=tuple(vocabulary), impute=impute)
 
 
 def fit_numeric(name: str, values: np.ndarray) -> NumericField:

@@ -7,9 +7,11 @@
 3. The loop calls `take()` between two batches and swaps the ready pipeline in: every batch is
    scored by exactly one model, and its alerts carry that model's version.
 
-A version that fails to load or does not fit is refused: the running model keeps scoring, a log line
-says why, `anomaly_model_reloads_total{result="refused"}` counts it, and it is not retried until
-CURRENT changes again or SIGHUP asks.
+A version that fails to load or does not fit, or a `CURRENT` that names no version folder inside
+`REPO/versions/` (a path out of the repository, a link; `training.bundle.current_version` decides),
+is refused: the running model keeps scoring, a log line says why,
+`anomaly_model_reloads_total{result="refused"}` counts it, and it is not retried until CURRENT
+changes again or SIGHUP asks.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from training.bundle import VERSIONS, Bundle, current_version, load_bundle
-from training.errors import AnomalyError
+from training.bundle import Bundle, current_version, load_bundle, version_path
+from training.errors import AnomalyError, BundleError
 from worker.metrics import WorkerMetrics
 from worker.pipeline import Pipeline
 
@@ -85,27 +87,32 @@ class ModelWatcher:
         """One look at CURRENT; loads a new version if it names one (the background thread calls this)."""
         try:
             version = current_version(self.repo)
-        except OSError as exc:
-            log.warning("cannot read %s/CURRENT: %s", self.repo, exc)
+        except BundleError as exc:  # CURRENT names no version inside the repository: refused like a bad bundle
+            if str(exc) != self._attempted:
+                self._attempted = str(exc)
+                self._refuse("CURRENT", exc)
             return
         if version is None or version == self._attempted or version == self._running.path.name:
             return
         self._attempted = version
         started = time.perf_counter()
         try:
-            bundle = load_bundle(self.repo / VERSIONS / version, self.expected_schema_hash)
+            bundle = load_bundle(version_path(self.repo, version), self.expected_schema_hash)
             misfit = schema_misfit(self._running, bundle)
             if misfit is not None:
                 raise AnomalyError(misfit)
             pipeline = self.build(bundle)
         except Exception as exc:  # noqa: BLE001 - any failure keeps the running model
-            log.error("model %s refused, %s keeps scoring: %s", version, self._running.version, exc)
-            self.metrics.record_model_reload("refused")
+            self._refuse(version, exc)
             return
         with self._lock:
             self._ready = pipeline
         log.info("model %s loaded and warmed up in %.2f s; it takes over at the next batch", bundle.version,
                  time.perf_counter() - started)
+
+    def _refuse(self, version: str, reason: Exception) -> None:
+        log.error("model %s refused, %s keeps scoring: %s", version, self._running.version, reason)
+        self.metrics.record_model_reload("refused")
 
     def _run(self) -> None:
         while not self._stop.is_set():

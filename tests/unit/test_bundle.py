@@ -292,3 +292,115 @@ def test_write_never_replaces_a_folder_that_merely_holds_a_manifest(trained_bund
         write_bundle(ours, contents)
     assert sorted(p.name for p in project.rglob("*")) == ["app.js", "index.html", "manifest.json", "src"]
     assert (ours / "notes.txt").read_text() == "mine" and leftovers(tmp_path) == []
+
+
+# --- issue 19: hostile bundles with recomputed hashes ---------------------------------------------------
+
+@pytest.mark.parametrize(("name", "text", "message"), [
+    ("threshold.json", "[" * 200_000, "threshold.json is not valid JSON (nested too deeply)"),
+    ("manifest.json", "[" * 200_000, "manifest.json is not valid JSON (nested too deeply)"),
+    ("threshold.json", '{"value": ' + "9" * 5000 + "}", "threshold.json is not valid JSON"),
+])
+def test_anomaly_score_refuses_json_the_parser_cannot_take_with_one_line(
+        trained_bundle: TrainedBundle, bundle_copy: Path, capsys, name: str, text: str, message: str) -> None:
+    from tests.unit.test_cli import assert_user_error, run
+
+    (bundle_copy / name).write_text(text)
+    if name != "manifest.json":
+        _rehash(bundle_copy)
+    result = run(score_main, ["--model", bundle_copy, "--data", trained_bundle.csv,
+                              "--out", bundle_copy.parent / "o.csv"], capsys)
+    assert_user_error(result, "anomaly-score", message)
+
+
+def _edit_field(bundle: Path, name: str, **changes: object) -> None:
+    """Change one field's statistics in features.json and fix the hashes (the schema hash leaves stats out)."""
+    features = json.loads((bundle / "features.json").read_text())
+    field = next(f for f in features["fields"] if f["name"] == name)
+    for key, value in changes.items():
+        if value is None:
+            del field[key]
+        else:
+            field[key] = value
+    (bundle / "features.json").write_text(json.dumps(features))
+    _rehash(bundle)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"scale": 0}, "field 'latency': scale must be positive, got 0.0"),
+    ({"center": 1e308}, "field 'latency': center 1e+308 must lie in the training range"),
+    ({"center": float("nan")}, "field 'latency': center must be a finite number, got nan"),
+    ({"scale": 1e300}, "field 'latency': scale 1e+300 must be at most the training range's width"),
+    ({"scale": 1e-30}, "at least a 1e-9th of it"),
+    ({"impute": -1.0}, "field 'latency': impute -1.0 must lie in the training range"),
+    ({"low": None, "high": None}, "field 'latency': low and high (the training range) are required"),
+    ({"center": "7"}, "field 'latency': center must be a finite number, got '7'"),
+])
+def test_load_range_checks_feature_statistics(bundle_copy: Path, changes: dict, message: str) -> None:
+    _edit_field(bundle_copy, "latency", **changes)
+    with pytest.raises(BundleError) as refused:
+        load_bundle(bundle_copy)
+    assert message in str(refused.value) and "retrain the model" in str(refused.value)
+
+
+def test_load_range_checks_after_the_log_transform(bundle_copy: Path) -> None:
+    # amount is heavy-tailed: its center and scale are in log1p units, its range in raw units.
+    bundle = load_bundle(bundle_copy)
+    amount = next(f for f in bundle.schema.fields if f.name == "amount")
+    assert getattr(amount, "log", False)
+    _edit_field(bundle_copy, "amount", center=getattr(amount, "high") * 0.9)  # in range raw, not after log
+    with pytest.raises(BundleError, match=r"field 'amount': center .* must lie in the training range .* \(after log\)"):
+        load_bundle(bundle_copy)
+
+
+def test_anomaly_score_refuses_a_zero_scale_and_an_absurd_center_with_one_line(
+        trained_bundle: TrainedBundle, bundle_copy: Path, capsys) -> None:
+    from tests.unit.test_cli import assert_user_error, run
+
+    _edit_field(bundle_copy, "latency", scale=0.0, center=1e308)
+    result = run(score_main, ["--model", bundle_copy, "--data", trained_bundle.csv,
+                              "--out", bundle_copy.parent / "o.csv"], capsys)
+    assert_user_error(result, "anomaly-score", "features.json", "field 'latency': scale must be positive")
+    assert not (bundle_copy.parent / "o.csv").exists()
+
+
+@pytest.mark.parametrize("kind", ["file link into another bundle", "report link to a system file", "fifo"])
+def test_load_refuses_links_and_special_files_anywhere_in_the_bundle(trained_bundle: TrainedBundle,
+                                                                     bundle_copy: Path, kind: str) -> None:
+    import os
+
+    if kind == "file link into another bundle":
+        name = "features.json"
+        (bundle_copy / name).unlink()
+        (bundle_copy / name).symlink_to(trained_bundle.path.resolve() / name)
+    elif kind == "report link to a system file":
+        name = "report/x"
+        (bundle_copy / name).symlink_to("/etc/hostname")
+    else:
+        name = "report/pipe"
+        os.mkfifo(bundle_copy / name)
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    if kind != "fifo":  # listed with its hash, as a hand-made bundle would (a FIFO cannot be hashed)
+        manifest["files"][name] = hashlib.sha256((bundle_copy / name).read_bytes()).hexdigest()
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError) as refused:
+        load_bundle(bundle_copy)
+    what = "is not a regular file" if kind == "fifo" else "is a symbolic link"
+    assert f"{bundle_copy / name} {what}" in str(refused.value)
+
+
+def test_write_never_replaces_a_bundle_holding_a_link(trained_bundle: TrainedBundle, tmp_path: Path) -> None:
+    mine = tmp_path / "mine.txt"
+    mine.write_text("keep me")
+    ours = Path(shutil.copytree(trained_bundle.path, tmp_path / "ours"))
+    (ours / "report" / "x").symlink_to(mine)
+    _rehash(ours)
+    manifest = json.loads((ours / "manifest.json").read_text())
+    manifest["files"]["report/x"] = hashlib.sha256(mine.read_bytes()).hexdigest()
+    (ours / "manifest.json").write_text(json.dumps(manifest))
+    bundle = load_bundle(trained_bundle.path)
+    contents = BundleContents(schema=bundle.schema, threshold=bundle.threshold, histogram=bundle.histogram,
+                              data_sha256="0" * 64, write_saved_model=_placeholder_model)
+    with pytest.raises(BundleError, match=r"is not a model bundle \(.*report/x is a symbolic link"):
+        write_bundle(ours, contents)
+    assert mine.read_text() == "keep me" and (ours / "report" / "x").is_symlink()

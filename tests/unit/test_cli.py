@@ -428,3 +428,18 @@ def test_sigterm_during_training_leaves_nothing_behind(tmp_path: Path, events: p
     assert not [p.name for p in scratch.iterdir() if p.name.startswith("anomaly-train-")]
     assert not out.exists()
     assert not out.parent.exists() or not [p.name for p in out.parent.iterdir() if ".tmp-" in p.name]
+
+
+# --- issue 19: a destination that cannot be written is refused before training ------------------------------
+
+@pytest.mark.parametrize("where", [["--out", "FILE/x"], ["--repo", "FILE"], ["--repo", "FILE/x"]])
+def test_train_refuses_a_destination_under_a_file_before_training(tmp_path: Path, events: pd.DataFrame, capsys,
+                                                                   where: list[str]) -> None:
+    data = tmp_path / "events.csv"
+    events.to_csv(data, index=False)
+    (tmp_path / "FILE").write_text("mine")
+    option, path = where[0], tmp_path / where[1]
+    code, out, err = run(train_main, ["--data", data, option, path, *TRAIN_ARGS], capsys)
+    assert_user_error((code, out, err), "anomaly-train", f"{option} {path}", "is a file")
+    assert "epoch" not in out and out == ""  # refused before reading or training
+    assert (tmp_path / "FILE").read_text() == "mine"

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -17,7 +19,8 @@ from tests.fakes import ListSink, ListSource
 from tests.unit.conftest import TRAIN_ARGS, TrainedBundle
 from tests.unit.test_cli import assert_user_error, run
 from training.bundle import CURRENT, MANIFEST, VERSIONS, current_version, load_bundle, resolve_model
-from training.cli import promote_main, train_main
+from training.cli import evaluate_main, promote_main, score_main, train_main
+from training.errors import BundleError
 from training.features import FeatureSchema
 from worker.http import HealthState
 from worker.loop import Worker
@@ -192,3 +195,85 @@ def test_a_failing_shadow_model_never_stops_the_live_path(repo: Path) -> None:
     worker.run_once()
     assert len(sink.alerts) == 3 and source.committed == {("events", 0): 3}
     assert registry.get_sample_value("anomaly_shadow_failures_total", {"topic": "events"}) == 1
+
+
+# --- issue 19: CURRENT and promotions.jsonl are data to check, links are never followed -------------------
+
+@pytest.fixture()
+def repo_copy(repo: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(repo, tmp_path / "site" / "models"))
+
+
+@pytest.mark.parametrize("current", ["../../m1", "absolute", "linked"])
+def test_current_naming_anything_but_a_version_inside_the_repository_is_refused(
+        repo_copy: Path, capsys, caplog: pytest.LogCaptureFixture, current: str) -> None:
+    first, second = versions(repo_copy)
+    outside = Path(shutil.copytree(repo_copy / VERSIONS / first, repo_copy.parent.parent / "m1"))
+    if current == "absolute":
+        current = str(outside)
+    elif current == "linked":
+        (repo_copy / VERSIONS / "linked").symlink_to(outside, target_is_directory=True)
+    (repo_copy / CURRENT).write_text(current + "\n")
+    with pytest.raises(BundleError, match=f"CURRENT names {re.escape(repr(current))}"):
+        current_version(repo_copy)
+    with pytest.raises(BundleError, match="CURRENT names"):
+        resolve_model(repo_copy)
+    code, out, err = run(promote_main, ["--repo", repo_copy, "--list"], capsys)
+    assert_user_error((code, out, err), "anomaly-promote", "CURRENT names")
+    assert f"  {first}" in out and f"  {second}" in out and "*" not in out  # what to promote instead
+    # The worker keeps its model, says why once, and tries again only when asked.
+    registry = CollectorRegistry()
+    running = load_bundle(repo_copy / VERSIONS / second)
+    watcher = ModelWatcher(repo_copy, running, lambda b: Pipeline(b), WorkerMetrics(registry), interval_s=3600)
+    watcher.check()
+    assert watcher.take() is None
+    assert registry.get_sample_value("anomaly_model_reloads_total", {"result": "refused"}) == 1
+    assert f"keeps scoring: {repo_copy}: CURRENT names" in caplog.text
+    watcher.check()
+    assert registry.get_sample_value("anomaly_model_reloads_total", {"result": "refused"}) == 1
+    watcher.request()
+    watcher.check()
+    assert registry.get_sample_value("anomaly_model_reloads_total", {"result": "refused"}) == 2
+    # A good CURRENT again: the watcher follows it.
+    (repo_copy / CURRENT).write_text(first + "\n")
+    watcher.check()
+    ready = watcher.take()
+    assert ready is not None and ready.bundle.version == first
+
+
+@pytest.mark.parametrize("line", ["not json", "[1, 2]", '{"at": "2026-12-01"}', "[" * 100_000])
+def test_rollback_names_a_bad_line_of_the_promotion_history(repo_copy: Path, capsys, line: str) -> None:
+    before = current_version(repo_copy)
+    number = len((repo_copy / "promotions.jsonl").read_text().splitlines()) + 1
+    with (repo_copy / "promotions.jsonl").open("a") as fh:
+        fh.write(line + "\n")
+    assert_user_error(run(promote_main, ["--repo", repo_copy, "--rollback"], capsys), "anomaly-promote",
+                      f"promotions.jsonl, line {number}: not a promotion record", "promote a version by name")
+    assert current_version(repo_copy) == before
+
+
+def test_promote_never_appends_through_a_link_planted_as_the_history(repo_copy: Path, tmp_path: Path,
+                                                                     capsys) -> None:
+    first = versions(repo_copy)[0]
+    before = current_version(repo_copy)
+    mine = tmp_path / "mine.txt"
+    mine.write_text("keep me\n")
+    (repo_copy / "promotions.jsonl").unlink()
+    (repo_copy / "promotions.jsonl").symlink_to(mine)
+    assert_user_error(run(promote_main, ["--repo", repo_copy, first], capsys), "anomaly-promote",
+                      "promotions.jsonl: cannot be written", "nothing was promoted")
+    assert mine.read_text() == "keep me\n" and current_version(repo_copy) == before
+
+
+@pytest.mark.parametrize("main", [score_main, evaluate_main])
+def test_every_command_taking_model_accepts_a_repository(repo: Path, trained_bundle: TrainedBundle,
+                                                         tmp_path: Path, capsys, main: Callable) -> None:
+    current = current_version(repo)
+    argv = ["--model", repo, "--data", trained_bundle.csv]
+    if main is score_main:
+        argv += ["--out", tmp_path / "scores.csv"]
+    else:
+        argv += ["--label-column", "label", "--normal-value", "normal", "--report-dir", tmp_path / "report"]
+    code, out, err = run(main, argv, capsys)
+    assert code == 0, err
+    assert f"model {current}" in out
