@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import signal
 import sys
 import time
@@ -85,6 +86,12 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--topic", help="with --from-kafka: the topic to read")
     p.add_argument("--max-events", type=int, default=100_000, help="with --from-kafka: at most this many events")
     p.add_argument("--since", help="with --from-kafka: start at this time (ISO-8601) or this long ago (24h, 7d)")
+    from worker.config import add_security_arguments
+
+    def kafka_flag(flag: str, **kw: Any) -> None:
+        p.add_argument(flag, **{**kw, "help": f"with --from-kafka: {kw['help']}"})
+
+    add_security_arguments(kafka_flag)
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", type=Path, help="bundle directory to write (replaced atomically)")
     where.add_argument("--repo", type=Path, help="model repository: write a new version under REPO/versions/")
@@ -174,11 +181,13 @@ def train_from_kafka(args: argparse.Namespace, destination: Any, config: Any, lo
     """anomaly-train --from-kafka: read the window, say what was skipped, train as from a file."""
     from training.kafka_window import parse_since, read_window, skip_contract_breaches
     from training.train import train_frame
+    from worker.config import env_fallback, security_from_args
 
     if not args.bootstrap_servers or not args.topic:
         raise ConfigError("--from-kafka needs --bootstrap-servers and --topic")
     since = parse_since(args.since) if args.since else None
-    window = read_window(args.bootstrap_servers, args.topic, args.max_events, since)
+    security = security_from_args(env_fallback(args, os.environ), os.environ)
+    window = read_window(args.bootstrap_servers, args.topic, args.max_events, since, security=security)
     ignored = [*config.drop, *([config.labels.column] if config.labels else [])]
     window = skip_contract_breaches(window, ignored, config.categorical, log)
     skipped = sum(window.skipped.values())

@@ -25,6 +25,7 @@ from kafka.errors import KafkaError
 from training.contract import Invalid, build_columns, decode_event
 from training.data import infer_kinds, object_frame, raw_values
 from training.errors import DataError
+from worker.config import KafkaSecurity
 
 MAX_EVENT_BYTES = 1_048_576
 
@@ -46,15 +47,19 @@ class Window:
 
 
 def read_window(bootstrap_servers: str, topic: str, max_events: int, since_ms: int | None = None,
-                timeout_s: float = 30.0) -> Window:
-    """Read a bounded window of `topic` (partitions in order, offsets ascending within each)."""
+                timeout_s: float = 30.0, security: KafkaSecurity | None = None) -> Window:
+    """Read a bounded window of `topic` (partitions in order, offsets ascending within each).
+
+    `security`: the worker's client security settings (TLS, SASL); the principal needs READ on `topic`
+    and no group ACL (no consumer group is used).
+    """
     if max_events < 1:
         raise DataError(f"--max-events must be at least 1, got {max_events}")
     source = f"kafka:{topic}"
     try:
         consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers.split(","), group_id=None,
                                  enable_auto_commit=False, request_timeout_ms=int(timeout_s * 1000),
-                                 client_id="anomaly-train")
+                                 client_id="anomaly-train", **(security or KafkaSecurity()).client_options())
     except KafkaError as exc:
         raise DataError(f"{source}: cannot reach Kafka at {bootstrap_servers} ({exc})") from exc
     try:

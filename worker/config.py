@@ -11,7 +11,7 @@ import argparse
 import math
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -292,13 +292,7 @@ def parser() -> argparse.ArgumentParser:
     add("--expected-schema-hash", help="refuse a bundle whose schema hash differs")
     add("--client-id", help="Kafka client id (default anomaly-worker)")
     add("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
-    add("--security-protocol", help=f"one of {', '.join(SECURITY_PROTOCOLS)} (default PLAINTEXT)")
-    add("--sasl-mechanism", help=f"one of {', '.join(SASL_MECHANISMS)}")
-    add("--sasl-username", help="SASL user name")
-    add("--sasl-password-file", type=Path, help="file holding the SASL password (or env ANOMALY_SASL_PASSWORD)")
-    add("--ssl-cafile", help="CA bundle for TLS")
-    add("--ssl-certfile", help="client certificate for mutual TLS")
-    add("--ssl-keyfile", help="client key for mutual TLS")
+    add_security_arguments(add)
     add("--kafka-client", choices=KAFKA_CLIENTS,
         help="Kafka client library: confluent (librdkafka, default) or kafka-python (pure Python)")
     add("--isolation-level", choices=ISOLATION_LEVELS,
@@ -316,19 +310,61 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_security_arguments(add: Callable[..., object]) -> None:
+    """The Kafka client security flags, declared once for every command that talks to Kafka.
+
+    `add(flag, **argparse keywords)`; the worker, anomaly-replay and anomaly-train share these. The password
+    itself has no flag (argv is visible to every local user in /proc): it comes from a file or the
+    environment (`security_from_args`).
+    """
+    add("--security-protocol", help=f"one of {', '.join(SECURITY_PROTOCOLS)} (default PLAINTEXT)")
+    add("--sasl-mechanism", help=f"one of {', '.join(SASL_MECHANISMS)}")
+    add("--sasl-username", help="SASL user name")
+    add("--sasl-password-file", type=Path, help=f"file holding the SASL password (or env {ENV_PREFIX}SASL_PASSWORD)")
+    add("--ssl-cafile", help="CA bundle for TLS")
+    add("--ssl-certfile", help="client certificate for mutual TLS")
+    add("--ssl-keyfile", help="client key for mutual TLS")
+
+
+def security_from_args(get: Callable[[str], Any], environ: Mapping[str, str]) -> KafkaSecurity:
+    """KafkaSecurity from the flags of `add_security_arguments` (`get(name)`: the flag, else its env variable).
+
+    The password: the file `--sasl-password-file` names (surrounding whitespace stripped), else
+    `ANOMALY_SASL_PASSWORD`.
+    """
+    password = environ.get(ENV_PREFIX + "SASL_PASSWORD")
+    password_file = get("sasl_password_file")
+    if password_file is not None:
+        try:
+            password = Path(password_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read SASL password file {password_file}: {exc.strerror}") from None
+    return KafkaSecurity(
+        protocol=(get("security_protocol") or "PLAINTEXT").upper(), sasl_mechanism=get("sasl_mechanism"),
+        sasl_username=get("sasl_username"), sasl_password=Secret(password) if password else None,
+        ssl_cafile=get("ssl_cafile"), ssl_certfile=get("ssl_certfile"), ssl_keyfile=get("ssl_keyfile"))
+
+
+def env_fallback(args: argparse.Namespace, environ: Mapping[str, str]) -> Callable[[str], Any]:
+    """`get(name)`: the flag's value, else `ANOMALY_<NAME>` from `environ`, else None."""
+    values = vars(args)
+
+    def get(name: str) -> Any:
+        value = values.get(name)
+        if value is None:
+            value = environ.get(ENV_PREFIX + name.upper()) or None
+        return value
+
+    return get
+
+
 REQUIRED = ("model", "bootstrap_servers", "input_topic", "alert_topic", "dead_letter_topic", "group_id")
 
 
 def from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Build settings from flags, falling back to environment variables, then defaults."""
     env = os.environ if environ is None else environ
-    args = vars(parser().parse_args(argv))
-
-    def get(name: str) -> Any:
-        value = args.get(name)
-        if value is None:
-            value = env.get(ENV_PREFIX + name.upper()) or None
-        return value
+    get = env_fallback(parser().parse_args(argv), env)
 
     missing = [n for n in REQUIRED if get(n) is None]
     if missing:
@@ -344,17 +380,7 @@ def from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | No
         except ValueError as exc:
             raise ConfigError(f"{ENV_PREFIX}{name.upper()}: expected {kind.__name__}, got {value!r}") from exc
 
-    password = env.get(ENV_PREFIX + "SASL_PASSWORD")
-    password_file = get("sasl_password_file")
-    if password_file is not None:
-        try:
-            password = Path(password_file).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read SASL password file {password_file}: {exc.strerror}") from exc
-    security = KafkaSecurity(
-        protocol=(get("security_protocol") or "PLAINTEXT").upper(), sasl_mechanism=get("sasl_mechanism"),
-        sasl_username=get("sasl_username"), sasl_password=Secret(password) if password else None,
-        ssl_cafile=get("ssl_cafile"), ssl_certfile=get("ssl_certfile"), ssl_keyfile=get("ssl_keyfile"))
+    security = security_from_args(get, env)
     overrides = {name: typed(name, kind) for name, kind in (
         ("max_batch", int), ("max_wait_ms", int), ("max_event_bytes", int), ("top_features", int),
         ("metrics_port", int), ("shutdown_timeout_s", float), ("kafka_timeout_s", float),

@@ -39,6 +39,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from worker import access
 from worker.config import Settings
 from worker.edge import Quarantine
 from worker.errors import (
@@ -90,11 +91,37 @@ def _keys(keys: Sequence[tuple[str, int]]) -> list[str]:
     return sorted(f"{topic}[{partition}]" for topic, partition in keys)
 
 
-def _check_reachable(client: Any, settings: Settings) -> None:
-    """librdkafka connects lazily; ask for metadata so an absent broker is BrokerUnavailable, as with kafka-python."""
+class LoginWatch:
+    """A client's `error_cb` that remembers a refused SASL login (then calls `on_error`, if any).
+
+    A metadata request of a client whose login was refused fails as a mere transport failure; the
+    reason reaches only this callback, served inside poll.
+    """
+
+    def __init__(self, on_error: Callable[[KafkaError], None] | None = None) -> None:
+        self.on_error = on_error
+        self.refused: KafkaError | None = None
+
+    def __call__(self, error: KafkaError) -> None:
+        if error.code() in (KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED):
+            self.refused = error
+        if self.on_error is not None:
+            self.on_error(error)
+
+
+def _check_reachable(client: Any, settings: Settings, login: LoginWatch | None = None) -> None:
+    """librdkafka connects lazily; ask for metadata so an absent broker is BrokerUnavailable, as with kafka-python.
+
+    With the client's `login` watch, a refused login says so (`authentication failed: ...`).
+    """
     try:
         client.list_topics(timeout=settings.kafka_timeout_s)
     except KafkaException as exc:
+        if login is not None:
+            client.poll(0)  # serves error_cb
+            if login.refused is not None:
+                raise BrokerUnavailable(access.authentication_failed(
+                    settings.security, settings.bootstrap_servers, login.refused.str())) from exc
         raise BrokerUnavailable(f"no Kafka broker reachable at {settings.bootstrap_servers}: {exc}") from exc
 
 
@@ -123,6 +150,8 @@ class ConfluentSource:
         self._parked: dict[tuple[str, int], float] = {}
         #: Partitions this source paused at an undecodable batch (librdkafka keeps a pause until resumed).
         self._paused: set[tuple[str, int]] = set()
+        self._login = LoginWatch(self._on_client_error)
+        self._access_log = access.Throttled(log, settings.retry_backoff_max_s)
         partition_fetch_bytes = max(settings.max_event_bytes * 2, 1024 * 1024)
         prefetch_bytes = max(PREFETCH_MAX_BYTES, partition_fetch_bytes)
         self.consumer = consumer_factory({
@@ -142,12 +171,12 @@ class ConfluentSource:
             "max.partition.fetch.bytes": partition_fetch_bytes,
             # A fetch waits at most one batch window for data, so a quiet topic adds no latency beyond it.
             "fetch.wait.max.ms": max(1, min(500, settings.max_wait_ms)),
-            "error_cb": self._on_client_error, "on_commit": self._on_commit,
+            "error_cb": self._login, "on_commit": self._on_commit,
             # Statistics name each partition's fetch state; `_restart_unfetched` looks for stuck ones.
             "statistics.interval.ms": int(self._fetch_check_interval_s() * 1000), "stats_cb": self._on_stats,
         })
         try:
-            _check_reachable(self.consumer, settings)
+            _check_reachable(self.consumer, settings, self._login)
         except BrokerUnavailable:
             self.consumer.close()
             raise
@@ -438,6 +467,9 @@ class ConfluentSource:
         elif error.code() != KafkaError._PARTITION_EOF:
             if error.fatal():
                 raise WorkerError(f"the Kafka client failed fatally: {error}")
+            if (denied := _denied(self.settings, error, self.settings.input_topic, "READ")) is not None:
+                self._access_log.error(denied)  # not assigned, so readiness fails until the ACL is added
+                return
             log.warning("consumer error on %s[%s]: %s", topic, partition, error)
 
     def assigned(self) -> set[tuple[str, int]]:
@@ -599,27 +631,31 @@ class ConfluentSink:
 
     def __init__(self, settings: Settings, producer_factory: Callable[[dict[str, Any]], Any] = Producer) -> None:
         self.settings = settings
-        self.producer = producer_factory(producer_config(settings))
-        _check_reachable(self.producer, settings)
+        login = LoginWatch()
+        self.producer = producer_factory({**producer_config(settings), "error_cb": login})
+        _check_reachable(self.producer, settings, login)
 
     def publish(self, alerts: Sequence[Alert], dead_letters: Sequence[DeadLetter]) -> None:
         """1. produce every alert and dead letter; 2. flush with a timeout; 3. check every delivery report."""
         failures: list[str] = []
         acknowledged = 0
 
-        def report(error: KafkaError | None, _message: Any) -> None:
+        def report(error: KafkaError | None, message: Any) -> None:
             nonlocal acknowledged
             if error is None:
                 acknowledged += 1
             else:
-                failures.append(error.str())
+                topic = message.topic() if message is not None else None
+                failures.append(_denied(self.settings, error, topic, "WRITE") or error.str())
 
         outgoing = outgoing_records(self.settings, alerts, dead_letters)
         try:
             for target, key, value, headers in outgoing:
                 self._produce(target, key, value, headers, report)
         except (KafkaException, BufferError) as exc:
-            raise DeliveryError(f"publishing {len(outgoing)} records failed: {exc}") from exc
+            error = _kafka_error(exc)
+            why = (_denied(self.settings, error, target, "WRITE") if error is not None else None) or exc
+            raise DeliveryError(f"publishing {len(outgoing)} records failed: {why}") from exc
         remaining = self.producer.flush(self.settings.kafka_timeout_s)
         if failures or remaining or acknowledged != len(outgoing):
             first = failures[0] if failures else "not acknowledged in time"
@@ -679,16 +715,19 @@ class ConfluentTransactionalSink:
         try:
             self.producer = self._start_producer()
         except KafkaException as exc:
-            raise BrokerUnavailable(f"cannot start transactions as {self.transactional_id!r}: {exc}") from exc
+            error = _kafka_error(exc)
+            why = (_denied(settings, error, None, "WRITE") if error is not None else None) or exc
+            raise BrokerUnavailable(f"cannot start transactions as {self.transactional_id!r}: {why}") from exc
         log.info("exactly-once delivery: transactional id %s", self.transactional_id)
 
     def _start_producer(self) -> Any:
         """A transactional producer; `init_transactions` fences an earlier one with this id and aborts (or
         completes) its open transaction."""
+        login = LoginWatch()
         producer = self._factory({
             **producer_config(self.settings), "transactional.id": self.transactional_id,
-            "transaction.timeout.ms": int(self.settings.transaction_timeout_s * 1000)})
-        _check_reachable(producer, self.settings)
+            "transaction.timeout.ms": int(self.settings.transaction_timeout_s * 1000), "error_cb": login})
+        _check_reachable(producer, self.settings, login)
         producer.init_transactions(self.settings.kafka_timeout_s)
         return producer
 
@@ -806,6 +845,18 @@ class ConfluentTransactionalSink:
             return
         if remaining:
             log.warning("producer close: %d records not delivered", remaining)
+
+
+def _denied(settings: Settings, error: KafkaError, topic: str | None, operation: str) -> str | None:
+    """The missing ACL an authorization error means (`operation` on `topic` for a topic), else None."""
+    code, security = error.code(), settings.security
+    if code == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+        return access.denied(security, operation, "TOPIC", topic or "?")
+    if code == KafkaError.GROUP_AUTHORIZATION_FAILED:
+        return access.denied(security, "READ", "GROUP", settings.group_id)
+    if code == KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED:
+        return access.denied(security, "WRITE", "TRANSACTIONAL_ID", settings.transactional_id_or_default)
+    return None
 
 
 def _kafka_error(exc: BaseException) -> KafkaError | None:

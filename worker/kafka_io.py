@@ -14,9 +14,18 @@ from typing import Any
 import orjson
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import CorruptRecordError, KafkaError, UnsupportedCodecError
+from kafka.errors import (
+    AuthorizationError,
+    CorruptRecordError,
+    GroupAuthorizationFailedError,
+    KafkaError,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailedError,
+    UnsupportedCodecError,
+)
 from kafka.structs import MemberState, OffsetAndMetadata
 
+from worker import access
 from worker.config import Settings
 from worker.edge import Quarantine
 from worker.errors import BrokerUnavailable, CommitError, DeliveryError, RebalanceInProgress, WorkerError
@@ -30,6 +39,27 @@ Offsets = Mapping[tuple[str, int], int]
 def client_options(settings: Settings) -> dict[str, Any]:
     return {"bootstrap_servers": settings.bootstrap_servers.split(","), "client_id": settings.client_id,
             **settings.security.client_options()}
+
+
+def unreachable(settings: Settings) -> str:
+    """Why no client could be made: kafka-python reports a refused SASL login as a lost connection."""
+    why = f"no Kafka broker reachable at {settings.bootstrap_servers}"
+    if settings.security.sasl_username:
+        why += (f" (or it refused the {settings.security.sasl_mechanism} login as "
+                f"{settings.security.sasl_username!r}: kafka-python cannot tell the two apart)")
+    return why
+
+
+def denied(settings: Settings, exc: AuthorizationError, topic: str, operation: str) -> str:
+    """The missing ACL an authorization error means (`operation` on `topic` for a topic error)."""
+    security = settings.security
+    if isinstance(exc, GroupAuthorizationFailedError):
+        return access.denied(security, "READ", "GROUP", settings.group_id)
+    if isinstance(exc, TopicAuthorizationFailedError):
+        return access.denied(security, operation, "TOPIC", topic)
+    if isinstance(exc, TransactionalIdAuthorizationFailedError):
+        return access.denied(security, "WRITE", "TRANSACTIONAL_ID", settings.transactional_id_or_default)
+    return f"not authorized ({exc}); {access.DOC} lists the ACLs each component needs"
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -56,6 +86,7 @@ class KafkaSource:
         self._factory = consumer_factory
         self._clock = clock
         self._unstable_since: float | None = None
+        self._access_log = access.Throttled(log, settings.retry_backoff_max_s, clock)
         self.consumer = self._connect()
 
     def _connect(self) -> Any:
@@ -72,7 +103,7 @@ class KafkaSource:
                 max_poll_interval_ms=int(settings.max_poll_interval_s * 1000), isolation_level=settings.isolation_level,
                 **client_options(settings))
         except KafkaError as exc:
-            raise BrokerUnavailable(f"no Kafka broker reachable at {settings.bootstrap_servers}") from exc
+            raise BrokerUnavailable(unreachable(settings)) from exc
         # Know the topic's partitions before the first join, so it does not end with an empty assignment.
         if not consumer.partitions_for_topic(settings.input_topic):
             log.warning("input topic %s has no partitions yet (not created?); waiting for it to appear",
@@ -138,6 +169,12 @@ class KafkaSource:
             except (UnsupportedCodecError, CorruptRecordError) as exc:
                 self._hold_undecodable(exc)
                 polled = {}
+            except AuthorizationError as exc:
+                # Not joined (no group READ) or not fetching (no topic READ): readiness fails, nothing is
+                # committed. Wait out the batch window, as a poll would, so the retries are paced.
+                self._access_log.error(denied(self.settings, exc, self.settings.input_topic, "READ"))
+                time.sleep(max(0.0, deadline - time.monotonic()))
+                break
             for tp, batch in polled.items():
                 records.extend(Record(topic=tp.topic, partition=tp.partition, offset=m.offset, key=m.key,
                                       value=m.value, timestamp_ms=m.timestamp, headers=tuple(m.headers or ()),
@@ -241,11 +278,12 @@ class KafkaSink:
                 bootstrap_timeout_ms=int(settings.kafka_timeout_s * 1000),
                 delivery_timeout_ms=int(settings.kafka_timeout_s * 1000) + 5_000, **client_options(settings))
         except KafkaError as exc:
-            raise BrokerUnavailable(f"no Kafka broker reachable at {settings.bootstrap_servers}") from exc
+            raise BrokerUnavailable(unreachable(settings)) from exc
 
     def publish(self, alerts: Sequence[Alert], dead_letters: Sequence[DeadLetter]) -> None:
         """1. send every alert and dead letter; 2. flush with a timeout; 3. check every acknowledgement."""
         futures = []
+        topics = [self.settings.alert_topic] * len(alerts) + [self.settings.dead_letter_topic] * len(dead_letters)
         try:
             for alert in alerts:
                 futures.append(self.producer.send(
@@ -258,9 +296,12 @@ class KafkaSink:
             self.producer.flush(timeout=self.settings.kafka_timeout_s)
         except KafkaError as exc:
             raise DeliveryError(f"publishing {len(futures)} records failed: {exc}") from exc
-        failed = [f for f in futures if not f.is_done or f.failed()]
+        failed = [(f, topic) for f, topic in zip(futures, topics, strict=True) if not f.is_done or f.failed()]
         if failed:
-            first = failed[0].exception if failed[0].is_done else "not acknowledged in time"
+            future, topic = failed[0]
+            first = future.exception if future.is_done else "not acknowledged in time"
+            if isinstance(first, AuthorizationError):
+                first = denied(self.settings, first, topic, "WRITE")
             raise DeliveryError(f"{len(failed)} of {len(futures)} records were not acknowledged: {first}")
 
     def close(self) -> None:

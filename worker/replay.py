@@ -1,4 +1,8 @@
-"""anomaly-replay: produce the rows of a CSV/JSONL/Parquet file as JSON events, for demos and load tests."""
+"""anomaly-replay: produce the rows of a CSV/JSONL/Parquet file as JSON events, for demos and load tests.
+
+It takes the worker's Kafka security flags (`--security-protocol`, `--sasl-*`, `--ssl-*`; the password from
+`--sasl-password-file` or `ANOMALY_SASL_PASSWORD`); its principal needs WRITE on `--topic` (docs/security.md).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import orjson
 
 from training.data import iter_frames
 from training.errors import AnomalyError
+from worker.config import add_security_arguments, env_fallback, security_from_args
 
 
 def events(path: Path, limit: int | None, key_column: str | None) -> Iterator[tuple[bytes | None, bytes]]:
@@ -54,15 +59,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--limit", type=int, help="stop after this many events")
     p.add_argument("--key-column", help="use this column's value as the record key")
     p.add_argument("--timestamp", action="store_true", help="add the send time as `timestamp` (epoch ms)")
+    add_security_arguments(lambda flag, **kw: p.add_argument(flag, **kw))
     args = p.parse_args(argv)
-    try:
-        from kafka import KafkaProducer
-        from kafka.errors import KafkaError
+    from kafka import KafkaProducer
+    from kafka.errors import AuthorizationError, KafkaError
 
+    try:
+        security = security_from_args(env_fallback(args, os.environ), os.environ)
         producer = KafkaProducer(bootstrap_servers=args.bootstrap_servers.split(","), acks="all", linger_ms=20,
-                                 batch_size=512 * 1024)
+                                 batch_size=512 * 1024, **security.client_options())
         started = time.monotonic()
         sent = 0
+        failed: list[Exception] = []
         for key, value in events(args.data, args.limit, args.key_column):
             if args.timestamp:
                 event = orjson.loads(value)
@@ -73,10 +81,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ahead = started + sent / args.rate - time.monotonic()
                 if ahead > 0:
                     time.sleep(ahead)
-            producer.send(args.topic, key=key, value=value)
+            producer.send(args.topic, key=key, value=value).add_errback(failed.append)
             sent += 1
         producer.flush(timeout=60)
         producer.close(timeout=10)
+        if failed:
+            raise failed[0] if isinstance(failed[0], KafkaError) else KafkaError(str(failed[0]))
         seconds = time.monotonic() - started
         print(f"sent {sent} events to {args.topic} in {seconds:.1f} s ({sent / max(seconds, 1e-9):,.0f} events/s)")
         return 0
@@ -84,7 +94,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"anomaly-replay: error: {exc}", file=sys.stderr)
         return 2
     except KafkaError as exc:
-        print(f"anomaly-replay: error: Kafka at {args.bootstrap_servers}: {exc}", file=sys.stderr)
+        # kafka-python reports a refused InitProducerId (no WRITE on any topic) as a plain KafkaError naming
+        # ClusterAuthorizationFailedError.
+        if isinstance(exc, AuthorizationError) or "AuthorizationFailed" in str(exc):
+            from worker.access import denied
+
+            print(f"anomaly-replay: error: {denied(security, 'WRITE', 'TOPIC', args.topic)} ({exc})",
+                  file=sys.stderr)
+        else:
+            print(f"anomaly-replay: error: Kafka at {args.bootstrap_servers}: {exc}", file=sys.stderr)
         return 1
 
 

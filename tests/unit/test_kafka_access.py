@@ -1,0 +1,222 @@
+"""Kafka access problems without a broker: missing ACLs and refused logins are named, never crash the worker,
+and every command that talks to Kafka takes the same security flags.
+
+The same on a real SASL_SSL broker with ACLs: tests/integration/test_secured_broker.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+from kafka.errors import GroupAuthorizationFailedError, TopicAuthorizationFailedError
+from kafka.structs import ConsumerGroupMetadata, MemberState
+
+from training import cli as train_cli
+from training import kafka_window
+from training.errors import DataError
+from worker import access, replay
+from worker.config import KafkaSecurity, Secret, Settings
+from worker.errors import BrokerUnavailable, DeliveryError
+from worker.kafka_confluent import ConfluentSink, ConfluentSource
+from worker.kafka_io import KafkaSource
+from worker.records import DeadLetter, Record
+
+PASSWORD = "s3cret-for-unit-tests"
+SECURITY = KafkaSecurity(protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512", sasl_username="svc",
+                         sasl_password=Secret(PASSWORD), ssl_cafile="/ca.pem")
+FLAGS = ["--security-protocol", "SASL_SSL", "--sasl-mechanism", "SCRAM-SHA-512", "--sasl-username", "svc",
+         "--ssl-cafile", "/ca.pem"]
+
+
+def settings(**overrides: Any) -> Settings:
+    return Settings(model=Path("m"), bootstrap_servers="127.0.0.1:1", input_topic="in", alert_topic="al",
+                    dead_letter_topic="dl", group_id="g", security=SECURITY, **{"max_wait_ms": 0, **overrides})
+
+
+def test_messages_name_principal_operation_and_resource_and_never_the_password() -> None:
+    denied = access.denied(SECURITY, "WRITE", "TOPIC", "al")
+    assert denied.startswith("not authorized: User:svc needs WRITE on TOPIC 'al'")
+    refused = access.authentication_failed(SECURITY, "k:9093", "invalid credentials")
+    assert refused.startswith("authentication failed: SCRAM-SHA-512 login as 'svc' at k:9093")
+    assert PASSWORD not in denied + refused
+
+
+def test_throttled_logs_a_repeated_problem_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    throttled = access.Throttled(logging.getLogger("t"), 30.0, clock=lambda: now[0])
+    with caplog.at_level(logging.ERROR, logger="t"):
+        for t in (0.0, 10.0, 29.0, 30.0, 31.0):
+            now[0] = t
+            throttled.error("same problem")
+        throttled.error("other detail", key="k")
+        throttled.error("other detail, again", key="k")
+    assert [r.getMessage() for r in caplog.records] == ["same problem", "same problem", "other detail"]
+
+
+# -- kafka-python --------------------------------------------------------------------------------
+
+class UnauthorizedConsumer:
+    """A kafka-python consumer whose poll fails as it does without READ on the group."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.kwargs = kwargs
+
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return {0}
+
+    def subscribe(self, topics: list[str], listener: Any) -> None:
+        pass
+
+    def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict:
+        raise GroupAuthorizationFailedError("g")
+
+    def group_metadata(self) -> ConsumerGroupMetadata:
+        return ConsumerGroupMetadata(group_id="g", state=MemberState.REBALANCING)
+
+
+def test_kafka_python_without_group_read_names_the_acl_instead_of_crashing(caplog: pytest.LogCaptureFixture) -> None:
+    made: list[UnauthorizedConsumer] = []
+
+    def factory(**kwargs: Any) -> UnauthorizedConsumer:
+        made.append(UnauthorizedConsumer(**kwargs))
+        return made[-1]
+
+    source = KafkaSource(settings(), consumer_factory=factory)
+    with caplog.at_level(logging.ERROR, logger="worker.kafka_io"):
+        assert source.poll_batch() == [] and source.poll_batch() == []
+    assert [r.getMessage().split(";")[0] for r in caplog.records] == [
+        "not authorized: User:svc needs READ on GROUP 'g'"]  # once: the repeat is throttled
+    assert made[0].kwargs["sasl_plain_password"] == PASSWORD  # handed to the client, and only there
+
+
+# -- confluent-kafka -----------------------------------------------------------------------------
+
+class Message:
+    def __init__(self, topic: str) -> None:
+        self._topic = topic
+
+    def topic(self) -> str:
+        return self._topic
+
+
+class UnauthorizedProducer:
+    """Refuses every record to `refuse` as the broker does without WRITE on it."""
+
+    def __init__(self, refuse: str) -> None:
+        self.refuse, self.reports = refuse, []  # type: ignore[var-annotated]
+
+    def list_topics(self, timeout: float) -> None:
+        return None
+
+    def produce(self, topic: str, value: bytes | None, key: bytes | None, headers: list, on_delivery: Any) -> None:
+        error = KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED) if topic == self.refuse else None
+        self.reports.append((on_delivery, error, Message(topic)))
+
+    def flush(self, timeout: float) -> int:
+        for report, error, message in self.reports:
+            report(error, message)
+        self.reports = []
+        return 0
+
+
+def test_confluent_delivery_without_write_names_the_topic() -> None:
+    sink = ConfluentSink(settings(), producer_factory=lambda conf: UnauthorizedProducer(refuse="dl"))
+    letter = DeadLetter(record=Record("in", 0, 1, None, b"x"), reason="oversized", error="big")
+    with pytest.raises(DeliveryError, match=r"not authorized: User:svc needs WRITE on TOPIC 'dl'"):
+        sink.publish([], [letter])
+
+
+class RefusedLogin:
+    """A librdkafka client with a wrong password: metadata fails as a transport error; error_cb says why (in
+    poll)."""
+
+    def __init__(self, conf: dict[str, Any]) -> None:
+        self.conf = conf
+
+    def list_topics(self, timeout: float) -> None:
+        raise KafkaException(KafkaError(KafkaError._TRANSPORT, "Failed to get metadata: Local: Broker transport "
+                                                               "failure"))
+
+    def poll(self, timeout: float) -> None:
+        self.conf["error_cb"](KafkaError(KafkaError._AUTHENTICATION, "SASL authentication error: Authentication "
+                                                                     "failed due to invalid credentials"))
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("client", ["source", "sink"])
+def test_confluent_wrong_password_says_authentication_failed_without_the_password(client: str) -> None:
+    with pytest.raises(BrokerUnavailable, match="authentication failed: SCRAM-SHA-512 login as 'svc'") as caught:
+        if client == "source":
+            ConfluentSource(settings(), consumer_factory=RefusedLogin)
+        else:
+            ConfluentSink(settings(), producer_factory=RefusedLogin)
+    assert PASSWORD not in str(caught.value)
+
+
+# -- anomaly-replay and anomaly-train take the same flags ----------------------------------------
+
+def test_replay_passes_the_security_settings_to_its_producer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import kafka
+
+    made: dict[str, Any] = {}
+
+    class Refusing:
+        def __init__(self, **kwargs: Any) -> None:
+            made.update(kwargs)
+
+        def send(self, topic: str, key: bytes | None, value: bytes) -> Any:
+            raise TopicAuthorizationFailedError(topic)
+
+    monkeypatch.setattr(kafka, "KafkaProducer", Refusing)
+    monkeypatch.setenv("ANOMALY_SASL_PASSWORD", PASSWORD)
+    data = tmp_path / "rows.csv"
+    data.write_text("a,b\n1,2\n")
+    assert replay.main(["--data", str(data), "--topic", "events", *FLAGS]) == 1
+    assert made["security_protocol"] == "SASL_SSL" and made["sasl_plain_password"] == PASSWORD
+    assert made["ssl_cafile"] == "/ca.pem"
+    err = capsys.readouterr().err
+    assert "needs WRITE on TOPIC 'events'" in err and PASSWORD not in err and err.count("\n") == 1
+
+
+def test_train_from_kafka_passes_the_security_settings_to_its_consumer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    made: dict[str, Any] = {}
+
+    def refusing(**kwargs: Any) -> Any:
+        made.update(kwargs)
+        from kafka.errors import KafkaConnectionError
+
+        raise KafkaConnectionError()
+
+    monkeypatch.setattr(kafka_window, "KafkaConsumer", refusing)
+    password_file = tmp_path / "password"
+    password_file.write_text(PASSWORD + "\n")
+    code = train_cli.train_main(["--from-kafka", "--bootstrap-servers", "k:9093", "--topic", "events", "--out",
+                                 str(tmp_path / "b"), *FLAGS, "--sasl-password-file", str(password_file)])
+    assert code == 2
+    assert made["security_protocol"] == "SASL_SSL" and made["sasl_plain_password"] == PASSWORD
+    assert made["sasl_mechanism"] == "SCRAM-SHA-512" and made["ssl_cafile"] == "/ca.pem"
+    err = capsys.readouterr().err
+    assert err.startswith("anomaly-train: error: kafka:events: cannot reach Kafka") and PASSWORD not in err
+
+
+def test_read_window_defaults_to_plaintext(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: dict[str, Any] = {}
+
+    def refusing(**kwargs: Any) -> Any:
+        made.update(kwargs)
+        from kafka.errors import KafkaConnectionError
+
+        raise KafkaConnectionError()
+
+    monkeypatch.setattr(kafka_window, "KafkaConsumer", refusing)
+    with pytest.raises(DataError):
+        kafka_window.read_window("k:9092", "events", 10)
+    assert made["security_protocol"] == "PLAINTEXT" and "sasl_plain_password" not in made
