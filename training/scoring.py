@@ -10,14 +10,19 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import numpy as np
+import pandas as pd
 
+from training.data import check_columns, encode_frame
 from training.errors import BundleError
 from training.features import FeatureSchema, NumericField
 from training.model import PART_OUTPUTS, SIGNATURE, SIGNATURE_INPUT, tf
 from training.tf_runtime import quiet_native_stderr
+
+if TYPE_CHECKING:
+    from training.bundle import Bundle
 
 
 @dataclass(frozen=True)
@@ -168,3 +173,11 @@ class Scorer:
             expected[j] = _plain_floats(round_significant(f.decode(block[:, 0]))) if isinstance(f, NumericField) \
                 else f.decode(block)
         return top.tolist(), shares, expected
+
+
+def score_frame(bundle: Bundle, frame: pd.DataFrame, source: Path = Path("<frame>"), first_row: int = 1) -> Scores:
+    """Score every row of a frame with a loaded bundle: the values are checked and encoded as `anomaly-score`
+    does (a `DataError` names `source`, the column and the row). Columns besides the features are ignored;
+    compare `Scores.score` with `bundle.threshold.value` for the verdict."""
+    check_columns(frame, bundle.schema, [str(c) for c in frame.columns], source)
+    return cast(Scores, bundle.scorer.score(encode_frame(bundle.schema, frame, source, first_row)))

@@ -1,12 +1,12 @@
 """The worker's native heap: which allocator serves it, and returning freed memory to the system.
 
 Broker restarts make librdkafka's threads allocate and free buffers (reconnects, re-fetches, retried
-transactions). Under glibc's malloc that memory stays resident and fragmented: in an in-process run on
-the 3-node cluster, ten restarts left the bytes in use flat (~150 MiB) while free-but-resident bytes rose
-from 32 to 107 MiB and RSS from 748 to 805 MiB. Under jemalloc (`LD_PRELOAD=libjemalloc.so.2`, as the
-image does) RSS stayed between 782 and 797 MiB after the first two restarts. Under glibc the worker
-calls `malloc_trim(0)` regularly, which returns the whole free pages (807 -> 774 MiB once) but not the
-fragments; under another allocator, or a C library without it (musl, macOS), it does nothing.
+transactions). Under glibc's malloc that memory stays resident and fragmented: with each restart the
+bytes in use stay flat while free-but-resident bytes and RSS grow; under jemalloc
+(`LD_PRELOAD=libjemalloc.so.2`, as the image does) RSS levels off (the soak runs:
+benchmarks/results/soak-trim.md, benchmarks/results/soak.md). Under glibc the worker calls
+`malloc_trim(0)` regularly, which returns the whole free pages but not the fragments; under another
+allocator, or a C library without it (musl, macOS), it does nothing.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class HeapTrimmer:
     """`malloc_trim(0)` at most every `interval_s` (0: never), called between batches by the loop; off
     when another allocator serves malloc (glibc's arenas then hold next to nothing).
 
-    One trim walks the heap (about 10 ms for a fragmented few hundred MiB), once a minute by default.
+    One trim walks the heap (milliseconds for a fragmented one), once a minute by default.
     """
 
     def __init__(self, interval_s: float, trim: Callable[[int], int] | None = None,

@@ -2,8 +2,8 @@
 
 numpy's OpenBLAS starts one thread per core and lets idle ones spin while they wait for work. The
 worker's matrix products are small (a batch's per-column errors folded into per-field errors), and its
-loop is one thread: on the 2-core benchmark machine the second BLAS thread burned about 65 % of a core
-spinning, for no gain in events/s (benchmarks/results/throughput.md). The worker therefore runs BLAS
+loop is one thread: on the 2-core benchmark machine the second BLAS thread burned most of a core
+spinning, for no gain in events/s (docs/results.md, benchmarks/results/throughput.md). The worker runs BLAS
 single-threaded unless the environment asks otherwise (`OPENBLAS_NUM_THREADS`, `OMP_NUM_THREADS`,
 `MKL_NUM_THREADS`). TensorFlow's own thread pools are not affected.
 """
