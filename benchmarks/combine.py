@@ -40,9 +40,17 @@ def rules() -> dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]]:
     out: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
         "ae": lambda a, d: a, "knn": lambda a, d: d, "max": np.maximum}
     for w in (0.5, 0.6, 0.7, 0.8, 0.9):
-        out[f"lin{w}"] = lambda a, d, w=w: (1 - w) * a + w * d
-        out[f"log{w}"] = lambda a, d, w=w: (1 - w) * np.log(a + 1e-3) + w * np.log(d + 1e-3)
+        out[f"lin{w}"] = _linear(w)
+        out[f"log{w}"] = _log_linear(w)
     return out
+
+
+def _linear(w: float) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    return lambda a, d: (1 - w) * a + w * d
+
+
+def _log_linear(w: float) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    return lambda a, d: (1 - w) * np.log(a + 1e-3) + w * np.log(d + 1e-3)
 
 
 def metrics(y: np.ndarray, s: np.ndarray) -> tuple[float, float]:

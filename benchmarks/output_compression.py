@@ -30,6 +30,7 @@ BATCH = 1000
 
 
 def build_outputs(n: int) -> tuple[list[Any], list[Any]]:
+    from training.contract import Reason
     from training.scoring import Contribution
     from worker.alerts import build_alert
     from worker.records import DeadLetter, Record
@@ -46,7 +47,7 @@ def build_outputs(n: int) -> tuple[list[Any], list[Any]]:
                                   1_764_000_001.0 + i))
         if i % 50 == 0:
             letters.append(DeadLetter(record=Record("flows", 0, i, None, json.dumps(row).encode()[:-5]),
-                                      reason="invalid_json", error="unexpected end of data", model_version="m"))
+                                      reason=Reason.INVALID_JSON, error="unexpected end of data", model_version="m"))
     return alerts, letters
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -71,7 +72,7 @@ def main() -> None:
         fitted = fit(fit_rows, val_rows, FitConfig(hidden=hidden, seed=0, noise=args.noise))
         parts: dict[str, np.ndarray] = {"y_test": split.y_test}
 
-        def recon_errors(rows: np.ndarray, models: list = fitted.models) -> np.ndarray:  # type: ignore[type-arg]
+        def recon_errors(rows: np.ndarray, models: list[Any] = fitted.models) -> np.ndarray:
             return np.mean([(rows - m.predict(rows, batch_size=4096, verbose=0)) ** 2 for m in models], axis=0)
 
         val_err = recon_errors(val_rows)
@@ -85,7 +86,7 @@ def main() -> None:
             bank = fit_rows[rng.permutation(len(fit_rows))[:bank_size]]
             parts[f"knn{bank_size}_val"] = kth_distances(val_rows, bank)
             parts[f"knn{bank_size}_test"] = kth_distances(test_matrix, bank)
-        np.savez(target, **parts)
+        np.savez(target, **cast(dict[str, Any], parts))
         print(f"{name}: width {schema.width}, fit rows {len(fit_rows)}, {time.perf_counter() - started:.1f}s",
               flush=True)
 

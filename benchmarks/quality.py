@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -151,7 +152,7 @@ def load_nsl_kdd(path: Path) -> Dataset:
 def find_datasets(root: Path) -> dict[str, Callable[[], Dataset]]:
     """Loaders by data set name, ADBench in file-name order then NSL-KDD; loaded only when called."""
     loaders: dict[str, Callable[[], Dataset]] = {
-        p.stem: (lambda p=p: load_adbench(p)) for p in sorted((root / "adbench").glob("*.npz"))}
+        p.stem: partial(load_adbench, p) for p in sorted((root / "adbench").glob("*.npz"))}
     if (root / NSL_KDD_FILE).is_file():
         loaders["nsl-kdd"] = lambda: load_nsl_kdd(root / NSL_KDD_FILE)
     if not loaders:

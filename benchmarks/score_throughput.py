@@ -18,6 +18,7 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -58,7 +59,7 @@ def main() -> None:
     rows = int(read_out.split()[0])
     inner = re.search(r"scored (\d+) rows in ([\d.]+) s", score_out)
     assert inner is not None and int(inner.group(1)) == rows, score_out
-    result = {
+    result: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "nproc": os.cpu_count(), "rows": rows,
         "train_seconds_nsl_kdd": round(train_s, 2),
         "score_process_seconds": round(score_s, 2), "score_rows_per_s_process": round(rows / score_s),

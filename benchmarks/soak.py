@@ -32,6 +32,7 @@ import time
 import urllib.request
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,10 @@ def port_answers(address: str) -> bool:
         return False
 
 
+def port_closed(cluster: Cluster, node: int) -> bool:
+    return not port_answers(cluster.address(node))
+
+
 def end_offsets(bootstrap: str, topic: str) -> dict[int, int] | None:
     from confluent_kafka import Consumer, KafkaException, TopicPartition
 
@@ -224,7 +229,7 @@ def soak(cluster: Cluster, bundle: Path, templates: list[bytes], args: argparse.
             if now >= next_restart:
                 killed_at = time.monotonic()
                 cluster.kill(node)
-                wait_for(lambda n=node: not port_answers(cluster.address(n)), 60, f"node {node}'s port to close")
+                wait_for(partial(port_closed, cluster, node), 60, f"node {node}'s port to close")
                 cluster.restart(node)
                 restarts.append({"at_s": round(killed_at - began, 1), "node": node,
                                  "down_s": round(time.monotonic() - killed_at, 1)})

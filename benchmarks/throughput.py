@@ -43,7 +43,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import orjson
@@ -541,7 +541,7 @@ def _alert_collector(bootstrap: str, topic: str, latencies: list[float], stop: t
             arrived = time.time()
             for m in messages:
                 if m.error() is None:
-                    stamp = orjson.loads(m.value()).get("event_timestamp")
+                    stamp = orjson.loads(cast(bytes, m.value())).get("event_timestamp")
                     if stamp:
                         latencies.append(arrived - datetime.fromisoformat(stamp).timestamp())
     finally:

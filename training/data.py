@@ -167,7 +167,7 @@ def raw_values(values: pd.Series) -> np.ndarray:
         array = values.array
         present = ~values.isna().to_numpy()
         seconds = np.full(len(values), np.nan)
-        seconds[present] = epoch_seconds(array.asi8[present], _PER_SECOND[array.unit])  # type: ignore[attr-defined]
+        seconds[present] = epoch_seconds(array.asi8[present], _PER_SECOND[array.unit])
         return seconds
     if not isinstance(values.dtype, pd.api.extensions.ExtensionDtype) and (
             pd.api.types.is_bool_dtype(values.dtype) or pd.api.types.is_numeric_dtype(values.dtype)):

@@ -41,7 +41,7 @@ def _glibc_malloc_trim() -> Callable[[int], int] | None:
     except (OSError, AttributeError, TypeError):
         return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim  # type: ignore[no-any-return]
+    return trim
 
 
 class HeapTrimmer:

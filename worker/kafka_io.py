@@ -62,7 +62,7 @@ def denied(settings: Settings, exc: AuthorizationError, topic: str, operation: s
     return f"not authorized ({exc}); {access.DOC} lists the ACLs each component needs"
 
 
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+class _Rebalance(ConsumerRebalanceListener):
     def __init__(self, source: KafkaSource) -> None:
         self.source = source
 
