@@ -82,7 +82,6 @@ def train_parser() -> argparse.ArgumentParser:
     source.add_argument("--data", type=Path, help="CSV (with header), JSON Lines or Parquet file")
     source.add_argument("--from-kafka", action="store_true",
                         help="train on a bounded window of JSON events from --topic (same data contract as files)")
-    p.add_argument("--bootstrap-servers", help="with --from-kafka: Kafka bootstrap servers, host:port[,...]")
     p.add_argument("--topic", help="with --from-kafka: the topic to read")
     p.add_argument("--max-events", type=int, default=100_000, help="with --from-kafka: at most this many events")
     p.add_argument("--since", help="with --from-kafka: start at this time (ISO-8601) or this long ago (24h, 7d)")
@@ -91,7 +90,7 @@ def train_parser() -> argparse.ArgumentParser:
     def kafka_flag(flag: str, **kw: Any) -> None:
         p.add_argument(flag, **{**kw, "help": f"with --from-kafka: {kw['help']}"})
 
-    add_security_arguments(kafka_flag)
+    add_security_arguments(kafka_flag, with_servers=True)
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", type=Path, help="bundle directory to write (replaced atomically)")
     where.add_argument("--repo", type=Path, help="model repository: write a new version under REPO/versions/")
@@ -183,11 +182,13 @@ def train_from_kafka(args: argparse.Namespace, destination: Any, config: Any, lo
     from training.train import train_frame
     from worker.config import env_fallback, security_from_args
 
-    if not args.bootstrap_servers or not args.topic:
-        raise ConfigError("--from-kafka needs --bootstrap-servers and --topic")
+    get = env_fallback(args, os.environ)
+    servers = get("bootstrap_servers")
+    if not servers or not args.topic:
+        raise ConfigError("--from-kafka needs --bootstrap-servers (or ANOMALY_BOOTSTRAP_SERVERS) and --topic")
     since = parse_since(args.since) if args.since else None
-    security = security_from_args(env_fallback(args, os.environ), os.environ)
-    window = read_window(args.bootstrap_servers, args.topic, args.max_events, since, security=security)
+    security = security_from_args(get)
+    window = read_window(servers, args.topic, args.max_events, since, security=security)
     ignored = [*config.drop, *([config.labels.column] if config.labels else [])]
     window = skip_contract_breaches(window, ignored, config.categorical, log)
     skipped = sum(window.skipped.values())

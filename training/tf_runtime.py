@@ -27,7 +27,9 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-ENV_VERBOSE = "ANOMALY_TF_LOG"
+from worker.config import TF_LOG
+
+ENV_VERBOSE = TF_LOG.env  # declared with the other settings (docs/settings.md)
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ _lock = threading.RLock()
 
 def verbose() -> bool:
     """Whether TensorFlow's native lines should reach stderr."""
-    return os.environ.get(ENV_VERBOSE, "").strip() not in ("", "0") or log.isEnabledFor(logging.DEBUG)
+    return bool(TF_LOG.from_env(os.environ)) or log.isEnabledFor(logging.DEBUG)
 
 
 @contextmanager

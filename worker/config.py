@@ -1,30 +1,54 @@
-"""Worker settings: built once from command-line flags and environment variables, then passed down frozen.
+"""Worker settings: declared once, built once from command-line flags and environment variables, passed down frozen.
 
-Every flag has an environment variable (`ANOMALY_` + flag name in upper case with underscores), so a
-Kubernetes ConfigMap/Secret can configure the worker; a flag given on the command line wins.
-Secrets (SASL password) may also come from a file (`--sasl-password-file`) and never print themselves.
+Each field of `Settings` and `KafkaSecurity` is declared with its help, check and variable
+(`worker.config_decl`); flags, environment parsing, `--help` and docs/settings.md are generated from
+that (`python -m worker.config --markdown > docs/settings.md`). Every flag has a variable (`ANOMALY_` +
+flag name in upper case with underscores), so a Kubernetes ConfigMap/Secret can configure the worker; a
+flag given on the command line wins, an empty variable counts as unset. Secrets (the SASL password) come
+from a file (`--sasl-password-file`) or the environment, never argv, and never print themselves.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import socket
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from training.errors import ConfigError
+from worker.config_decl import (
+    ENV_PREFIX,
+    add_arguments,
+    at_least,
+    markdown_table,
+    not_blank,
+    off_or_positive,
+    options,
+    positive_seconds,
+    reader,
+    setting,
+    validate_fields,
+    within,
+)
 
-ENV_PREFIX = "ANOMALY_"
+__all__ = [
+    "ALL", "AT_LEAST_ONCE", "COMPRESSION_CODECS", "DELIVERY_MODES", "ENV_PREFIX", "EXACTLY_ONCE", "ISOLATION_LEVELS",
+    "KAFKA_CLIENTS", "KAFKA_CONNECTION", "LOG_LEVELS", "PASSWORD_FILE", "SASL_MECHANISMS", "SECURITY",
+    "SECURITY_PROTOCOLS", "TF_LOG", "WORKER", "KafkaSecurity", "Secret", "Settings", "add_security_arguments",
+    "env_fallback", "from_args", "markdown", "parser", "security_from_args",
+]
+
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 KAFKA_CLIENTS = ("confluent", "kafka-python")
 ISOLATION_LEVELS = ("read_committed", "read_uncommitted")
 COMPRESSION_CODECS = ("none", "gzip", "snappy", "lz4", "zstd")
-DELIVERY_MODES = ("at-least-once", "exactly-once")
+AT_LEAST_ONCE, EXACTLY_ONCE = "at-least-once", "exactly-once"
+DELIVERY_MODES = (AT_LEAST_ONCE, EXACTLY_ONCE)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -53,27 +77,27 @@ class Secret:
 
 @dataclass(frozen=True)
 class KafkaSecurity:
-    """Client security: TLS files and SASL credentials (PLAIN / SCRAM)."""
+    """Client security: TLS files and SASL credentials (PLAIN / SCRAM); shared by every command that talks to Kafka."""
 
-    protocol: str = "PLAINTEXT"
-    sasl_mechanism: str | None = None
-    sasl_username: str | None = None
-    sasl_password: Secret | None = None
-    ssl_cafile: str | None = None
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
-    ssl_check_hostname: bool = True
+    protocol: str = setting("Kafka security protocol", "PLAINTEXT", name="security_protocol",
+                            choices=SECURITY_PROTOCOLS, case=str.upper)
+    sasl_mechanism: str | None = setting(f"SASL mechanism, one of {', '.join(SASL_MECHANISMS)}", None)
+    sasl_username: str | None = setting("SASL user name", None)
+    sasl_password: Secret | None = setting("SASL password; --sasl-password-file wins when both are set", None,
+                                           flag=False)
+    ssl_cafile: str | None = setting("CA bundle for TLS", None)
+    ssl_certfile: str | None = setting("client certificate for mutual TLS", None)
+    ssl_keyfile: str | None = setting("client key for mutual TLS", None)
+    ssl_check_hostname: bool = True  # Python API only (tests against brokers with made-up certificates)
 
     def __post_init__(self) -> None:
-        if self.protocol not in SECURITY_PROTOCOLS:
-            raise ConfigError(f"security protocol must be one of {', '.join(SECURITY_PROTOCOLS)}, "
-                              f"got {self.protocol!r}")
+        validate_fields(self)
         if self.protocol.startswith("SASL"):
             if self.sasl_mechanism not in SASL_MECHANISMS:
                 raise ConfigError(f"{self.protocol} needs --sasl-mechanism, one of {', '.join(SASL_MECHANISMS)}")
             if not self.sasl_username or self.sasl_password is None:
                 raise ConfigError(f"{self.protocol} needs --sasl-username and a password "
-                                  f"(ANOMALY_SASL_PASSWORD or --sasl-password-file)")
+                                  f"({ENV_PREFIX}SASL_PASSWORD or --sasl-password-file)")
 
     def client_options(self) -> dict[str, Any]:
         """kafka-python keyword arguments for consumer, producer and admin client."""
@@ -105,107 +129,102 @@ class KafkaSecurity:
 class Settings:
     """Everything the worker needs to run; validated at construction."""
 
-    model: Path
-    bootstrap_servers: str
-    input_topic: str
-    alert_topic: str
-    dead_letter_topic: str
-    group_id: str
-    max_batch: int = 1000
-    max_wait_ms: int = 200
-    max_event_bytes: int = 1_048_576
-    top_features: int = 3
-    metrics_host: str = "0.0.0.0"
-    metrics_port: int = 9108
-    shutdown_timeout_s: float = 20.0
-    kafka_timeout_s: float = 30.0
-    retry_backoff_initial_s: float = 0.5
-    retry_backoff_max_s: float = 30.0
-    rejoin_timeout_s: float = 60.0
-    session_timeout_s: float = 15.0
-    max_poll_interval_s: float = 300.0
-    broker_check_interval_s: float = 2.0
-    liveness_timeout_s: float = 60.0
-    http_idle_timeout_s: float = 30.0
-    http_max_connections: int = 32
-    http_request_timeout_s: float = 5.0
-    metrics_web_config: Path | None = None  # None: plain HTTP, no auth (worker/web_config.py)
-    reload_interval_s: float = 10.0
-    heap_trim_interval_s: float = 60.0  # 0: never (worker/heap.py)
-    shadow_model: Path | None = None
-    feedback_topic: str | None = None
-    alert_key_field: str | None = None
-    alert_cooldown_s: float = 0.0
-    max_alerts_per_s: float = 0.0
-    expected_schema_hash: str | None = None
-    client_id: str = "anomaly-worker"
-    log_level: str = "INFO"
-    security: KafkaSecurity = field(default_factory=KafkaSecurity)
-    kafka_client: str = "confluent"
-    isolation_level: str = "read_committed"
-    compression: str | None = None  # None: the client's default, see `output_compression`
-    alert_headers: tuple[str, ...] = ()
-    delivery: str = "at-least-once"
-    transactional_id: str | None = None  # None: see `transactional_id_or_default`
-    transaction_timeout_s: float = 60.0
+    model: Path = setting("model bundle directory, or a model repository whose current version is followed "
+                          "(anomaly-train --repo, anomaly-promote)")
+    bootstrap_servers: str = setting("Kafka bootstrap servers, host:port[,host:port]")
+    input_topic: str = setting("topic of JSON events to score")
+    alert_topic: str = setting("topic for alerts")
+    dead_letter_topic: str = setting("topic for events that cannot be scored")
+    group_id: str = setting("consumer group id")
+    max_batch: int = setting("micro-batch size bound in records", 1000, check=within(1, 100_000, "records"))
+    max_wait_ms: int = setting("micro-batch time bound in ms", 200, check=within(0, 60_000, "ms"))
+    max_event_bytes: int = setting("larger events are dead-lettered as oversized", 1_048_576,
+                                   check=at_least(64, "bytes"), shown="1048576 (1 MiB)")
+    top_features: int = setting("contributing features listed per alert", 3)
+    metrics_host: str = setting("address for /metrics, /healthz, /readyz", "0.0.0.0")
+    metrics_port: int = setting("port for /metrics, /healthz, /readyz (0 = any)", 9108, check=within(0, 65535))
+    shutdown_timeout_s: float = setting("deadline for finishing a batch on SIGTERM", 20.0, check=positive_seconds)
+    kafka_timeout_s: float = setting("timeout of each blocking Kafka call", 30.0, check=positive_seconds)
+    retry_backoff_initial_s: float = setting("first wait after a failed delivery or connect", 0.5,
+                                             check=positive_seconds)
+    retry_backoff_max_s: float = setting("longest wait between retries", 30.0, check=positive_seconds)
+    rejoin_timeout_s: float = setting("replace the consumer if a group rebalance takes longer", 60.0,
+                                      check=positive_seconds)
+    session_timeout_s: float = setting("consumer group session timeout", 15.0, check=positive_seconds)
+    max_poll_interval_s: float = setting("consumer max poll interval", 300.0, check=positive_seconds)
+    broker_check_interval_s: float = setting("while idle, check the broker this often", 2.0, check=positive_seconds)
+    liveness_timeout_s: float = setting("/healthz fails when the loop is stuck this long", 60.0,
+                                        check=positive_seconds)
+    http_idle_timeout_s: float = setting("close idle HTTP keep-alive connections after", 30.0, check=positive_seconds)
+    http_max_connections: int = setting("concurrent HTTP connections served; when all are taken, a new one "
+                                        "replaces the oldest idle or slow one", 32, check=at_least(1))
+    http_request_timeout_s: float = setting("an HTTP request must arrive whole within this of its first byte, and "
+                                            "its response be taken within as long", 5.0, check=positive_seconds)
+    metrics_web_config: Path | None = setting("Prometheus web.config file: TLS and basic auth for the metrics "
+                                              "endpoint (docs/metrics-endpoint.md; worker/web_config.py)", None,
+                                              shown="plain HTTP, no auth")
+    reload_interval_s: float = setting("with a repository: check for a promoted version this often; SIGHUP checks "
+                                       "at once", 10.0, check=positive_seconds)
+    heap_trim_interval_s: float = setting("return freed native memory to the system this often (glibc malloc_trim, "
+                                          "worker/heap.py; 0 = never)", 60.0, check=off_or_positive)
+    shadow_model: Path | None = setting("a candidate bundle that scores every batch too; its alerts are never "
+                                        "published, its alert rate and agreement with the live model are metrics",
+                                        None)
+    feedback_topic: str | None = setting("topic of analyst verdicts {\"alert_id\": ..., \"verdict\": "
+                                         "\"true_positive\" | \"false_positive\"}; exported as precision per model "
+                                         "version", None)
+    alert_key_field: str | None = setting("event field naming the entity an alert is about (host, account); added "
+                                          "to alerts as 'entity'", None)
+    alert_cooldown_s: float = setting("publish at most one alert per entity in this window; the rest are counted "
+                                      "into a summary alert (0 = off)", 0.0, check=off_or_positive)
+    max_alerts_per_s: float = setting("global alert budget; alerts beyond it are counted into summaries (0 = off)",
+                                      0.0, check=off_or_positive)
+    expected_schema_hash: str | None = setting("refuse a bundle whose schema hash differs", None)
+    client_id: str = setting("Kafka client id", "anomaly-worker")
+    log_level: str = setting("log level", "INFO", choices=LOG_LEVELS, case=str.upper)
+    security: KafkaSecurity = field(default_factory=KafkaSecurity)  # declared in KafkaSecurity
+    kafka_client: str = setting("Kafka client library: confluent (librdkafka) or kafka-python (pure Python)",
+                                "confluent", choices=KAFKA_CLIENTS, case=str.lower)
+    isolation_level: str = setting("read_committed skips records of aborted upstream transactions",
+                                   "read_committed", choices=ISOLATION_LEVELS, case=str.lower)
+    compression: str | None = setting("codec for alerts and dead letters (see `output_compression`)", None,
+                                      choices=COMPRESSION_CODECS, case=str.lower,
+                                      shown="zstd with confluent, none with kafka-python")
+    alert_headers: tuple[str, ...] = setting("comma-separated input record header names copied into each alert "
+                                             "document", ())
+    delivery: str = setting("at-least-once: alerts may repeat after a crash, with the same alert_id; exactly-once: "
+                            "each batch's alerts, dead letters and offsets commit in one Kafka transaction "
+                            "(confluent only)", AT_LEAST_ONCE, choices=DELIVERY_MODES, case=str.lower)
+    transactional_id: str | None = setting("exactly-once: this worker's transactional id, unique per replica and "
+                                           "stable across its restarts", None, check=not_blank,
+                                           shown="<group-id>-<hostname>")
+    transaction_timeout_s: float = setting("exactly-once: the broker aborts a transaction left open this long by a "
+                                           "dead worker", 60.0, check=positive_seconds)
 
     def __post_init__(self) -> None:
-        if not 1 <= self.max_batch <= 100_000:
-            raise ConfigError(f"max batch must be in [1, 100000] records, got {self.max_batch}")
-        if not 0 <= self.max_wait_ms <= 60_000:
-            raise ConfigError(f"max wait must be in [0, 60000] ms, got {self.max_wait_ms}")
-        if self.max_event_bytes < 64:
-            raise ConfigError(f"max event size must be at least 64 bytes, got {self.max_event_bytes}")
-        if not 0 <= self.metrics_port <= 65535:
-            raise ConfigError(f"metrics port must be in [0, 65535], got {self.metrics_port}")
-        for name in ("shutdown_timeout_s", "kafka_timeout_s", "rejoin_timeout_s", "session_timeout_s",
-                     "max_poll_interval_s", "broker_check_interval_s", "liveness_timeout_s", "http_idle_timeout_s",
-                     "retry_backoff_initial_s", "retry_backoff_max_s", "reload_interval_s", "transaction_timeout_s",
-                     "http_request_timeout_s"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive number of seconds, got {value}")
+        validate_fields(self)
         if self.retry_backoff_initial_s > self.retry_backoff_max_s:
             raise ConfigError(f"--retry-backoff-initial-s ({self.retry_backoff_initial_s}) must not exceed "
                               f"--retry-backoff-max-s ({self.retry_backoff_max_s})")
-        for name in ("alert_cooldown_s", "max_alerts_per_s", "heap_trim_interval_s"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (0 turns it off), got {value}")
         if self.alert_cooldown_s and not self.alert_key_field:
             raise ConfigError("--alert-cooldown-s needs --alert-key-field: the event field that names the entity "
                               "(host, account) whose alerts it spaces out")
-        if self.http_max_connections < 1:
-            raise ConfigError(f"--http-max-connections must be at least 1, got {self.http_max_connections}")
-        if self.log_level.upper() not in LOG_LEVELS:
-            raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         topics = {self.input_topic, self.alert_topic, self.dead_letter_topic}
         if len(topics) != 3 or "" in topics:
             raise ConfigError("input, alert and dead-letter topics must be three different, non-empty names")
         if self.feedback_topic is not None and self.feedback_topic in topics:
             raise ConfigError(f"--feedback-topic must differ from the input, alert and dead-letter topics, got "
                               f"{self.feedback_topic!r}")
-        if self.kafka_client not in KAFKA_CLIENTS:
-            raise ConfigError(f"Kafka client must be one of {', '.join(KAFKA_CLIENTS)}, got {self.kafka_client!r}")
-        if self.isolation_level not in ISOLATION_LEVELS:
-            raise ConfigError(f"isolation level must be one of {', '.join(ISOLATION_LEVELS)}, "
-                              f"got {self.isolation_level!r}")
-        if self.compression is not None and self.compression not in COMPRESSION_CODECS:
-            raise ConfigError(f"compression must be one of {', '.join(COMPRESSION_CODECS)}, got {self.compression!r}")
-        if self.delivery not in DELIVERY_MODES:
-            raise ConfigError(f"--delivery must be one of {', '.join(DELIVERY_MODES)}, got {self.delivery!r}")
-        if self.delivery == "exactly-once" and self.kafka_client != "confluent":
+        if self.exactly_once and self.kafka_client != "confluent":
             raise ConfigError("--delivery exactly-once needs --kafka-client confluent: the worker's transactions "
                               "(offsets committed with the consumer group metadata, KIP-447) use librdkafka")
-        if self.transactional_id is not None and not self.transactional_id.strip():
-            raise ConfigError("--transactional-id must not be empty")
-        if self.delivery == "exactly-once" and self.transaction_timeout_s > 900:
+        if self.exactly_once and self.transaction_timeout_s > 900:
             raise ConfigError(f"--transaction-timeout-s must be at most 900 (the broker's default "
                               f"transaction.max.timeout.ms), got {self.transaction_timeout_s}")
 
     @property
     def exactly_once(self) -> bool:
-        return self.delivery == "exactly-once"
+        return self.delivery == EXACTLY_ONCE
 
     @property
     def transactional_id_or_default(self) -> str:
@@ -231,8 +250,22 @@ class Settings:
         return "zstd" if self.kafka_client == "confluent" else "none"
 
 
-def _env_name(flag: str) -> str:
-    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+@dataclass(frozen=True)
+class _Process:
+    """Settings read outside `Settings`: the password's file, a shared flag's other commands, TensorFlow's switch."""
+
+    sasl_password_file: Path | None = setting("file holding the SASL password (surrounding whitespace stripped); "
+                                              "without it, the password comes from the environment", None)
+    tf_log: bool = setting("1: let TensorFlow's native log lines through to stderr, as --log-level DEBUG does "
+                           "(every command; training/tf_runtime.py)", False, flag=False)
+
+
+WORKER = options(Settings)
+SECURITY = options(KafkaSecurity)
+PASSWORD_FILE, TF_LOG = options(_Process)
+#: What `anomaly-replay` and `anomaly-train --from-kafka` share with the worker: where Kafka is and how to log in.
+KAFKA_CONNECTION = (WORKER[1], *SECURITY, PASSWORD_FILE)
+ALL = (*WORKER, *SECURITY, PASSWORD_FILE, TF_LOG)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -240,169 +273,81 @@ def parser() -> argparse.ArgumentParser:
         prog="anomaly-worker",
         description="Score Kafka events with an autoencoder bundle; publish alerts and dead letters.",
         epilog=f"Every option can also be set by environment variable {ENV_PREFIX}<OPTION> "
-               f"(e.g. {ENV_PREFIX}BOOTSTRAP_SERVERS); the command line wins.")
-
-    def add(flag: str, **kw: Any) -> None:
-        kw["help"] = f"{kw.get('help', '')} [env {_env_name(flag)}]".strip()
-        p.add_argument(flag, **kw)
-
-    add("--model", type=Path, help="model bundle directory, or a model repository whose current version is "
-                                   "followed (anomaly-train --repo, anomaly-promote)")
-    add("--reload-interval-s", type=float, help="with a repository: check for a promoted version this often; "
-                                                "SIGHUP checks at once (default 10)")
-    add("--heap-trim-interval-s", type=float, help="return freed native memory to the system this often "
-                                                   "(glibc malloc_trim; default 60, 0 = never)")
-    add("--bootstrap-servers", help="Kafka bootstrap servers, host:port[,host:port]")
-    add("--input-topic", help="topic of JSON events to score")
-    add("--alert-topic", help="topic for alerts")
-    add("--dead-letter-topic", help="topic for events that cannot be scored")
-    add("--group-id", help="consumer group id")
-    add("--max-batch", type=int, help="micro-batch size bound in records (default 1000)")
-    add("--max-wait-ms", type=int, help="micro-batch time bound in ms (default 200)")
-    add("--max-event-bytes", type=int, help="larger events are dead-lettered as oversized (default 1 MiB)")
-    add("--top-features", type=int, help="contributing features listed per alert (default 3)")
-    add("--metrics-host", help="address for /metrics, /healthz, /readyz (default 0.0.0.0)")
-    add("--metrics-port", type=int, help="port for /metrics, /healthz, /readyz (default 9108; 0 = any)")
-    add("--shutdown-timeout-s", type=float, help="deadline for finishing a batch on SIGTERM (default 20)")
-    add("--kafka-timeout-s", type=float, help="timeout of each blocking Kafka call (default 30)")
-    add("--rejoin-timeout-s", type=float, help="replace the consumer if a group rebalance takes longer (default 60)")
-    add("--session-timeout-s", type=float, help="consumer group session timeout (default 15)")
-    add("--max-poll-interval-s", type=float, help="consumer max poll interval (default 300)")
-    add("--broker-check-interval-s", type=float, help="while idle, check the broker this often (default 2)")
-    add("--retry-backoff-initial-s", type=float, help="first wait after a failed delivery or connect (default 0.5)")
-    add("--retry-backoff-max-s", type=float, help="longest wait between retries (default 30)")
-    add("--liveness-timeout-s", type=float, help="/healthz fails when the loop is stuck this long (default 60)")
-    add("--http-idle-timeout-s", type=float, help="close idle HTTP keep-alive connections after (default 30)")
-    add("--http-max-connections", type=int, help="concurrent HTTP connections served; when all are taken, a new "
-                                                 "one replaces the oldest idle or slow one (default 32)")
-    add("--http-request-timeout-s", type=float, help="an HTTP request must arrive whole within this of its first "
-                                                     "byte, and its response be taken within as long (default 5)")
-    add("--metrics-web-config", type=Path, help="Prometheus web.config file: TLS and basic auth for the metrics "
-                                                "endpoint (docs/metrics-endpoint.md; default: plain HTTP)")
-    add("--shadow-model", type=Path, help="a candidate bundle that scores every batch too; its alerts are never "
-                                          "published, its alert rate and agreement with the live model are metrics")
-    add("--feedback-topic", help="topic of analyst verdicts {\"alert_id\": ..., \"verdict\": \"true_positive\" | "
-                                 "\"false_positive\"}; exported as precision per model version")
-    add("--alert-key-field", help="event field naming the entity an alert is about (host, account); added to "
-                                  "alerts as 'entity'")
-    add("--alert-cooldown-s", type=float, help="publish at most one alert per entity in this window; the rest "
-                                               "are counted into a summary alert (default 0 = off)")
-    add("--max-alerts-per-s", type=float, help="global alert budget; alerts beyond it are counted into summaries "
-                                               "(default 0 = off)")
-    add("--expected-schema-hash", help="refuse a bundle whose schema hash differs")
-    add("--client-id", help="Kafka client id (default anomaly-worker)")
-    add("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
-    add_security_arguments(add)
-    add("--kafka-client", choices=KAFKA_CLIENTS,
-        help="Kafka client library: confluent (librdkafka, default) or kafka-python (pure Python)")
-    add("--isolation-level", choices=ISOLATION_LEVELS,
-        help="read_committed (default) skips records of aborted upstream transactions")
-    add("--compression", choices=COMPRESSION_CODECS,
-        help="codec for alerts and dead letters (default zstd with confluent, none with kafka-python)")
-    add("--alert-headers", help="comma-separated input record header names copied into each alert document")
-    add("--delivery", choices=DELIVERY_MODES,
-        help="at-least-once (default): alerts may repeat after a crash, with the same alert_id; exactly-once: "
-             "each batch's alerts, dead letters and offsets commit in one Kafka transaction (confluent only)")
-    add("--transactional-id", help="exactly-once: this worker's transactional id, unique per replica and stable "
-                                   "across its restarts (default <group-id>-<hostname>)")
-    add("--transaction-timeout-s", type=float, help="exactly-once: the broker aborts a transaction left open "
-                                                    "this long by a dead worker (default 60)")
+               f"(e.g. {ENV_PREFIX}BOOTSTRAP_SERVERS); the command line wins. Required: "
+               f"{', '.join(o.flag for o in WORKER if o.required)}. Environment only: "
+               f"{'; '.join(f'{o.env} ({o.decl.help})' for o in ALL if not o.decl.flag)}. "
+               f"All settings: docs/settings.md.")
+    add_arguments(p.add_argument, (*WORKER, *SECURITY, PASSWORD_FILE))
     return p
 
 
-def add_security_arguments(add: Callable[..., object]) -> None:
-    """The Kafka client security flags, declared once for every command that talks to Kafka.
+def add_security_arguments(add: Callable[..., object], *, with_servers: bool = False) -> None:
+    """The Kafka client security flags (and `--bootstrap-servers` when asked), declared once for every command.
 
     `add(flag, **argparse keywords)`; the worker, anomaly-replay and anomaly-train share these. The password
     itself has no flag (argv is visible to every local user in /proc): it comes from a file or the
     environment (`security_from_args`).
     """
-    add("--security-protocol", help=f"one of {', '.join(SECURITY_PROTOCOLS)} (default PLAINTEXT)")
-    add("--sasl-mechanism", help=f"one of {', '.join(SASL_MECHANISMS)}")
-    add("--sasl-username", help="SASL user name")
-    add("--sasl-password-file", type=Path, help=f"file holding the SASL password (or env {ENV_PREFIX}SASL_PASSWORD)")
-    add("--ssl-cafile", help="CA bundle for TLS")
-    add("--ssl-certfile", help="client certificate for mutual TLS")
-    add("--ssl-keyfile", help="client key for mutual TLS")
-
-
-def security_from_args(get: Callable[[str], Any], environ: Mapping[str, str]) -> KafkaSecurity:
-    """KafkaSecurity from the flags of `add_security_arguments` (`get(name)`: the flag, else its env variable).
-
-    The password: the file `--sasl-password-file` names (surrounding whitespace stripped), else
-    `ANOMALY_SASL_PASSWORD`.
-    """
-    password = environ.get(ENV_PREFIX + "SASL_PASSWORD")
-    password_file = get("sasl_password_file")
-    if password_file is not None:
-        try:
-            password = Path(password_file).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read SASL password file {password_file}: {exc.strerror}") from None
-    return KafkaSecurity(
-        protocol=(get("security_protocol") or "PLAINTEXT").upper(), sasl_mechanism=get("sasl_mechanism"),
-        sasl_username=get("sasl_username"), sasl_password=Secret(password) if password else None,
-        ssl_cafile=get("ssl_cafile"), ssl_certfile=get("ssl_certfile"), ssl_keyfile=get("ssl_keyfile"))
+    add_arguments(add, KAFKA_CONNECTION if with_servers else KAFKA_CONNECTION[1:])
 
 
 def env_fallback(args: argparse.Namespace, environ: Mapping[str, str]) -> Callable[[str], Any]:
-    """`get(name)`: the flag's value, else `ANOMALY_<NAME>` from `environ`, else None."""
-    values = vars(args)
-
-    def get(name: str) -> Any:
-        value = values.get(name)
-        if value is None:
-            value = environ.get(ENV_PREFIX + name.upper()) or None
-        return value
-
-    return get
+    """`get(name)`: the flag's value, else `ANOMALY_<NAME>` from `environ` (converted), else None."""
+    return reader(ALL, args, environ)
 
 
-REQUIRED = ("model", "bootstrap_servers", "input_topic", "alert_topic", "dead_letter_topic", "group_id")
+def security_from_args(get: Callable[[str], Any], environ: Mapping[str, str] | None = None) -> KafkaSecurity:
+    """KafkaSecurity from the flags of `add_security_arguments` (`get`: from `env_fallback`).
+
+    The password: the file `--sasl-password-file` names (surrounding whitespace stripped), else
+    `ANOMALY_SASL_PASSWORD`. (`environ` is unused, kept for callers of the earlier signature.)
+    """
+    values = {option.attr: value for option in SECURITY if (value := get(option.name)) is not None}
+    password_file = get(PASSWORD_FILE.name)
+    if password_file is not None:
+        try:
+            values["sasl_password"] = Secret(Path(password_file).read_text().strip())
+        except OSError as exc:
+            raise ConfigError(f"cannot read SASL password file {password_file}: {exc.strerror}") from None
+    if "sasl_password" in values and not values["sasl_password"].reveal():
+        del values["sasl_password"]
+    return KafkaSecurity(**values)
 
 
 def from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Build settings from flags, falling back to environment variables, then defaults."""
     env = os.environ if environ is None else environ
     get = env_fallback(parser().parse_args(argv), env)
-
-    missing = [n for n in REQUIRED if get(n) is None]
+    values = {option.attr: value for option in WORKER if (value := get(option.name)) is not None}
+    missing = [option for option in WORKER if option.required and option.attr not in values]
     if missing:
-        raise ConfigError("missing required setting(s): " + ", ".join(
-            f"--{n.replace('_', '-')} (or {ENV_PREFIX}{n.upper()})" for n in missing))
+        raise ConfigError("missing required setting(s): " + ", ".join(f"{o.flag} (or {o.env})" for o in missing))
+    return Settings(security=security_from_args(get), **values)
 
-    def typed(name: str, kind: type) -> Any:
-        value = get(name)
-        if value is None:
-            return None
-        try:
-            return kind(value)
-        except ValueError as exc:
-            raise ConfigError(f"{ENV_PREFIX}{name.upper()}: expected {kind.__name__}, got {value!r}") from exc
 
-    security = security_from_args(get, env)
-    overrides = {name: typed(name, kind) for name, kind in (
-        ("max_batch", int), ("max_wait_ms", int), ("max_event_bytes", int), ("top_features", int),
-        ("metrics_port", int), ("shutdown_timeout_s", float), ("kafka_timeout_s", float),
-        ("rejoin_timeout_s", float), ("session_timeout_s", float), ("max_poll_interval_s", float),
-        ("broker_check_interval_s", float), ("retry_backoff_initial_s", float), ("retry_backoff_max_s", float),
-        ("liveness_timeout_s", float), ("http_idle_timeout_s", float), ("http_max_connections", int),
-        ("http_request_timeout_s", float),
-        ("reload_interval_s", float), ("alert_cooldown_s", float), ("max_alerts_per_s", float),
-        ("transaction_timeout_s", float), ("heap_trim_interval_s", float))}
-    for name in ("metrics_host", "expected_schema_hash", "client_id", "log_level", "alert_key_field",
-                 "feedback_topic", "transactional_id"):
-        overrides[name] = get(name)
-    for name in ("kafka_client", "isolation_level", "compression", "delivery"):
-        overrides[name] = get(name) and get(name).lower()
-    headers = get("alert_headers")
-    if headers is not None:
-        overrides["alert_headers"] = tuple(h.strip() for h in headers.split(",") if h.strip())
-    if get("shadow_model") is not None:
-        overrides["shadow_model"] = Path(get("shadow_model"))
-    if get("metrics_web_config") is not None:
-        overrides["metrics_web_config"] = Path(get("metrics_web_config"))
-    return Settings(
-        model=Path(get("model")), bootstrap_servers=get("bootstrap_servers"), input_topic=get("input_topic"),
-        alert_topic=get("alert_topic"), dead_letter_topic=get("dead_letter_topic"), group_id=get("group_id"),
-        security=security, **{k: v for k, v in overrides.items() if v is not None})
+def markdown() -> str:
+    """docs/settings.md: every setting, generated from the declarations."""
+    sections = [
+        ("anomaly-worker", "Flags win over variables; an empty variable counts as unset.", WORKER),
+        ("Kafka security", "Shared by `anomaly-worker`, `anomaly-replay` and `anomaly-train --from-kafka` "
+                           "(which also take `--bootstrap-servers`).", (*SECURITY, PASSWORD_FILE)),
+        ("Every command", "Environment only.", (TF_LOG,)),
+    ]
+    parts = ["# Settings", "",
+             "Generated from the declarations in `worker/config.py`; do not edit by hand. Regenerate with "
+             "`.venv/bin/python -m worker.config --markdown > docs/settings.md`."]
+    for title, note, declared in sections:
+        parts += ["", f"## {title}", "", note, "", markdown_table(declared)]
+    return "\n".join(parts) + "\n"
+
+
+def _main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m worker.config", description="Print the settings reference.")
+    p.add_argument("--markdown", action="store_true", required=True, help="docs/settings.md, as Markdown")
+    p.parse_args(argv)
+    sys.stdout.write(markdown())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -17,6 +17,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from training.contract import Reason
+from worker.config import DELIVERY_MODES
 from worker.feedback import VERDICTS as FEEDBACK_VERDICTS
 from worker.feedback import Rejection
 from worker.histogram import ArrayHistogram
@@ -25,7 +26,6 @@ DEAD_LETTER_REASONS: tuple[str, ...] = tuple(reason.value for reason in Reason)
 FEEDBACK_REJECTIONS: tuple[str, ...] = tuple(reason.value for reason in Rejection)
 KAFKA_OPERATIONS: tuple[str, ...] = ("poll", "produce", "commit")
 MODEL_RELOAD_RESULTS: tuple[str, ...] = ("loaded", "refused")
-DELIVERY_MODES: tuple[str, ...] = ("at-least-once", "exactly-once")
 TRANSACTION_RESULTS: tuple[str, ...] = ("committed", "aborted")
 #: Where a batch's time goes: waiting in poll, scoring, publishing with acks, committing offsets
 #: (exactly-once: "publish" is the whole transaction, offsets included), recording metrics and drift.

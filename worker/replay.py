@@ -1,7 +1,8 @@
 """anomaly-replay: produce the rows of a CSV/JSONL/Parquet file as JSON events, for demos and load tests.
 
-It takes the worker's Kafka security flags (`--security-protocol`, `--sasl-*`, `--ssl-*`; the password from
-`--sasl-password-file` or `ANOMALY_SASL_PASSWORD`); its principal needs WRITE on `--topic` (docs/security.md).
+It takes the worker's `--bootstrap-servers` and Kafka security flags (`--security-protocol`, `--sasl-*`,
+`--ssl-*`; the password from `--sasl-password-file` or `ANOMALY_SASL_PASSWORD`), each also from its variable
+(docs/settings.md); its principal needs WRITE on `--topic` (docs/security.md).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import orjson
 from training.data import iter_frames
 from training.errors import AnomalyError
 from worker.config import add_security_arguments, env_fallback, security_from_args
+
+DEFAULT_SERVERS = "127.0.0.1:9092"
 
 
 def events(path: Path, limit: int | None, key_column: str | None) -> Iterator[tuple[bytes | None, bytes]]:
@@ -51,22 +54,24 @@ def _plain(value: Any) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="anomaly-replay", description=__doc__)
+    p = argparse.ArgumentParser(prog="anomaly-replay", description=__doc__,
+                                epilog=f"--bootstrap-servers defaults to {DEFAULT_SERVERS}.")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--topic", required=True)
-    p.add_argument("--bootstrap-servers", default=os.environ.get("ANOMALY_BOOTSTRAP_SERVERS", "127.0.0.1:9092"))
     p.add_argument("--rate", type=float, help="events per second (default: as fast as possible)")
     p.add_argument("--limit", type=int, help="stop after this many events")
     p.add_argument("--key-column", help="use this column's value as the record key")
     p.add_argument("--timestamp", action="store_true", help="add the send time as `timestamp` (epoch ms)")
-    add_security_arguments(lambda flag, **kw: p.add_argument(flag, **kw))
+    add_security_arguments(lambda flag, **kw: p.add_argument(flag, **kw), with_servers=True)
     args = p.parse_args(argv)
     from kafka import KafkaProducer
     from kafka.errors import AuthorizationError, KafkaError
 
+    get = env_fallback(args, os.environ)
+    servers = get("bootstrap_servers") or DEFAULT_SERVERS
     try:
-        security = security_from_args(env_fallback(args, os.environ), os.environ)
-        producer = KafkaProducer(bootstrap_servers=args.bootstrap_servers.split(","), acks="all", linger_ms=20,
+        security = security_from_args(get)
+        producer = KafkaProducer(bootstrap_servers=servers.split(","), acks="all", linger_ms=20,
                                  batch_size=512 * 1024, **security.client_options())
         started = time.monotonic()
         sent = 0
@@ -102,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"anomaly-replay: error: {denied(security, 'WRITE', 'TOPIC', args.topic)} ({exc})",
                   file=sys.stderr)
         else:
-            print(f"anomaly-replay: error: Kafka at {args.bootstrap_servers}: {exc}", file=sys.stderr)
+            print(f"anomaly-replay: error: Kafka at {servers}: {exc}", file=sys.stderr)
         return 1
 
 

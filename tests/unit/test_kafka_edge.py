@@ -47,7 +47,7 @@ def test_client_isolation_and_compression_defaults_flags_and_environment() -> No
                    "trace-id, tenant"], environ={"ANOMALY_ISOLATION_LEVEL": "READ_UNCOMMITTED"})
     assert (s.kafka_client, s.isolation_level, s.compression, s.alert_headers) == (
         "kafka-python", "read_uncommitted", "zstd", ("trace-id", "tenant"))
-    with pytest.raises(ConfigError, match="Kafka client must be one of"):
+    with pytest.raises(ConfigError, match="--kafka-client must be one of"):
         from_args(REQUIRED, environ={"ANOMALY_KAFKA_CLIENT": "java"})
     with pytest.raises(ConfigError, match="compression must be one of"):
         settings(compression="brotli")

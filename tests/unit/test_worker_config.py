@@ -1,13 +1,29 @@
-"""Worker settings: flags beat environment, required settings are named, secrets never print."""
+"""Worker settings: flags beat environment, required settings are named, secrets never print, each declared once."""
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 from training.errors import AnomalyError, ConfigError
-from worker.config import KafkaSecurity, Secret, Settings, from_args
+from worker.config import (
+    ALL,
+    ENV_PREFIX,
+    KAFKA_CONNECTION,
+    SECURITY,
+    TF_LOG,
+    WORKER,
+    KafkaSecurity,
+    Secret,
+    Settings,
+    env_fallback,
+    from_args,
+    markdown,
+    parser,
+    security_from_args,
+)
 
 REQUIRED_FLAGS = ["--model", "/models/m1", "--bootstrap-servers", "k1:9092,k2:9092", "--input-topic", "events",
                   "--alert-topic", "alerts", "--dead-letter-topic", "dlq", "--group-id", "scorers"]
@@ -65,10 +81,10 @@ def test_malformed_environment_number_names_the_variable() -> None:
 
 
 @pytest.mark.parametrize("extra, match", [
-    (["--max-batch", "0"], r"max batch must be in \[1, 100000\] records, got 0"),
-    (["--max-wait-ms", "-1"], r"max wait must be in \[0, 60000\] ms, got -1"),
-    (["--max-event-bytes", "10"], "at least 64 bytes, got 10"),
-    (["--metrics-port", "70000"], r"metrics port must be in \[0, 65535\], got 70000"),
+    (["--max-batch", "0"], r"--max-batch must be in \[1, 100000\] records, got 0"),
+    (["--max-wait-ms", "-1"], r"--max-wait-ms must be in \[0, 60000\] ms, got -1"),
+    (["--max-event-bytes", "10"], "--max-event-bytes must be at least 64 bytes, got 10"),
+    (["--metrics-port", "70000"], r"--metrics-port must be in \[0, 65535\], got 70000"),
     (["--shutdown-timeout-s", "0"], "--shutdown-timeout-s must be a positive number"),
     (["--alert-topic", "events"], "three different"),
 ])
@@ -117,7 +133,7 @@ def test_secret_never_appears_in_settings_repr_or_str(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("security, match", [
-    (dict(protocol="TLS"), "security protocol must be one of PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL, got 'TLS'"),
+    (dict(protocol="TLS"), "--security-protocol must be one of PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL, got 'TLS'"),
     (dict(protocol="SASL_SSL", sasl_username="u", sasl_password=Secret("p")), "SASL_SSL needs --sasl-mechanism"),
     (dict(protocol="SASL_SSL", sasl_mechanism="GSSAPI", sasl_username="u", sasl_password=Secret("p")),
      "needs --sasl-mechanism, one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512"),
@@ -145,3 +161,63 @@ def test_settings_are_frozen() -> None:
     s = from_args(REQUIRED_FLAGS, environ={})
     with pytest.raises(AttributeError):
         s.max_batch = 5  # type: ignore[misc]
+
+
+# -- the declaration: each setting written once, everything else derived ----------------------------------------
+
+ENV_ONLY = {"sasl_password", "tf_log"}  # a secret is never argv; TensorFlow's switch is read by every command
+
+
+def test_every_field_is_declared_with_a_flag_a_variable_and_help() -> None:
+    declared = {option.attr for option in (*WORKER, *SECURITY)}
+    assert declared == {f.name for f in fields(Settings)} - {"security"} | (
+        {f.name for f in fields(KafkaSecurity)} - {"ssl_check_hostname"})
+    for option in ALL:
+        assert option.decl.help and option.env.startswith(ENV_PREFIX), option.attr
+        assert option.decl.flag == (option.attr not in ENV_ONLY), option.attr
+        assert "default" not in option.decl.help.lower(), f"{option.attr}: the default is generated, not written"
+    assert len({o.flag for o in ALL}) == len({o.env for o in ALL}) == len(ALL)
+
+
+def test_help_shows_each_default_once_and_names_each_variable() -> None:
+    text = " ".join(parser().format_help().split())
+    for option in ALL:
+        assert (f"[env {option.env}]" if option.decl.flag else f"{option.env} (") in text, option.env
+    assert text.count("(default 1000)") == 1 and "records (default 1000) [env ANOMALY_MAX_BATCH]" in text
+    assert "(one of at-least-once, exactly-once; default at-least-once)" in text
+    assert "Required: --model, --bootstrap-servers, --input-topic" in text
+
+
+def test_settings_doc_is_what_the_generator_writes() -> None:
+    doc = Path(__file__).resolve().parents[2] / "docs" / "settings.md"
+    assert doc.read_text() == markdown(), "regenerate: .venv/bin/python -m worker.config --markdown > docs/settings.md"
+    for option in ALL:
+        assert f"`{option.env}`" in doc.read_text()
+
+
+def test_choices_are_case_insensitive_and_stored_normalised() -> None:
+    s = from_args([*REQUIRED_FLAGS, "--kafka-client", "Kafka-Python", "--log-level", "debug"],
+                  environ={"ANOMALY_SECURITY_PROTOCOL": "ssl", "ANOMALY_DELIVERY": "AT-LEAST-ONCE"})
+    assert (s.kafka_client, s.log_level, s.security.protocol, s.delivery) == (
+        "kafka-python", "DEBUG", "SSL", "at-least-once")
+    assert Settings(**{**s.__dict__, "log_level": "warning"}).log_level == "WARNING"
+
+
+def test_the_side_commands_take_the_same_kafka_flags_and_variables(capsys: pytest.CaptureFixture[str]) -> None:
+    from training.cli import train_parser
+    from worker.replay import main as replay_main
+
+    with pytest.raises(SystemExit):
+        replay_main(["--help"])
+    replay_help, train_help = capsys.readouterr().out, train_parser().format_help()
+    for option in KAFKA_CONNECTION:
+        assert option.flag in replay_help and option.flag in train_help
+    args = train_parser().parse_args(["--from-kafka", "--topic", "t", "--out", "/b", "--ssl-cafile", "/flag.pem"])
+    get = env_fallback(args, {"ANOMALY_BOOTSTRAP_SERVERS": "env:9092", "ANOMALY_SSL_CAFILE": "/env.pem"})
+    assert (get("bootstrap_servers"), security_from_args(get).ssl_cafile) == ("env:9092", "/flag.pem")
+
+
+@pytest.mark.parametrize("value, verbose", [("1", True), ("yes", True), ("0", False), ("off", False), ("", None)])
+def test_tensorflow_log_switch_is_read_through_its_declaration(value: str, verbose: bool | None) -> None:
+    assert TF_LOG.env == "ANOMALY_TF_LOG"
+    assert TF_LOG.from_env({"ANOMALY_TF_LOG": value}) is verbose
