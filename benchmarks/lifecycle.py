@@ -63,20 +63,27 @@ class MemorySink:
 def run(batches: list[list[Any]], pipeline: Any, **features: Any) -> dict[str, Any]:
     from prometheus_client import CollectorRegistry
 
-    from worker.http import HealthState
+    from worker.drift import DriftWatch
+    from worker.flood import FloodGate
+    from worker.health import BrokerStatus, Health
     from worker.loop import Worker
     from worker.metrics import WorkerMetrics
+    from worker.plugin import Plugin
 
     metrics = WorkerMetrics(CollectorRegistry())
     metrics.set_model(pipeline.bundle.version, pipeline.threshold)
+    plugins: list[Plugin] = []  # in worker.wiring.plugins' order
     shadow = features.pop("shadow_pipeline", None)
     if shadow is not None:
         from worker.shadow import ShadowScorer
 
-        features["shadow"] = ShadowScorer(shadow, metrics, "bench")
+        plugins.append(ShadowScorer(shadow, metrics, "bench"))
+    if (flood := features.pop("flood", None)) is not None:
+        plugins.append(FloodGate(flood, metrics, "bench"))
+    plugins.append(DriftWatch(metrics, pipeline.bundle))
     sink = MemorySink()
-    worker = Worker(MemorySource(batches), sink, pipeline, metrics, HealthState(), "bench", threading.Event(),
-                    **features)
+    worker = Worker(MemorySource(batches), sink, pipeline, metrics, "bench", Health(), BrokerStatus(),
+                    threading.Event(), plugins=plugins)
     times = []
     started = time.perf_counter()
     while worker.source.batches:  # type: ignore[attr-defined]

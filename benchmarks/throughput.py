@@ -259,7 +259,7 @@ def run_worker(settings: Any, ends: dict[tuple[str, int], int], pipeline_class: 
     from worker.wiring import build_runtime, build_worker
 
     runtime = build_runtime(settings, pipeline_class or Pipeline)
-    runtime.health.broker_ok = True
+    runtime.broker.set(True)
     from worker.loop import TransactionalSink
 
     worker = build_worker(runtime, wrap_source=CommitTracker)

@@ -8,13 +8,22 @@ proportions floored at `epsilon` so empty bins stay finite. Rule of thumb: < 0.1
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from training.features import CategoricalField, FeatureSchema, field_codes
 from training.threshold import ScoreHistogram
+from worker.metrics import WorkerMetrics
+from worker.plugin import Plugin
+
+if TYPE_CHECKING:
+    from training.bundle import Bundle
+    from worker.pipeline import BatchResult, Pipeline
+    from worker.records import Alert
 
 
 class ScoreDrift:
@@ -177,3 +186,37 @@ class FieldDrift:
             values = parts[0] if len(parts) == 1 else np.concatenate(parts)
             category = self._categorical.get(name)
             drift.update(field_codes(category, values) if category is not None else values)
+
+
+class DriftWatch(Plugin):
+    """The loop's drift gauges: score and field PSI of delivered batches against the running model's training
+    distributions (the baseline follows a model swap); held field values are published when due, busy or idle."""
+
+    def __init__(self, metrics: WorkerMetrics, bundle: Bundle, clock: Callable[[], float] = time.monotonic,
+                 field_drift: Callable[[Bundle], FieldDrift] | None = None) -> None:
+        self.metrics, self.clock = metrics, clock
+        self._field_drift = field_drift or (lambda b: FieldDrift(b.schema, b.field_histograms))
+        self._follow(bundle)
+
+    def _follow(self, bundle: Bundle) -> None:
+        self.scores = ScoreDrift(bundle.histogram.edges, bundle.histogram.counts)
+        self.fields = self._field_drift(bundle)
+
+    def on_model(self, pipeline: Pipeline) -> None:
+        self._follow(pipeline.bundle)
+
+    def on_batch(self, result: BatchResult) -> None:
+        if result.scored:
+            self.scores.update(result.scores)
+            self.metrics.set_score_drift_psi(self.scores.psi())
+            self.fields.update(result.columns, self.clock())
+        self._refresh_fields()
+
+    def on_idle(self) -> list[Alert]:
+        self._refresh_fields()
+        return []
+
+    def _refresh_fields(self) -> None:
+        """Set the per-field gauges when the held values are due (see `FieldDrift`)."""
+        if self.fields.due(self.clock()):
+            self.metrics.set_field_drift_psi(self.fields.psi())

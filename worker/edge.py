@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from worker.config import Settings
-from worker.http import HealthState
 from worker.metrics import WorkerMetrics
 
 if TYPE_CHECKING:
@@ -36,10 +35,11 @@ log = logging.getLogger(__name__)
 
 
 class Quarantine:
-    """Partitions held at a record batch the Kafka client cannot decode, with their metric and readiness."""
+    """Partitions held at a record batch the Kafka client cannot decode; readiness and the held-partitions
+    gauge read `held_count()` when asked (worker/health.py)."""
 
-    def __init__(self, metrics: WorkerMetrics | None = None, health: HealthState | None = None) -> None:
-        self.metrics, self.health = metrics, health
+    def __init__(self, metrics: WorkerMetrics | None = None) -> None:
+        self.metrics = metrics
         self.held: dict[tuple[str, int], int] = {}
 
     def hold(self, topic: str, partition: int, offset: int, error: object) -> None:
@@ -50,24 +50,19 @@ class Quarantine:
         self.held[(topic, partition)] = offset
         if self.metrics is not None:
             self.metrics.record_undecodable_batch(topic, partition)
-        self._publish()
 
     def release(self, partitions: Iterable[tuple[str, int]]) -> None:
         """Forget partitions that are no longer ours (revoked or lost)."""
-        if any(self.held.pop(tp, None) is not None for tp in list(partitions)):
-            self._publish()
+        for tp in list(partitions):
+            self.held.pop(tp, None)
 
     def limit(self, topic: str, partition: int) -> int | None:
         """The offset `topic[partition]` is held at, or None."""
         return self.held.get((topic, partition))
 
-    def _publish(self) -> None:
-        if self.metrics is not None:
-            self.metrics.set_undecodable_partitions(len(self.held))
-        if self.health is not None:
-            self.health.undecodable_partitions = len(self.held)
-            if self.metrics is not None:
-                self.metrics.set_ready(self.health.is_ready())
+    def held_count(self) -> int:
+        """How many partitions are held; safe from any thread (one `len` of a dict is atomic in CPython)."""
+        return len(self.held)
 
 
 def open_source(settings: Settings, on_revoke: Callable[[set[tuple[str, int]]], None] | None = None,

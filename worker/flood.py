@@ -11,21 +11,28 @@ score. Off unless `--alert-cooldown-s` or `--max-alerts-per-s` is set.
 - Budget (`--max-alerts-per-s R`): a token bucket of R alerts per second (burst R, at least 1) over
   every entity; alerts beyond it are suppressed into their entity's window the same way.
 
-The loop asks for a `Decision` before publishing and applies it only after the broker acknowledged,
-so a batch that is published again after a failed delivery is judged the same way again.
+The loop's `FloodGate` plugin asks for a `Decision` before publishing (step 2; while idle, for the
+summaries of ended windows) and applies it only after the broker acknowledged, so a batch that is
+published again after a failed delivery is judged the same way again.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from worker.alerts import ALERT_SCHEMA_VERSION
-from worker.records import Alert
+from worker.metrics import WorkerMetrics
+from worker.plugin import Plugin
+from worker.records import Alert, Record
+
+if TYPE_CHECKING:
+    from worker.pipeline import BatchResult
 
 COOLDOWN = "cooldown"
 RATE_LIMIT = "rate_limit"
@@ -129,6 +136,36 @@ class FloodControl:
             if window.suppressed and window.worst is not None:
                 summaries.append(summary_alert(entity, window, self.key_field))
         return summaries
+
+
+class FloodGate(Plugin):
+    """Flood control in the loop: decides what a batch (or an idle pass) publishes, keeps it once delivered."""
+
+    def __init__(self, control: FloodControl, metrics: WorkerMetrics, topic: str,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.control, self.metrics, self.topic, self.clock = control, metrics, topic, clock
+        self._decision: Decision | None = None  # the last decision, until its alerts are acknowledged
+
+    def on_processed(self, records: Sequence[Record], result: BatchResult, alerts: list[Alert]) -> list[Alert]:
+        return self._decide(alerts)
+
+    def on_idle(self) -> list[Alert]:
+        return self._decide([])
+
+    def on_delivered(self) -> None:
+        decision, self._decision = self._decision, None
+        if decision is None:
+            return
+        self.control.apply(decision)
+        for reason, count in decision.suppressed.items():
+            if count:
+                self.metrics.record_alerts_suppressed(self.topic, reason, count)
+        if decision.summaries:
+            self.metrics.record_alert_summaries(self.topic, len(decision.summaries))
+
+    def _decide(self, alerts: Sequence[Alert]) -> list[Alert]:
+        self._decision = self.control.decide(alerts, self.clock())
+        return self._decision.publish + self._decision.summaries
 
 
 def _iso(seconds: float) -> str:

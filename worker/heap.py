@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from worker.plugin import Plugin
+
 log = logging.getLogger(__name__)
 
 
@@ -44,7 +46,7 @@ def _glibc_malloc_trim() -> Callable[[int], int] | None:
     return trim
 
 
-class HeapTrimmer:
+class HeapTrimmer(Plugin):
     """`malloc_trim(0)` at most every `interval_s` (0: never), called between batches by the loop; off
     when another allocator serves malloc (glibc's arenas then hold next to nothing).
 
@@ -58,6 +60,9 @@ class HeapTrimmer:
         self._clock = clock
         self._last = clock()
         self.trims = 0
+
+    def between_batches(self) -> None:
+        self.maybe_trim()
 
     @property
     def enabled(self) -> bool:

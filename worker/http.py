@@ -1,7 +1,7 @@
 """HTTP side channel: `/metrics`, `/healthz` (liveness) and `/readyz` (readiness).
 
 Runs the standard library's ThreadingHTTPServer in a daemon thread so a slow scrape never blocks
-the consume loop; the loop only touches `HealthState`, which is thread-safe.
+the consume loop; the probes read `worker.health.Health`, which derives liveness and readiness when asked.
 
 Each connection gets a thread, so connections are bounded, and bounded in time: a request must arrive
 whole (request line, headers, body) within `request_timeout_s` of its first byte (of accepting the
@@ -27,7 +27,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import socket
 import sys
 import threading
@@ -39,113 +38,11 @@ from typing import Any, cast
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from worker.health import Health
 from worker.http_connections import Connection, ConnectionTable
 from worker.web_config import WebConfig
 
 log = logging.getLogger(__name__)
-
-
-class HealthState:
-    """What the probes report, set by the worker loop and read by HTTP threads.
-
-    Liveness: the loop called `heartbeat()` within `stale_after_seconds` (the clock starts at
-    construction, so startup gets one full period). Readiness: model loaded, at least one
-    partition assigned, the broker reachable, and no partition held at a record batch the Kafka
-    client cannot decode (see `worker/edge.py`).
-    """
-
-    def __init__(
-        self, stale_after_seconds: float = 60.0, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        if not (math.isfinite(stale_after_seconds) and stale_after_seconds > 0):
-            raise ValueError(f"stale_after_seconds must be a positive number, got {stale_after_seconds}")
-        self._lock = threading.Lock()
-        self._clock = clock
-        self._stale_after = stale_after_seconds
-        self._last_heartbeat = clock()
-        self._model_loaded = False
-        self._assigned_partitions = 0
-        self._broker_ok = False
-        self._undecodable_partitions = 0
-
-    @property
-    def model_loaded(self) -> bool:
-        """Whether a verified model bundle is loaded."""
-        with self._lock:
-            return self._model_loaded
-
-    @model_loaded.setter
-    def model_loaded(self, value: bool) -> None:
-        with self._lock:
-            self._model_loaded = bool(value)
-
-    @property
-    def assigned_partitions(self) -> int:
-        """Number of input partitions currently assigned to this consumer."""
-        with self._lock:
-            return self._assigned_partitions
-
-    @assigned_partitions.setter
-    def assigned_partitions(self, value: int) -> None:
-        if value < 0:
-            raise ValueError(f"assigned_partitions must be >= 0, got {value}")
-        with self._lock:
-            self._assigned_partitions = int(value)
-
-    @property
-    def broker_ok(self) -> bool:
-        """Whether the last broker interaction succeeded."""
-        with self._lock:
-            return self._broker_ok
-
-    @broker_ok.setter
-    def broker_ok(self, value: bool) -> None:
-        with self._lock:
-            self._broker_ok = bool(value)
-
-    @property
-    def undecodable_partitions(self) -> int:
-        """Number of partitions held at a record batch the Kafka client cannot decode."""
-        with self._lock:
-            return self._undecodable_partitions
-
-    @undecodable_partitions.setter
-    def undecodable_partitions(self, value: int) -> None:
-        if value < 0:
-            raise ValueError(f"undecodable_partitions must be >= 0, got {value}")
-        with self._lock:
-            self._undecodable_partitions = int(value)
-
-    def heartbeat(self) -> None:
-        """Record that the loop made progress (call once per poll iteration)."""
-        now = self._clock()
-        with self._lock:
-            self._last_heartbeat = now
-
-    def heartbeat_age_seconds(self) -> float:
-        """Seconds since the last heartbeat (or since construction)."""
-        now = self._clock()
-        with self._lock:
-            return max(0.0, now - self._last_heartbeat)
-
-    def is_alive(self) -> bool:
-        """True while the last heartbeat is younger than the staleness limit."""
-        return self.heartbeat_age_seconds() <= self._stale_after
-
-    def failing_readiness(self) -> list[str]:
-        """Names of the readiness conditions that do not hold; empty when ready."""
-        with self._lock:
-            checks = {
-                "model_loaded": self._model_loaded,
-                "partitions_assigned": self._assigned_partitions > 0,
-                "broker_ok": self._broker_ok,
-                "batches_decodable": self._undecodable_partitions == 0,
-            }
-        return [name for name, ok in checks.items() if not ok]
-
-    def is_ready(self) -> bool:
-        """True when every readiness condition holds."""
-        return not self.failing_readiness()
 
 
 class MetricsServer:
@@ -194,7 +91,7 @@ class _Server(ThreadingHTTPServer):
     # retried by the client a second later, as long as a probe's whole timeout, so a burst must queue instead.
     request_queue_size = 128
     registry: CollectorRegistry
-    health: HealthState
+    health: Health
 
     def __init__(self, address: tuple[str, int], connections: ConnectionTable, web: WebConfig) -> None:
         super().__init__(address, _Handler)  # type: ignore[arg-type]  # built by _serve_connection, with its conn
@@ -352,7 +249,7 @@ def start_http_server(
     host: str,
     port: int,
     registry: CollectorRegistry,
-    health: HealthState,
+    health: Health,
     *,
     max_connections: int = 32,
     idle_timeout_s: float = 30.0,

@@ -23,6 +23,7 @@ transaction, whenever the assignment changes while it asks for it.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
@@ -138,6 +139,7 @@ class ConfluentSource:
         self._last_return = time.monotonic()
         #: The current assignment: when each partition was assigned (or last re-added, `_restart_unfetched`).
         self._assigned_at: dict[tuple[str, int], float] = {}
+        self._assignment_lock = threading.Lock()  # `assigned()` is read by the readiness probe's thread too
         self._next_fetch_check = 0.0
         #: librdkafka's fetch state of each partition of the input topic, from its latest statistics, and when.
         self._fetch_states: dict[tuple[str, int], str] = {}
@@ -206,7 +208,8 @@ class ConfluentSource:
         # librdkafka applies the (incremental) assignment itself after this callback.
         log.info("partitions assigned: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions))
         now = time.monotonic()
-        self._assigned_at.update({(tp.topic, tp.partition): now for tp in partitions})
+        with self._assignment_lock:
+            self._assigned_at.update({(tp.topic, tp.partition): now for tp in partitions})
         self._resume_released(partitions)
 
     def _resume_released(self, partitions: list[TopicPartition]) -> None:
@@ -239,7 +242,8 @@ class ConfluentSource:
         """Called inside poll before partitions go; the loop forgets offsets it failed to commit for them."""
         log.info("partitions revoked: %s", sorted(f"{t}[{p}]" for t, p in partitions))
         for key in partitions:
-            self._assigned_at.pop(key, None)
+            with self._assignment_lock:
+                self._assigned_at.pop(key, None)
             self._unconfirmed.pop(key, None)  # the next owner decides; a late result for it is ignored
             self._parked.pop(key, None)
             self._failed.discard(key)
@@ -361,7 +365,8 @@ class ConfluentSource:
             # Out of the assignment but still ours in the group: nobody would read them. A restart does.
             raise WorkerError(f"cannot re-add partitions {_names(partitions)} to the assignment: {exc}") from exc
         now = time.monotonic()
-        self._assigned_at.update({(tp.topic, tp.partition): now for tp in partitions})
+        with self._assignment_lock:
+            self._assigned_at.update({(tp.topic, tp.partition): now for tp in partitions})
 
     def _start_reset(self, failed: Mapping[tuple[str, int], int | None]) -> None:
         """Start partitions librdkafka found no position for (`auto.offset.reset` "error"), by this worker's policy.
@@ -476,9 +481,10 @@ class ConfluentSource:
         """The current assignment, as the rebalance callbacks left it.
 
         `Consumer.assignment()` is a round trip to librdkafka's main thread (about 5 ms on a busy
-        machine), and the loop asks for the assignment on every batch.
+        machine), and the loop asks for the assignment on every batch. Safe from any thread.
         """
-        return set(self._assigned_at)
+        with self._assignment_lock:
+            return set(self._assigned_at)
 
     def group_metadata(self) -> Any:
         """This member's current group metadata (generation included), for transactional offset commits."""

@@ -7,6 +7,7 @@ confluent-kafka; `worker/edge.py` picks one). Every blocking call has a timeout.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -87,6 +88,10 @@ class KafkaSource:
         self._clock = clock
         self._unstable_since: float | None = None
         self._access_log = access.Throttled(log, settings.retry_backoff_max_s, clock)
+        #: The assignment as the last poll left it, for readers on other threads (the readiness probe):
+        #: KafkaConsumer is not thread-safe.
+        self._assignment: frozenset[tuple[str, int]] = frozenset()
+        self._assignment_lock = threading.Lock()
         self.consumer = self._connect()
 
     def _connect(self) -> Any:
@@ -182,6 +187,8 @@ class KafkaSource:
             if remaining_ms == 0:
                 break
         self._check_membership()
+        with self._assignment_lock:
+            self._assignment = frozenset(self._owned())
         return records
 
     def _hold_undecodable(self, exc: Exception) -> None:
@@ -205,11 +212,16 @@ class KafkaSource:
         self.quarantine.hold(tp.topic, tp.partition, offset, f"{type(exc).__name__}: {exc}")
 
     def assigned(self) -> set[tuple[str, int]]:
+        """The assignment as the last poll left it (a rebalance happens inside poll); safe from any thread."""
+        with self._assignment_lock:
+            return set(self._assignment)
+
+    def _owned(self) -> set[tuple[str, int]]:
         return {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
 
     def commit(self, offsets: Offsets) -> None:
         """Commit next-offsets for partitions still assigned; raises CommitError on failure or timeout."""
-        mine = self.assigned()
+        mine = self._owned()
         payload = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()
                    if (t, p) in mine}
         if not payload:
@@ -225,7 +237,7 @@ class KafkaSource:
 
     def rewind(self, offsets: Offsets) -> None:
         """Seek back so undelivered records are consumed again."""
-        mine = self.assigned()
+        mine = self._owned()
         for (topic, partition), offset in offsets.items():
             if (topic, partition) in mine:
                 self.consumer.seek(TopicPartition(topic, partition), offset)

@@ -2,18 +2,24 @@
 
 Order of side effects for every micro-batch (this order is the at-least-once guarantee):
 
-0. Between two batches: swap in a newly promoted model, if the repository watcher has one ready.
+0. Between two batches: the plugins' housekeeping (heap trim), and a newly promoted model swapped in, if
+   the repository watcher has one ready.
 1. Poll a micro-batch from the source (at most `max_batch` records or `max_wait_ms`).
-2. Process it in memory: decode, validate, score, build alerts and dead letters (no I/O); a shadow
-   model (if configured) scores it too, for metrics only; flood control (if configured) decides
-   which alerts to publish and adds summaries of suppressed ones.
+2. Process it in memory: decode, validate, score, build alerts and dead letters (no I/O); then each
+   plugin sees it in order: a shadow model (if configured) scores it too, for metrics only; flood
+   control (if configured) decides which alerts to publish and adds summaries of suppressed ones.
 3. Publish those alerts and every dead letter, flush, and check that each one was acknowledged.
 4. Only then commit the batch's next offsets. If step 3 failed, nothing is committed: the source is
    rewound to the batch's first offsets and the batch is read again after a backoff.
    If step 4 fails, the offsets stay pending and are committed with the next batch (or on revoke).
    The confluent source sends the commit asynchronously (it is confirmed while the next batch is
    processed; a failure is sent again and raised by the next commit, see worker/kafka_confluent.py).
-5. Update metrics and health.
+5. The plugins keep what they decided at step 2 (flood control's windows); then metrics are updated
+   and the plugins see the delivered batch (drift).
+
+Side consumers meet the loop only through `worker/plugin.py`'s hooks, called at these steps; liveness is
+a heartbeat per iteration, and readiness reads `broker` (set at steps 3 and 4 and by the idle check) when
+a probe asks (worker/health.py).
 
 Exactly-once (`--delivery exactly-once`, a `TransactionalSink`): steps 3 and 4 are one Kafka
 transaction holding the batch's alerts, dead letters and next offsets. If it is aborted, nothing of it
@@ -23,6 +29,7 @@ ever pending, so there is no separate commit.
 An empty poll commits whatever is pending. With nothing pending it asks the source, at most every
 `broker_check_interval_s`, whether the broker still answers (`Source.reachable`): an idle consumer
 otherwise never learns that its broker went away, and readiness would stay green through an outage.
+Then the plugins may publish (flood control's summaries of windows that ended while idle).
 
 Because step 4 runs before the next poll, a rebalance (which happens inside poll) normally finds every
 delivered offset committed (or, with the confluent source, its commit on the way); offsets left pending
@@ -35,20 +42,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from worker.drift import FieldDrift, ScoreDrift
 from worker.errors import CommitError, DeliveryError, RebalanceInProgress
-from worker.flood import Decision, FloodControl
-from worker.heap import HeapTrimmer
-from worker.http import HealthState
+from worker.health import BrokerStatus, Health
 from worker.metrics import WorkerMetrics
 from worker.pipeline import BatchResult, Pipeline
+from worker.plugin import Plugin
 from worker.records import Alert, DeadLetter, Record
-from worker.shadow import ShadowScorer
 
 log = logging.getLogger(__name__)
 
@@ -114,41 +119,45 @@ class Backoff:
         self.delay_s = self.initial_s
 
 
-class Worker:
-    """Runs micro-batches until `stop` is set; see the module docstring for the order of side effects."""
+@dataclass(frozen=True)
+class Pacing:
+    """How the loop waits: backoff after a failed delivery, and how often an idle loop asks for the broker."""
 
-    def __init__(self, source: Source, sink: Sink, pipeline: Pipeline, metrics: WorkerMetrics, health: HealthState,
-                 input_topic: str, stop: threading.Event | None = None, backoff_max_s: float = 30.0,
-                 broker_check_interval_s: float = 2.0, backoff_initial_s: float = 0.5,
-                 model_updates: Callable[[], Pipeline | None] | None = None,
-                 flood: FloodControl | None = None, shadow: ShadowScorer | None = None,
-                 heap: HeapTrimmer | None = None) -> None:
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    broker_check_interval_s: float = 2.0
+
+
+class Worker:
+    """Runs micro-batches until `stop` is set; see the module docstring for the order of side effects.
+
+    `health` gets a heartbeat every iteration (liveness); `broker` holds whether the last broker round trip
+    succeeded (readiness reads it); `plugins` are the batch's side consumers (worker/plugin.py), called in order.
+    """
+
+    def __init__(self, source: Source, sink: Sink, pipeline: Pipeline, metrics: WorkerMetrics, input_topic: str,
+                 health: Health, broker: BrokerStatus, stop: threading.Event | None = None,
+                 pacing: Pacing = Pacing(), plugins: Sequence[Plugin] = ()) -> None:
         self.source, self.sink, self.pipeline = source, sink, pipeline
-        self.metrics, self.health, self.input_topic = metrics, health, input_topic
+        self.metrics, self.input_topic = metrics, input_topic
+        self.health, self.broker = health, broker
         self.stop = stop or threading.Event()
-        self.backoff = Backoff(self.stop, initial_s=backoff_initial_s, maximum_s=backoff_max_s)
+        self.backoff = Backoff(self.stop, initial_s=pacing.backoff_initial_s, maximum_s=pacing.backoff_max_s)
+        self.broker_check_interval_s = pacing.broker_check_interval_s
+        self.plugins = tuple(plugins)
         self.pending: dict[tuple[str, int], int] = {}
         self._commit_failing = False
-        hist = pipeline.bundle.histogram
-        self.drift = ScoreDrift(hist.edges, hist.counts)
-        self.field_drift = FieldDrift(pipeline.bundle.schema, pipeline.bundle.field_histograms)
         self._last_lag = 0.0
-        self.broker_check_interval_s = broker_check_interval_s
         self._last_broker_check = time.monotonic()
-        self.model_updates = model_updates
-        self.flood = flood
-        self.shadow = shadow
-        self.heap = heap
         self._stages: dict[str, float] = {}  # seconds per stage of the current batch (metrics)
 
     def swap_model(self, pipeline: Pipeline) -> None:
-        """Score from the next batch on with `pipeline` (a new model version); the drift baseline follows it."""
+        """Score from the next batch on with `pipeline` (a new model version); the plugins follow it."""
         started = time.perf_counter()
         old = self.pipeline.bundle.version
         self.pipeline = pipeline
-        hist = pipeline.bundle.histogram
-        self.drift = ScoreDrift(hist.edges, hist.counts)
-        self.field_drift = FieldDrift(pipeline.bundle.schema, pipeline.bundle.field_histograms)
+        for plugin in self.plugins:
+            plugin.on_model(pipeline)
         self.metrics.set_model(pipeline.bundle.version, pipeline.threshold)
         self.metrics.record_model_reload("loaded")
         log.info("model %s replaced %s between two batches (%.3f ms)", pipeline.bundle.version, old,
@@ -174,33 +183,22 @@ class Worker:
             self.run_once()
 
     def run_once(self) -> BatchResult | None:
-        """One micro-batch through steps 1-5; returns the batch result, or None if nothing was polled."""
+        """One micro-batch through steps 0-5; returns the batch result, or None if nothing was polled."""
         self.health.heartbeat()
-        if self.heap is not None:
-            self.heap.maybe_trim()                                                 # between two batches
-        if self.model_updates is not None and (update := self.model_updates()) is not None:
-            self.swap_model(update)                                                # between two batches
+        for plugin in self.plugins:
+            if (update := plugin.between_batches()) is not None:                  # 0
+                self.swap_model(update)
         polled = time.perf_counter()
         records = self.source.poll_batch()                                         # 1
-        self.health.assigned_partitions = len(self.source.assigned())
         if not records:
-            checking = time.perf_counter()
-            if self.pending:
-                self._commit_pending()
-            else:
-                self._check_broker()
-            self._publish_due_summaries()
-            self._refresh_field_drift()
-            self._update_lag()
-            self._warn_if_slow("idle pass", {"poll": checking - polled, "checks": time.perf_counter() - checking})
+            self._idle(polled)
             return None
         started = time.perf_counter()
         self._stages = {"poll": started - polled}
         result = self.pipeline.process(records)                                    # 2
-        if self.shadow is not None:
-            self.shadow.compare(records, result)
-        decision = self.flood.decide(result.alerts, time.time()) if self.flood else None
-        alerts = result.alerts if decision is None else decision.publish + decision.summaries
+        alerts = result.alerts
+        for plugin in self.plugins:
+            alerts = plugin.on_processed(records, result, alerts)                  # 2: shadow, flood control
         self._stages["process"] = time.perf_counter() - started
         if isinstance(self.sink, TransactionalSink):
             delivered = self._publish_and_commit(self.sink, records, alerts, result)  # 3 + 4, one transaction
@@ -208,17 +206,28 @@ class Worker:
             delivered = self._publish_then_commit(records, alerts, result)         # 3, then 4
         if not delivered:
             return None
-        if decision is not None:
-            self._apply_flood_decision(decision)
+        for plugin in self.plugins:
+            plugin.on_delivered()                                                  # 5
         try:
             recording = time.perf_counter()
-            self._record(result, alerts, recording - started)                      # 5
+            self._record(result, alerts, recording - started)
             self._stages["record"] = time.perf_counter() - recording
             self.metrics.observe_stages(self._stages)
             self._warn_if_slow("batch", self._stages)
         except Exception:  # noqa: BLE001 - metrics never take the worker down after a commit
             log.exception("updating metrics for a batch failed; the batch itself is delivered and committed")
         return result
+
+    def _idle(self, polled: float) -> None:
+        """An empty poll: commit what is pending (or ask for the broker), then let the plugins publish."""
+        checking = time.perf_counter()
+        if self.pending:
+            self._commit_pending()
+        else:
+            self._check_broker()
+        self._publish_while_idle()
+        self._update_lag()
+        self._warn_if_slow("idle pass", {"poll": checking - polled, "checks": time.perf_counter() - checking})
 
     def _publish_then_commit(self, records: Sequence[Record], alerts: Sequence[Alert], result: BatchResult) -> bool:
         """Step 3, publish and confirm, then step 4; if step 3 fails, rewind the batch and back off (False)."""
@@ -248,17 +257,15 @@ class Worker:
         self.metrics.record_transaction("committed", time.perf_counter() - started)
         self._stages["publish"] = time.perf_counter() - started
         self.metrics.record_commit()
-        self.health.broker_ok = True
+        self.broker.set(True)
         self.backoff.reset()
-        self.metrics.set_ready(self.health.is_ready())
         return True
 
     def _read_again(self, records: Sequence[Record], why: str) -> None:
         """Nothing of the batch is committed: mark the broker down, rewind to its first offsets, back off."""
         log.error("batch of %d records %s", len(records), why)
         self.metrics.record_kafka_error("produce")
-        self.health.broker_ok = False
-        self.metrics.set_ready(self.health.is_ready())
+        self.broker.set(False)
         self.source.rewind(first_offsets(records))
         self.backoff.wait()
 
@@ -276,58 +283,46 @@ class Worker:
                 log.warning("offsets %s stay pending: %s", self._describe(self.pending), exc)
             self._commit_failing = True
             self.metrics.record_commit_failure()
-            self.health.broker_ok = False
-            self.metrics.set_ready(self.health.is_ready())
+            self.broker.set(False)
             return
         if self._commit_failing:
             log.info("commits succeed again: %s", self._describe(self.pending))
             self._commit_failing = False
         self.pending.clear()
         self.metrics.record_commit()
-        self.health.broker_ok = True
+        self.broker.set(True)
         self.backoff.reset()
-        self.metrics.set_ready(self.health.is_ready())
 
     def _check_broker(self) -> None:
-        """While idle, set broker health from a bounded round trip (a commit does this while busy)."""
+        """While idle, learn whether the broker answers from a bounded round trip (a commit does this while busy)."""
         now = time.monotonic()
         if now - self._last_broker_check < self.broker_check_interval_s:
             return
         ok = self.source.reachable()
         self._last_broker_check = time.monotonic()
-        if ok and not self.health.broker_ok:
+        if ok and not self.broker.ok:
             log.info("broker reachable again")
             self.backoff.reset()
-        elif not ok and self.health.broker_ok:
+        elif not ok and self.broker.ok:
             log.warning("broker not reachable; not ready until it answers again")
         if not ok:
             self.metrics.record_kafka_error("poll")
-        self.health.broker_ok = ok
-        self.metrics.set_ready(self.health.is_ready())
+        self.broker.set(ok)
 
-    def _apply_flood_decision(self, decision: Decision) -> None:
-        assert self.flood is not None
-        self.flood.apply(decision)
-        for reason, count in decision.suppressed.items():
-            if count:
-                self.metrics.record_alerts_suppressed(self.input_topic, reason, count)
-        if decision.summaries:
-            self.metrics.record_alert_summaries(self.input_topic, len(decision.summaries))
-
-    def _publish_due_summaries(self) -> None:
-        """While idle, publish the summaries of suppression windows that have ended (retried if it fails)."""
-        if self.flood is None:
-            return
-        decision = self.flood.decide([], time.time())
-        if not decision.summaries:
+    def _publish_while_idle(self) -> None:
+        """While idle, publish what the plugins release now (flood control: summaries of ended windows); what
+        is not delivered is released again later."""
+        alerts = [alert for plugin in self.plugins for alert in plugin.on_idle()]
+        if not alerts:
             return
         try:
-            self.sink.publish(decision.summaries, [])
+            self.sink.publish(alerts, [])
         except DeliveryError as exc:
-            log.warning("%d suppression summaries not delivered, retried later: %s", len(decision.summaries), exc)
+            log.warning("%d alerts not delivered while idle, retried later: %s", len(alerts), exc)
             self.metrics.record_kafka_error("produce")
             return
-        self._apply_flood_decision(decision)
+        for plugin in self.plugins:
+            plugin.on_delivered()
 
     def _record(self, result: BatchResult, published: Sequence[Alert], seconds: float) -> None:
         topic = self.input_topic
@@ -338,10 +333,6 @@ class Worker:
             self.metrics.record_isolated(topic, result.isolated)
         if result.scored:
             self.metrics.observe_scores(topic, result.scores)
-            self.drift.update(result.scores)
-            self.metrics.set_score_drift_psi(self.drift.psi())
-            self.field_drift.update(result.columns, time.monotonic())
-        self._refresh_field_drift()
         self.metrics.record_missing_values(result.missing)
         if published:
             self.metrics.record_alerts_published(topic, len(published))
@@ -350,11 +341,8 @@ class Worker:
                 now - np.array([a.event_time_s for a in published if a.event_time_s is not None], dtype=np.float64))
         self.metrics.observe_batch(result.consumed, seconds)
         self._update_lag()
-
-    def _refresh_field_drift(self) -> None:
-        """Set the per-field drift gauges when the held values are due (see `FieldDrift`), busy or idle."""
-        if self.field_drift.due(time.monotonic()):
-            self.metrics.set_field_drift_psi(self.field_drift.psi())
+        for plugin in self.plugins:
+            plugin.on_batch(result)
 
     @staticmethod
     def _warn_if_slow(what: str, seconds: Mapping[str, float]) -> None:

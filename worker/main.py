@@ -73,7 +73,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         watcher.start()
         log.info("following the current version of repository %s (every %.0f s, or on SIGHUP)", settings.model,
                  settings.reload_interval_s)
-    bundle, metrics, health = runtime.bundle, runtime.metrics, runtime.health
+    bundle, health = runtime.bundle, runtime.health
     try:
         server = start_http_server(settings.metrics_host, settings.metrics_port, runtime.registry, health,
                                    max_connections=settings.http_max_connections,
@@ -99,12 +99,12 @@ def run(argv: Sequence[str] | None = None) -> int:
                 worker = build_worker(runtime, stop=stop)
             except BrokerUnavailable as exc:
                 health.heartbeat()
-                health.broker_ok = False
+                runtime.broker.set(False)
                 log.warning("%s; retrying in %.1f s", exc, backoff.delay_s)
                 backoff.wait()
         if worker is None:
             return 0
-        health.broker_ok = True
+        runtime.broker.set(True)
         log.info("consuming %s as group %s with %s (%s); alerts -> %s, dead letters -> %s (%s), %s",
                  settings.input_topic, settings.group_id, settings.kafka_client, settings.isolation_level,
                  settings.alert_topic, settings.dead_letter_topic, settings.output_compression, settings.delivery)
@@ -112,7 +112,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         log.info("stopped after finishing the current batch")
         return 0
     finally:
-        metrics.set_ready(False)
+        health.check("running", lambda: False)  # stopping: not ready, whatever the clients still say
         if runtime.watcher is not None:
             runtime.watcher.stop()
         if feedback is not None:

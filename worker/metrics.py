@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -153,7 +153,8 @@ class WorkerMetrics:
             registry=registry,
         )
         self.worker_ready = Gauge(
-            "anomaly_worker_ready", "1 when model loaded, partitions assigned and broker reachable.",
+            "anomaly_worker_ready", "1 when every readiness check of /readyz holds (model loaded, partitions "
+            "assigned, broker reachable, no partition held at an undecodable batch).",
             registry=registry,
         )
 
@@ -447,13 +448,13 @@ class WorkerMetrics:
         """Count a record batch of `topic[partition]` that the Kafka client could not decode."""
         self.undecodable_batches.labels(topic=topic, partition=str(partition)).inc()
 
-    def set_undecodable_partitions(self, count: int) -> None:
-        """Publish how many partitions are held at an undecodable batch."""
-        self.undecodable_partitions.set(_non_negative(count, "undecodable partition count"))
+    def follow_undecodable_partitions(self, count: Callable[[], int]) -> None:
+        """Read how many partitions are held at an undecodable batch from `count`, at scrape time."""
+        self.undecodable_partitions.set_function(lambda: float(count()))
 
-    def set_ready(self, ready: bool) -> None:
-        """Publish readiness as 1 or 0."""
-        self.worker_ready.set(1 if ready else 0)
+    def follow_readiness(self, ready: Callable[[], bool]) -> None:
+        """Read readiness (1 or 0) from `ready` at scrape time (`worker.health.Health.is_ready`); 0 until then."""
+        self.worker_ready.set_function(lambda: 1.0 if ready() else 0.0)
 
 
 def _non_negative(value: float, what: str) -> float:

@@ -26,6 +26,7 @@ from training.bundle import Bundle, current_version, load_bundle, version_path
 from training.errors import AnomalyError, BundleError
 from worker.metrics import WorkerMetrics
 from worker.pipeline import Pipeline
+from worker.plugin import Plugin
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def schema_misfit(running: Bundle, candidate: Bundle) -> str | None:
     return f"its fields differ from the running model's ({detail or 'order or kinds changed'})"
 
 
-class ModelWatcher:
+class ModelWatcher(Plugin):
     """Loads promoted versions in the background; the loop takes a ready pipeline between batches."""
 
     def __init__(self, repo: Path, running: Bundle, build: Callable[[Bundle], Pipeline], metrics: WorkerMetrics,
@@ -82,6 +83,9 @@ class ModelWatcher:
         if ready is not None:
             self._running = ready.bundle
         return ready
+
+    def between_batches(self) -> Pipeline | None:
+        return self.take()
 
     def check(self) -> None:
         """One look at CURRENT; loads a new version if it names one (the background thread calls this)."""

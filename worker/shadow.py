@@ -17,7 +17,8 @@ import numpy as np
 
 from worker.metrics import WorkerMetrics
 from worker.pipeline import BatchResult, Pipeline, describe
-from worker.records import Record
+from worker.plugin import Plugin
+from worker.records import Alert, Record
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class Comparison:
     correlation: float
 
 
-class ShadowScorer:
+class ShadowScorer(Plugin):
     """Scores batches with a candidate pipeline and compares it with the live result."""
 
     def __init__(self, pipeline: Pipeline, metrics: WorkerMetrics, topic: str, window: int = 10_000) -> None:
@@ -42,6 +43,10 @@ class ShadowScorer:
         self._agree = np.empty(0, dtype=bool)
         self._window = window
         metrics.set_shadow_model(pipeline.bundle.version)
+
+    def on_processed(self, records: Sequence[Record], result: BatchResult, alerts: list[Alert]) -> list[Alert]:
+        self.compare(records, result)
+        return alerts
 
     def compare(self, records: Sequence[Record], live: BatchResult) -> Comparison | None:
         """Score `records` with the candidate and fold the comparison with `live` into the metrics."""

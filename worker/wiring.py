@@ -1,9 +1,12 @@
 """Building a worker from settings: the one place main and the benchmarks assemble the product.
 
 `build_runtime` limits BLAS to the loop's thread, loads and verifies the bundle, builds the pipeline
-(warmed up), a fresh metrics registry and the health state; `build_worker` connects a source and a sink
-to it. Kafka stays behind the `connect` callable, so the benchmarks can wrap the source and the tests
-can pass fakes.
+(warmed up), a fresh metrics registry and the health checks; `build_worker` connects a source and a sink
+to it and plugs in the batch's side consumers (`plugins`). Kafka stays behind the `connect` callable, so
+the benchmarks can wrap the source and the tests can pass fakes.
+
+Readiness is registered here, once, as named checks read from their owners when a probe or a scrape
+asks (worker/health.py): nothing pushes it.
 """
 
 from __future__ import annotations
@@ -17,14 +20,16 @@ from prometheus_client import CollectorRegistry
 
 from training.bundle import Bundle, is_repository, load_bundle, resolve_model
 from worker.config import Settings
+from worker.drift import DriftWatch
 from worker.edge import Quarantine, open_sink, open_source, open_transactional_sink
 from worker.feedback import FeedbackLedger, KnownVersions
-from worker.flood import FloodControl
+from worker.flood import FloodControl, FloodGate
+from worker.health import BrokerStatus, Health
 from worker.heap import HeapTrimmer
-from worker.http import HealthState
-from worker.loop import Sink, Source, Worker
+from worker.loop import Pacing, Sink, Source, Worker
 from worker.metrics import WorkerMetrics
 from worker.pipeline import Pipeline
+from worker.plugin import Plugin
 from worker.reload import ModelWatcher
 from worker.shadow import ShadowScorer
 from worker.threads import single_threaded_blas
@@ -44,22 +49,42 @@ class Runtime:
     pipeline: Pipeline
     registry: CollectorRegistry
     metrics: WorkerMetrics
-    health: HealthState
+    health: Health
+    broker: BrokerStatus  # the loop's last broker round trip; main sets it while it connects
     watcher: ModelWatcher | None = None  # set when --model is a repository: follows its current version
     shadow: ShadowScorer | None = None  # set with --shadow-model
 
 
-def observability(settings: Settings, bundle: Bundle) -> tuple[CollectorRegistry, WorkerMetrics, HealthState]:
-    """A fresh registry with the worker's metrics initialised for this model and topic, and health state."""
+def observability(settings: Settings, bundle: Bundle) -> tuple[CollectorRegistry, WorkerMetrics, Health, BrokerStatus]:
+    """A fresh registry with the worker's metrics initialised for this model and topic, and the health checks.
+
+    Until `build_worker` connects a source, no partition is assigned and none is held.
+    """
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry)
     metrics.set_model(bundle.version, bundle.threshold.value)
     metrics.set_delivery_mode(settings.delivery)
     metrics.declare_topic(settings.input_topic)
     metrics.declare_fields(bundle.schema.names)
-    health = HealthState(stale_after_seconds=settings.liveness_timeout_s)
-    health.model_loaded = True
-    return registry, metrics, health
+    health, broker = Health(stale_after_seconds=settings.liveness_timeout_s), BrokerStatus()
+    readiness(health, broker, metrics)
+    return registry, metrics, health, broker
+
+
+def readiness(health: Health, broker: BrokerStatus, metrics: WorkerMetrics, source: Source | None = None,
+              quarantine: Quarantine | None = None) -> None:
+    """Register the readiness checks, in the order `/readyz` names them, and point the gauges at them.
+
+    Without a source yet no partition is assigned; without a quarantine none is held. A model is loaded:
+    a runtime exists only once its bundle is verified and its pipeline warm.
+    """
+    health.check("model_loaded", lambda: True)
+    health.check("partitions_assigned", (lambda: bool(source.assigned())) if source is not None else lambda: False)
+    health.check("broker_ok", lambda: broker.ok)
+    held = quarantine.held_count if quarantine is not None else lambda: 0
+    health.check("batches_decodable", lambda: held() == 0)
+    metrics.follow_readiness(health.is_ready)
+    metrics.follow_undecodable_partitions(held)
 
 
 def build_runtime(settings: Settings, pipeline_class: type[Pipeline] = Pipeline) -> Runtime:
@@ -76,7 +101,7 @@ def build_runtime(settings: Settings, pipeline_class: type[Pipeline] = Pipeline)
 
     bundle = load_bundle(resolve_model(settings.model), settings.expected_schema_hash)
     pipeline = make_pipeline(bundle)
-    registry, metrics, health = observability(settings, bundle)
+    registry, metrics, health, broker = observability(settings, bundle)
     watcher = ModelWatcher(settings.model, bundle, make_pipeline, metrics, settings.reload_interval_s,
                            settings.expected_schema_hash) if is_repository(settings.model) else None
     shadow = None
@@ -84,7 +109,7 @@ def build_runtime(settings: Settings, pipeline_class: type[Pipeline] = Pipeline)
         candidate = load_bundle(resolve_model(settings.shadow_model))
         shadow = ShadowScorer(make_pipeline(candidate), metrics, settings.input_topic)
     return Runtime(settings=settings, bundle=bundle, pipeline=pipeline, registry=registry, metrics=metrics,
-                   health=health, watcher=watcher, shadow=shadow)
+                   health=health, broker=broker, watcher=watcher, shadow=shadow)
 
 
 def kafka_connect(settings: Settings, on_revoke: OnRevoke, quarantine: Quarantine | None = None) -> tuple[Source, Sink]:
@@ -109,23 +134,36 @@ def build_worker(runtime: Runtime, connect: Connect | None = None, stop: threadi
     """Connect a source and sink and assemble the loop (revocations reach the worker that owns the offsets).
 
     Without `connect`, the product's Kafka clients, whose undecodable batches show in this runtime's metrics
-    and readiness.
+    and readiness. Readiness follows this worker's source from here on.
     """
     settings = runtime.settings
     owner: list[Worker] = []
-    quarantine = Quarantine(runtime.metrics, runtime.health)
+    quarantine = Quarantine(runtime.metrics)
     connect = connect or (lambda s, on_revoke: kafka_connect(s, on_revoke, quarantine))
     source, sink = connect(settings, lambda partitions: owner[0].on_revoke(partitions) if owner else None)
-    worker = Worker(wrap_source(source) if wrap_source else source, sink, runtime.pipeline, runtime.metrics,
-                    runtime.health, settings.input_topic, stop, backoff_initial_s=settings.retry_backoff_initial_s,
-                    backoff_max_s=settings.retry_backoff_max_s,
-                    broker_check_interval_s=settings.broker_check_interval_s,
-                    model_updates=runtime.watcher.take if runtime.watcher else None,
-                    flood=FloodControl(settings.alert_key_field, settings.alert_cooldown_s, settings.max_alerts_per_s)
-                    if settings.alert_cooldown_s or settings.max_alerts_per_s else None,
-                    shadow=runtime.shadow, heap=HeapTrimmer(settings.heap_trim_interval_s))
+    source = wrap_source(source) if wrap_source else source
+    pacing = Pacing(backoff_initial_s=settings.retry_backoff_initial_s, backoff_max_s=settings.retry_backoff_max_s,
+                    broker_check_interval_s=settings.broker_check_interval_s)
+    worker = Worker(source, sink, runtime.pipeline, runtime.metrics, settings.input_topic, runtime.health,
+                    runtime.broker, stop, pacing=pacing, plugins=plugins(runtime))
     owner.append(worker)
+    readiness(runtime.health, runtime.broker, runtime.metrics, source, quarantine)
     return worker
+
+
+def plugins(runtime: Runtime) -> list[Plugin]:
+    """The batch's side consumers the settings ask for, in the order the loop calls them (worker/plugin.py)."""
+    settings = runtime.settings
+    chosen: list[Plugin] = [HeapTrimmer(settings.heap_trim_interval_s)]
+    if runtime.watcher is not None:
+        chosen.append(runtime.watcher)
+    if runtime.shadow is not None:
+        chosen.append(runtime.shadow)
+    if settings.alert_cooldown_s or settings.max_alerts_per_s:
+        control = FloodControl(settings.alert_key_field, settings.alert_cooldown_s, settings.max_alerts_per_s)
+        chosen.append(FloodGate(control, runtime.metrics, settings.input_topic))
+    chosen.append(DriftWatch(runtime.metrics, runtime.bundle))
+    return chosen
 
 
 class Stoppable(Protocol):

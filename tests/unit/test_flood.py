@@ -8,8 +8,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from tests.fakes import ListSink, ListSource
-from worker.flood import COOLDOWN, RATE_LIMIT, FloodControl
-from worker.http import HealthState
+from worker.flood import COOLDOWN, RATE_LIMIT, FloodControl, FloodGate
+from worker.health import BrokerStatus, Health
 from worker.loop import Worker
 from worker.metrics import WorkerMetrics
 from worker.pipeline import BatchResult
@@ -97,8 +97,9 @@ def test_the_loop_commits_every_record_and_counts_what_it_suppressed() -> None:
     metrics = WorkerMetrics(registry)
     metrics.set_model("v1", 1.0)
     source, sink = ListSource([[Record("events", 0, i, None, b"{}") for i in range(50)]]), ListSink()
-    worker = Worker(source, sink, AlertEverything(), metrics, HealthState(), "events",  # type: ignore[arg-type]
-                    threading.Event(), flood=FloodControl("host", cooldown_s=3600, max_alerts_per_s=0))
+    gate = FloodGate(FloodControl("host", cooldown_s=3600, max_alerts_per_s=0), metrics, "events")
+    worker = Worker(source, sink, AlertEverything(), metrics, "events", Health(), BrokerStatus(),  # type: ignore[arg-type]
+                    threading.Event(), plugins=[gate])
     worker.run_once()
     assert ids(sink.alerts) == ["v1/events/0/0"]
     assert source.committed == {("events", 0): 50}

@@ -20,7 +20,8 @@ from prometheus_client.core import GaugeMetricFamily
 
 from training.errors import ConfigError
 from worker.config import from_args
-from worker.http import HealthState, MetricsServer, start_http_server
+from worker.health import Health
+from worker.http import MetricsServer, start_http_server
 from worker.http_connections import Connection, ConnectionTable, Phase
 from worker.metrics import WorkerMetrics
 
@@ -38,9 +39,26 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+class Facts:
+    """What the readiness checks read, as their owners (bundle, source, loop, quarantine) would hold it."""
+
+    def __init__(self) -> None:
+        self.model_loaded, self.assigned_partitions, self.broker_ok, self.undecodable_partitions = False, 0, False, 0
+
+
 @pytest.fixture()
-def health(clock: FakeClock) -> HealthState:
-    return HealthState(stale_after_seconds=60.0, clock=clock)
+def facts() -> Facts:
+    return Facts()
+
+
+@pytest.fixture()
+def health(clock: FakeClock, facts: Facts) -> Health:
+    health = Health(stale_after_seconds=60.0, clock=clock)
+    health.check("model_loaded", lambda: facts.model_loaded)
+    health.check("partitions_assigned", lambda: facts.assigned_partitions > 0)
+    health.check("broker_ok", lambda: facts.broker_ok)
+    health.check("batches_decodable", lambda: facts.undecodable_partitions == 0)
+    return health
 
 
 @pytest.fixture()
@@ -49,7 +67,7 @@ def registry() -> CollectorRegistry:
 
 
 @pytest.fixture()
-def server(registry: CollectorRegistry, health: HealthState) -> Iterator[MetricsServer]:
+def server(registry: CollectorRegistry, health: Health) -> Iterator[MetricsServer]:
     srv = start_http_server("127.0.0.1", 0, registry, health)
     yield srv
     srv.shutdown()
@@ -81,7 +99,7 @@ def test_metrics_serves_the_injected_registry(server: MetricsServer, registry: C
 
 
 def test_metrics_negotiates_openmetrics(server: MetricsServer, registry: CollectorRegistry) -> None:
-    WorkerMetrics(registry).set_ready(True)
+    WorkerMetrics(registry).follow_readiness(lambda: True)
     status, content_type, body = get(server, "/metrics", accept="application/openmetrics-text; version=1.0.0")
     assert status == 200
     assert content_type.startswith("application/openmetrics-text")
@@ -89,7 +107,7 @@ def test_metrics_negotiates_openmetrics(server: MetricsServer, registry: Collect
     assert body.rstrip().endswith("# EOF")
 
 
-def test_healthz_follows_the_heartbeat(server: MetricsServer, health: HealthState, clock: FakeClock) -> None:
+def test_healthz_follows_the_heartbeat(server: MetricsServer, health: Health, clock: FakeClock) -> None:
     status, content_type, body = get(server, "/healthz")
     assert (status, content_type, json.loads(body)["status"]) == (200, "application/json", "ok")
 
@@ -103,27 +121,28 @@ def test_healthz_follows_the_heartbeat(server: MetricsServer, health: HealthStat
     assert status == 200
 
 
-def test_readyz_names_each_failing_condition(server: MetricsServer, health: HealthState) -> None:
+def test_readyz_names_each_failing_condition(server: MetricsServer, facts: Facts) -> None:
+    # Each probe reads the checks' sources now: nothing is pushed into the health object.
     status, _, body = get(server, "/readyz")
     assert status == 503
     assert json.loads(body)["failing"] == ["model_loaded", "partitions_assigned", "broker_ok"]
 
-    health.model_loaded = True
-    health.assigned_partitions = 3
+    facts.model_loaded = True
+    facts.assigned_partitions = 3
     status, _, body = get(server, "/readyz")
     assert status == 503
     assert json.loads(body)["failing"] == ["broker_ok"]
 
-    health.broker_ok = True
+    facts.broker_ok = True
     status, _, body = get(server, "/readyz")
     assert (status, json.loads(body)) == (200, {"status": "ready"})
 
-    health.assigned_partitions = 0  # all partitions revoked during a rebalance
+    facts.assigned_partitions = 0  # all partitions revoked during a rebalance
     status, _, body = get(server, "/readyz")
     assert (status, json.loads(body)["failing"]) == (503, ["partitions_assigned"])
 
-    health.assigned_partitions = 3
-    health.undecodable_partitions = 1  # a partition held at a batch the client cannot decode
+    facts.assigned_partitions = 3
+    facts.undecodable_partitions = 1  # a partition held at a batch the client cannot decode
     status, _, body = get(server, "/readyz")
     assert (status, json.loads(body)["failing"]) == (503, ["batches_decodable"])
 
@@ -135,18 +154,24 @@ def test_unknown_paths_are_404(server: MetricsServer) -> None:
     assert status == 404
 
 
-def test_shutdown_releases_the_port(registry: CollectorRegistry, health: HealthState) -> None:
+def test_shutdown_releases_the_port(registry: CollectorRegistry, health: Health) -> None:
     srv = start_http_server("127.0.0.1", 0, registry, health)
     srv.shutdown()
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(srv.url + "/healthz", timeout=2)
 
 
-def test_health_state_validates_its_inputs() -> None:
+def test_health_validates_its_inputs_and_counts_a_raising_check_as_failing() -> None:
     with pytest.raises(ValueError, match="stale_after_seconds must be a positive number"):
-        HealthState(stale_after_seconds=0)
-    with pytest.raises(ValueError, match="assigned_partitions must be >= 0"):
-        HealthState().assigned_partitions = -1
+        Health(stale_after_seconds=0)
+    health = Health()
+    assert health.failing_readiness() == ["checks_registered"], "a health object nobody wired is not ready"
+    health.check("broker_ok", lambda: True)
+    health.check("partitions_assigned", lambda: 1 / 0 > 0)  # e.g. a source asked after it was closed
+    assert health.failing_readiness() == ["partitions_assigned"] and not health.is_ready()
+    health.check("broker_ok", lambda: False)  # registered again: takes the new check, keeps its place
+    health.check("partitions_assigned", lambda: True)
+    assert health.failing_readiness() == ["broker_ok"]
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
@@ -155,7 +180,7 @@ def test_health_state_validates_its_inputs() -> None:
     ({"idle_timeout_s": float("nan")}, "idle_timeout_s must be a positive number of seconds, got nan"),
     ({"request_timeout_s": -1.0}, "request_timeout_s must be a positive number of seconds, got -1.0"),
 ])
-def test_connection_limits_are_validated(registry: CollectorRegistry, health: HealthState, kwargs: dict,
+def test_connection_limits_are_validated(registry: CollectorRegistry, health: Health, kwargs: dict,
                                          match: str) -> None:
     with pytest.raises(ValueError, match=match):
         start_http_server("127.0.0.1", 0, registry, health, **kwargs)
@@ -201,7 +226,7 @@ def exchange(client: socket.socket, path: str) -> bytes:
 
 
 def test_idle_keep_alive_connection_is_closed_after_the_timeout_and_its_thread_ends(
-        registry: CollectorRegistry, health: HealthState) -> None:
+        registry: CollectorRegistry, health: Health) -> None:
     srv = start_http_server("127.0.0.1", 0, registry, health, idle_timeout_s=0.3)
     baseline = set(threading.enumerate())
     try:
@@ -231,7 +256,7 @@ class BlockingCollector:
 
 
 def test_a_client_that_leaves_early_is_logged_at_debug_without_a_traceback(
-        capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture, health: HealthState) -> None:
+        capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture, health: Health) -> None:
     caplog.set_level(logging.DEBUG, logger="worker.http")
     registry = CollectorRegistry()
     collector = BlockingCollector()
@@ -259,8 +284,8 @@ def test_a_client_that_leaves_early_is_logged_at_debug_without_a_traceback(
 # -- deadlines and the connection cap: slow clients cannot take the probes' slots (issue 19 row 1) ----------
 
 
-def ready(health: HealthState) -> HealthState:
-    health.model_loaded, health.assigned_partitions, health.broker_ok = True, 1, True
+def ready(health: Health, facts: Facts) -> Health:
+    facts.model_loaded, facts.assigned_partitions, facts.broker_ok = True, 1, True
     return health
 
 
@@ -307,10 +332,11 @@ class SlowHeaderClients:
                 client.close()
 
 
-def test_slow_header_clients_cannot_starve_the_probes(registry: CollectorRegistry, health: HealthState) -> None:
+def test_slow_header_clients_cannot_starve_the_probes(registry: CollectorRegistry, health: Health,
+                                                      facts: Facts) -> None:
     """max_connections clients trickling header lines took every slot, so the probes got 503 for as long as
     the clients kept at it; now each is cut off at its deadline and a newcomer evicts the slowest."""
-    srv = start_http_server("127.0.0.1", 0, registry, ready(health), max_connections=8, request_timeout_s=0.5)
+    srv = start_http_server("127.0.0.1", 0, registry, ready(health, facts), max_connections=8, request_timeout_s=0.5)
     try:
         with SlowHeaderClients(srv, 8) as attack:
             wait_until(lambda: srv.open_connections == 8, "the slow clients hold every slot")
@@ -335,7 +361,7 @@ def read_until_closed(client: socket.socket) -> bytes:
 
 @pytest.mark.parametrize("trickle", [b"", b"X-Slow: 1\r\n"], ids=["silent", "one-header-line-at-a-time"])
 def test_a_request_must_arrive_whole_within_the_request_timeout(
-        registry: CollectorRegistry, health: HealthState, trickle: bytes) -> None:
+        registry: CollectorRegistry, health: Health, trickle: bytes) -> None:
     srv = start_http_server("127.0.0.1", 0, registry, health, request_timeout_s=0.5, idle_timeout_s=60.0)
     try:
         with connect(srv) as client:
@@ -354,7 +380,7 @@ def test_a_request_must_arrive_whole_within_the_request_timeout(
         srv.shutdown()
 
 
-def test_a_client_that_never_reads_the_response_is_cut_off(health: HealthState) -> None:
+def test_a_client_that_never_reads_the_response_is_cut_off(health: Health) -> None:
     registry = CollectorRegistry()
     registry.register(HugeCollector())  # type: ignore[arg-type]
     srv = start_http_server("127.0.0.1", 0, registry, health, request_timeout_s=0.5, idle_timeout_s=60.0)
@@ -486,7 +512,7 @@ def test_http_settings_come_from_flags_and_environment(tmp_path: Path) -> None:
 
 
 def test_idle_connections_beyond_the_cap_make_way_for_new_ones(
-        registry: CollectorRegistry, health: HealthState) -> None:
+        registry: CollectorRegistry, health: Health) -> None:
     srv = start_http_server("127.0.0.1", 0, registry, health, max_connections=3, idle_timeout_s=60.0,
                             request_timeout_s=60.0)
     baseline = set(threading.enumerate())
@@ -510,7 +536,7 @@ def test_idle_connections_beyond_the_cap_make_way_for_new_ones(
     srv.shutdown()
 
 
-def test_a_connection_is_refused_only_when_every_slot_is_answering_a_request(health: HealthState) -> None:
+def test_a_connection_is_refused_only_when_every_slot_is_answering_a_request(health: Health) -> None:
     registry = CollectorRegistry()
     collector = BlockingCollector()
     registry.register(collector)  # type: ignore[arg-type]

@@ -21,7 +21,8 @@ from prometheus_client import CollectorRegistry
 
 from tests.certs import HAVE_OPENSSL, Pki, bcrypt_hash, make_pki
 from training.errors import ConfigError
-from worker.http import HealthState, MetricsServer, start_http_server
+from worker.health import Health
+from worker.http import MetricsServer, start_http_server
 from worker.main import main
 from worker.metrics import WorkerMetrics
 from worker.web_config import BasicAuth, WebConfig, load_web_config
@@ -56,7 +57,7 @@ def registry() -> CollectorRegistry:
 
 
 def serve(registry: CollectorRegistry, web: WebConfig, **kwargs: Any) -> MetricsServer:
-    return start_http_server("127.0.0.1", 0, registry, HealthState(), web=web, **kwargs)
+    return start_http_server("127.0.0.1", 0, registry, Health(), web=web, **kwargs)
 
 
 def client_context(pki: Pki, with_certificate: bool = False) -> ssl.SSLContext:

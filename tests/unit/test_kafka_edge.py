@@ -21,7 +21,7 @@ from training.errors import ConfigError
 from worker.config import Settings, from_args
 from worker.edge import Quarantine
 from worker.errors import CommitError, DeliveryError, RebalanceInProgress, WorkerError
-from worker.http import HealthState
+from worker.health import BrokerStatus, Health
 from worker.kafka_confluent import COMMITTED_TIMEOUT_S, PARKED_ASK_S, ConfluentSink, ConfluentSource
 from worker.kafka_io import KafkaSource
 from worker.metrics import WorkerMetrics
@@ -71,10 +71,13 @@ def test_sasl_and_tls_map_onto_both_clients() -> None:
 # -- the quarantine ------------------------------------------------------------------------------
 
 def test_a_held_partition_is_counted_and_fails_readiness_until_released() -> None:
+    from worker.wiring import readiness
+
     registry = CollectorRegistry()
-    metrics, health = WorkerMetrics(registry), HealthState()
-    health.model_loaded, health.assigned_partitions, health.broker_ok = True, 3, True
-    quarantine = Quarantine(metrics, health)
+    metrics, health, broker = WorkerMetrics(registry), Health(), BrokerStatus(ok=True)
+    quarantine = Quarantine(metrics)
+    source = SimpleNamespace(assigned=lambda: {("in", 0), ("in", 1), ("in", 2)})
+    readiness(health, broker, metrics, source, quarantine)  # type: ignore[arg-type]  # wired as build_worker does
     quarantine.hold("in", 2, 40, "codec missing")
     assert quarantine.limit("in", 2) == 40 and quarantine.limit("in", 1) is None
     assert health.failing_readiness() == ["batches_decodable"]
@@ -83,6 +86,7 @@ def test_a_held_partition_is_counted_and_fails_readiness_until_released() -> Non
     assert registry.get_sample_value("anomaly_worker_ready") == 0
     quarantine.release({("in", 2)})
     assert health.is_ready() and registry.get_sample_value("anomaly_undecodable_partitions") == 0
+    assert registry.get_sample_value("anomaly_worker_ready") == 1
 
 
 class FakePythonConsumer:
@@ -113,6 +117,9 @@ class FakePythonConsumer:
     def resume(self, *partitions: TopicPartition) -> None:
         self.held = [tp for tp in self.held if tp not in partitions]
 
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition("in", 0), TopicPartition("in", 1)}
+
     def group_metadata(self) -> ConsumerGroupMetadata:
         return ConsumerGroupMetadata(group_id="g", state=MemberState.STABLE)
 
@@ -121,9 +128,11 @@ def test_kafka_python_pauses_the_partition_it_cannot_decode_instead_of_raising()
     quarantine = Quarantine()
     source = KafkaSource(settings(kafka_client="kafka-python"), consumer_factory=FakePythonConsumer,
                          quarantine=quarantine)
+    assert source.assigned() == set(), "no poll yet: nothing assigned"
     assert source.poll_batch() == []
     assert source.consumer.held == [TopicPartition("in", 1)]
     assert quarantine.held == {("in", 1): 17}
+    assert source.assigned() == {("in", 0), ("in", 1)}  # as the poll left it, readable from any thread
     source.handle_revoked({("in", 1)})
     assert quarantine.held == {}
 

@@ -118,7 +118,7 @@ def test_batch_latency_missing_values_drift_and_ready(registry: CollectorRegistr
     metrics.declare_fields(["amount", "country"])
     metrics.record_missing_values({"amount": 3, "country": 0})
     metrics.set_score_drift_psi(0.31)
-    metrics.set_ready(True)
+    metrics.follow_readiness(lambda: True)
     assert value(registry, "anomaly_batch_size_events_bucket", le="500.0") == 1.0
     assert value(registry, "anomaly_batch_size_events_bucket", le="200.0") == 0.0
     assert value(registry, "anomaly_batch_duration_seconds_sum") == pytest.approx(0.03)

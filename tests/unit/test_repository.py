@@ -22,7 +22,8 @@ from training.bundle import CURRENT, MANIFEST, VERSIONS, current_version, load_b
 from training.cli import evaluate_main, promote_main, score_main, train_main
 from training.errors import BundleError
 from training.features import FeatureSchema
-from worker.http import HealthState
+from worker.drift import DriftWatch
+from worker.health import BrokerStatus, Health
 from worker.loop import Worker
 from worker.metrics import WorkerMetrics
 from worker.pipeline import Pipeline
@@ -102,8 +103,9 @@ def test_a_promoted_version_takes_over_between_two_batches(repo: Path) -> None:
     (repo_view / CURRENT).write_text(first + "\n")
     watcher = ModelWatcher(repo_view, running, lambda b: Pipeline(b), metrics, interval_s=3600)
     source, sink = ListSource([outliers(0, 5), outliers(5, 5), outliers(10, 5)]), ListSink()
-    worker = Worker(source, sink, Pipeline(running), metrics, HealthState(), "events", threading.Event(),
-                    model_updates=watcher.take)
+    drift = DriftWatch(metrics, running)
+    worker = Worker(source, sink, Pipeline(running), metrics, "events", Health(), BrokerStatus(), threading.Event(),
+                    plugins=[watcher, drift])
     worker.run_once()
     (repo_view / CURRENT).write_text(second + "\n")  # what anomaly-promote does, atomically
     watcher.check()  # the background thread's step, run here so the test decides when
@@ -116,7 +118,7 @@ def test_a_promoted_version_takes_over_between_two_batches(repo: Path) -> None:
     assert registry.get_sample_value("anomaly_model_info", {"version": first}) is None
     assert registry.get_sample_value("anomaly_model_reloads_total", {"result": "loaded"}) == 1
     edges = load_bundle(repo / VERSIONS / second).histogram.edges
-    assert worker.drift._inner_edges.tolist() == edges[1:-1]  # the drift baseline follows the model
+    assert drift.scores._inner_edges.tolist() == edges[1:-1]  # the drift baseline follows the model
 
 
 @pytest.mark.parametrize("damage", ["tamper", "fields"])
@@ -166,7 +168,8 @@ def test_a_shadow_model_scores_every_batch_but_publishes_nothing(repo: Path, tra
     batch = outliers(0, 5) + [Record("events", 0, 5 + i, None, orjson.dumps(r)) for i, r in enumerate(rows)]
     batch.append(Record("events", 0, 100, None, b"not json"))
     source, sink = ListSource([batch]), ListSink()
-    worker = Worker(source, sink, Pipeline(live), metrics, HealthState(), "events", threading.Event(), shadow=shadow)
+    worker = Worker(source, sink, Pipeline(live), metrics, "events", Health(), BrokerStatus(), threading.Event(),
+                    plugins=[shadow])
     result = worker.run_once()
     assert result is not None
     assert {a.document["model_version"] for a in sink.alerts} == {first}  # only the live model publishes
@@ -190,8 +193,8 @@ def test_a_failing_shadow_model_never_stops_the_live_path(repo: Path) -> None:
     candidate = Pipeline(load_bundle(repo / VERSIONS / first))
     candidate.process = lambda records: (_ for _ in ()).throw(RuntimeError("candidate broke"))  # type: ignore
     source, sink = ListSource([outliers(0, 3)]), ListSink()
-    worker = Worker(source, sink, Pipeline(live), metrics, HealthState(), "events", threading.Event(),
-                    shadow=ShadowScorer(candidate, metrics, "events"))
+    worker = Worker(source, sink, Pipeline(live), metrics, "events", Health(), BrokerStatus(), threading.Event(),
+                    plugins=[ShadowScorer(candidate, metrics, "events")])
     worker.run_once()
     assert len(sink.alerts) == 3 and source.committed == {("events", 0): 3}
     assert registry.get_sample_value("anomaly_shadow_failures_total", {"topic": "events"}) == 1

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,11 +14,13 @@ from prometheus_client import CollectorRegistry
 
 from tests.fakes import TOPIC, FakeSource
 from worker.alerts import build_alert
+from worker.drift import DriftWatch, FieldDrift
 from worker.errors import DeliveryError, TransactionAborted
-from worker.http import HealthState
-from worker.loop import Backoff, Worker
+from worker.health import BrokerStatus, Health
+from worker.loop import Backoff, Pacing, Worker
 from worker.metrics import WorkerMetrics
 from worker.pipeline import BatchResult
+from worker.plugin import Plugin
 from worker.records import Alert, DeadLetter, Record
 
 MODEL = "m1"
@@ -74,15 +77,22 @@ def registry() -> CollectorRegistry:
 
 
 def make_worker(log: list[tuple], partitions: dict[int, list[bytes]], registry: CollectorRegistry,
-                max_batch: int = 4, broker_check_interval_s: float = 2.0,
+                max_batch: int = 4, broker_check_interval_s: float = 2.0, plugins: Sequence[Plugin] = (),
+                field_drift: Callable[[Any], FieldDrift] | None = None,
                 ) -> tuple[Worker, FakeSource, FakeSink, FakePipeline]:
+    """A worker on fakes, its readiness wired as worker/wiring.py wires it; `plugins` come before the drift."""
+    from worker.wiring import readiness
+
     source, sink, pipeline = FakeSource(log, partitions, max_batch), FakeSink(log), FakePipeline(log)
     metrics = WorkerMetrics(registry)
     metrics.set_model(MODEL, 1.0)
-    stop = threading.Event()
-    worker = Worker(source, sink, pipeline, metrics, HealthState(), TOPIC, stop,  # type: ignore[arg-type]
+    health, broker = Health(), BrokerStatus()
+    pacing = Pacing(backoff_initial_s=0.001, backoff_max_s=0.001,  # no real waiting in unit tests
                     broker_check_interval_s=broker_check_interval_s)
-    worker.backoff = Backoff(stop, initial_s=0.001, maximum_s=0.001)  # no real waiting in unit tests
+    drift = DriftWatch(metrics, pipeline.bundle, field_drift=field_drift)  # type: ignore[arg-type]
+    worker = Worker(source, sink, pipeline, metrics, TOPIC, health, broker, threading.Event(),  # type: ignore[arg-type]
+                    pacing=pacing, plugins=[*plugins, drift])
+    readiness(health, broker, metrics, source)
     return worker, source, sink, pipeline
 
 
@@ -128,7 +138,7 @@ def test_delivery_failure_commits_nothing_rewinds_and_replays_with_the_same_ids(
     assert worker.pending == {}
     assert registry.get_sample_value("anomaly_kafka_errors_total", {"operation": "produce"}) == 1
     assert registry.get_sample_value("anomaly_events_consumed_total", {"topic": TOPIC}) == 3  # first batch only
-    assert worker.health.broker_ok is False
+    assert worker.broker.ok is False
 
     del log[:]
     result = worker.run_once()  # the same batch again, now delivered
@@ -139,7 +149,7 @@ def test_delivery_failure_commits_nothing_rewinds_and_replays_with_the_same_ids(
     assert source.committed == {(TOPIC, 0): 5, (TOPIC, 1): 1}
     ids = [a.alert_id for a in sink.alerts]
     assert ids == [f"{MODEL}/{TOPIC}/0/0", f"{MODEL}/{TOPIC}/0/2", f"{MODEL}/{TOPIC}/0/4", f"{MODEL}/{TOPIC}/1/0"]
-    assert worker.health.broker_ok is True
+    assert worker.broker.ok is True
 
 
 def test_commit_failure_keeps_offsets_pending_until_the_next_batch(
@@ -153,14 +163,14 @@ def test_commit_failure_keeps_offsets_pending_until_the_next_batch(
     assert source.committed == {}
     assert registry.get_sample_value("anomaly_commit_failures_total") == 1
     assert registry.get_sample_value("anomaly_kafka_errors_total", {"operation": "commit"}) == 1
-    assert worker.health.broker_ok is False
+    assert worker.broker.ok is False
 
     del log[:]
     worker.run_once()  # partition 1 offsets 1-4: its commit carries the pending partition 0 too
     assert kinds(log) == ["poll", "process", "publish", "commit"]
     assert log[-1] == ("commit", {(TOPIC, 0): 3, (TOPIC, 1): 5})
     assert worker.pending == {}
-    assert worker.health.broker_ok is True
+    assert worker.broker.ok is True
 
 
 def test_pending_offsets_are_committed_on_an_empty_poll(log: list[tuple], registry: CollectorRegistry) -> None:
@@ -177,7 +187,6 @@ def test_pending_offsets_are_committed_on_an_empty_poll(log: list[tuple], regist
 def test_idle_worker_turns_not_ready_while_the_broker_is_unreachable_and_ready_when_it_answers(
         log: list[tuple], registry: CollectorRegistry) -> None:
     worker, source, _, _ = make_worker(log, {0: [b"n"]}, registry, broker_check_interval_s=0.0)
-    worker.health.model_loaded = True
     worker.run_once()
     assert worker.health.is_ready() and registry.get_sample_value("anomaly_worker_ready") == 1
     source.broker_up = False
@@ -206,7 +215,7 @@ def test_idle_broker_check_is_rate_limited_and_skipped_while_offsets_are_pending
     del log[:]
     worker.run_once()  # the retried commit is the round trip; no separate check
     assert kinds(log) == ["poll", "commit"]
-    assert worker.health.broker_ok is True
+    assert worker.broker.ok is True
 
 
 def test_on_revoke_drops_pending_offsets_of_the_revoked_partitions_only_without_committing(
@@ -270,11 +279,11 @@ def test_stop_interrupts_the_backoff_after_a_delivery_failure(log: list[tuple], 
 def test_a_rebalance_defers_the_commit_without_marking_the_broker_down(
         log: list[tuple], registry: CollectorRegistry) -> None:
     worker, source, _, _ = make_worker(log, {0: [b"n", b"n"]}, registry)
-    worker.health.broker_ok = True
+    worker.broker.set(True)
     source.rebalancing = True
     worker.run_once()
     assert worker.pending == {(TOPIC, 0): 2}
-    assert worker.health.broker_ok and registry.get_sample_value("anomaly_commit_failures_total") == 0
+    assert worker.broker.ok and registry.get_sample_value("anomaly_commit_failures_total") == 0
     source.rebalancing = False
     worker.run_once()
     assert worker.pending == {} and source.committed == {(TOPIC, 0): 2}
@@ -337,7 +346,7 @@ def test_an_aborted_transaction_rewinds_and_the_batch_is_delivered_once_afterwar
     assert kinds(log) == ["poll", "process", "transaction-aborted", "rewind"]
     assert log[3] == ("rewind", {(TOPIC, 0): 0})
     assert source.committed == {} and sink.alerts == []
-    assert worker.health.broker_ok is False
+    assert worker.broker.ok is False
     assert registry.get_sample_value("anomaly_transactions_total", {"result": "aborted"}) == 1
     assert not registry.get_sample_value("anomaly_events_consumed_total", {"topic": TOPIC})  # counted once delivered
     del log[:]
@@ -346,7 +355,7 @@ def test_an_aborted_transaction_rewinds_and_the_batch_is_delivered_once_afterwar
     assert [a.alert_id for a in sink.alerts] == [f"{MODEL}/{TOPIC}/0/{i}" for i in (0, 2, 3)]  # each once
     assert source.committed == {(TOPIC, 0): 4}
     assert "commit" not in kinds(log)
-    assert worker.health.broker_ok is True
+    assert worker.broker.ok is True
     assert registry.get_sample_value("anomaly_transactions_total", {"result": "committed"}) == 2
 
 
@@ -388,7 +397,8 @@ def test_field_drift_gauges_are_set_when_enough_rows_are_held_or_the_interval_pa
     from tests.kafka_broker import wait_for
     from tests.unit.test_drift import small_field_drift
 
-    worker, source, _, pipeline = make_worker(log, {0: [b"n"] * 12}, registry)
+    worker, source, _, pipeline = make_worker(log, {0: [b"n"] * 12}, registry, field_drift=lambda _bundle:
+                                              small_field_drift(flush_rows=8, flush_interval_s=0.3))
     process = pipeline.process
 
     def with_columns(records: Sequence[Record]) -> BatchResult:
@@ -396,7 +406,6 @@ def test_field_drift_gauges_are_set_when_enough_rows_are_held_or_the_interval_pa
         return dataclasses.replace(process(records), columns={
             "bytes": np.array([r.offset * 0.25 for r in records]), "port": ports})
     pipeline.process = with_columns  # type: ignore[method-assign]
-    worker.field_drift = small_field_drift(flush_rows=8, flush_interval_s=0.3)
 
     def gauge() -> float | None:
         return registry.get_sample_value("anomaly_field_drift_psi", {"field": "bytes"})
