@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -221,3 +222,11 @@ def test_the_side_commands_take_the_same_kafka_flags_and_variables(capsys: pytes
 def test_tensorflow_log_switch_is_read_through_its_declaration(value: str, verbose: bool | None) -> None:
     assert TF_LOG.env == "ANOMALY_TF_LOG"
     assert TF_LOG.from_env({"ANOMALY_TF_LOG": value}) is verbose
+
+
+def test_no_module_reads_an_anomaly_variable_beside_the_declaration() -> None:
+    root = Path(__file__).resolve().parents[2]
+    reads = re.compile(r"""(environ\.get\(|environ\[|getenv\()\s*f?["']ANOMALY_""")
+    sources = [path for package in ("worker", "training") for path in (root / package).rglob("*.py")]
+    found = [str(path.relative_to(root)) for path in sources if reads.search(path.read_text())]
+    assert found == [], "read it through a declaration in worker/config.py (docs/settings.md lists them all)"
