@@ -264,7 +264,7 @@ WORKER = options(Settings)
 SECURITY = options(KafkaSecurity)
 PASSWORD_FILE, TF_LOG = options(_Process)
 #: What `anomaly-replay` and `anomaly-train --from-kafka` share with the worker: where Kafka is and how to log in.
-KAFKA_CONNECTION = (WORKER[1], *SECURITY, PASSWORD_FILE)
+KAFKA_CONNECTION = (*(o for o in WORKER if o.attr == "bootstrap_servers"), *SECURITY, PASSWORD_FILE)
 ALL = (*WORKER, *SECURITY, PASSWORD_FILE, TF_LOG)
 
 

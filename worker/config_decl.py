@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -163,6 +164,7 @@ class Option:
         return self.decl.help + (f" ({'; '.join(notes)})" if notes else "")
 
 
+@functools.cache
 def options(cls: type) -> tuple[Option, ...]:
     """The declared settings among the fields of dataclass `cls`, in field order."""
     hints = typing.get_type_hints(cls)
