@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import math
 import types
 import typing
@@ -164,7 +163,6 @@ class Option:
         return self.decl.help + (f" ({'; '.join(notes)})" if notes else "")
 
 
-@functools.cache
 def options(cls: type) -> tuple[Option, ...]:
     """The declared settings among the fields of dataclass `cls`, in field order."""
     hints = typing.get_type_hints(cls)
@@ -178,7 +176,7 @@ def options(cls: type) -> tuple[Option, ...]:
     return tuple(found)
 
 
-def validate_fields(instance: Any) -> None:
+def validate_fields(instance: object) -> None:
     """Normalise the case of declared string fields, then run each field's check (from `__post_init__`)."""
     for option in options(type(instance)):
         value = getattr(instance, option.attr)
