@@ -23,10 +23,11 @@ def principal(security: KafkaSecurity) -> str:
     return f"User:{security.sasl_username}" if security.sasl_username else "this client (no SASL user)"
 
 
-def denied(security: KafkaSecurity, operation: str, resource_type: str, name: str) -> str:
-    """`not authorized: User:w needs WRITE on TOPIC 'alerts' ...` for a missing ACL."""
-    return (f"not authorized: {principal(security)} needs {operation} on {resource_type} {name!r}; "
-            f"add that ACL ({DOC} lists what each component needs)")
+def denied(security: KafkaSecurity, operation: str, resource_type: str, name: str, *more: str) -> str:
+    """`not authorized: User:w needs WRITE on TOPIC 'alerts' ...` for a missing ACL (or several: `more` names)."""
+    resources = " and ".join(f"{resource_type} {n!r}" for n in (name, *more))
+    return (f"not authorized: {principal(security)} needs {operation} on {resources}; "
+            f"add {'those ACLs' if more else 'that ACL'} ({DOC} lists what each component needs)")
 
 
 def authentication_failed(security: KafkaSecurity, bootstrap_servers: str, detail: str) -> str:

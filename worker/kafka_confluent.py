@@ -633,16 +633,29 @@ def outgoing_records(settings: Settings, alerts: Sequence[Alert], dead_letters: 
 
 
 class ConfluentSink:
-    """Idempotent producer (acks=all): publishes a batch and confirms every record was acknowledged."""
+    """Idempotent producer (acks=all): publishes a batch and confirms every record was acknowledged.
+
+    A producer that failed fatally (its idempotent producer id refused: no WRITE on any topic) is
+    replaced at the next batch, so a grant takes effect without a restart.
+    """
 
     def __init__(self, settings: Settings, producer_factory: Callable[[dict[str, Any]], Any] = Producer) -> None:
-        self.settings = settings
+        self.settings, self._factory = settings, producer_factory
+        self.producer: Any = self._start_producer()
+
+    def _start_producer(self) -> Any:
         login = LoginWatch()
-        self.producer = producer_factory({**producer_config(settings), "error_cb": login})
-        _check_reachable(self.producer, settings, login)
+        producer = self._factory({**producer_config(self.settings), "error_cb": login})
+        _check_reachable(producer, self.settings, login)
+        return producer
 
     def publish(self, alerts: Sequence[Alert], dead_letters: Sequence[DeadLetter]) -> None:
         """1. produce every alert and dead letter; 2. flush with a timeout; 3. check every delivery report."""
+        if self.producer is None:
+            try:
+                self.producer = self._start_producer()
+            except BrokerUnavailable as exc:
+                raise DeliveryError(f"no producer yet: {exc}") from exc
         failures: list[str] = []
         acknowledged = 0
 
@@ -655,14 +668,23 @@ class ConfluentSink:
                 failures.append(_denied(self.settings, error, topic, "WRITE") or error.str())
 
         outgoing = outgoing_records(self.settings, alerts, dead_letters)
+        target = None
         try:
             for target, key, value, headers in outgoing:
                 self._produce(target, key, value, headers, report)
+            remaining = self.producer.flush(self.settings.kafka_timeout_s)
+        except SystemError as exc:
+            # A fatal error raised inside flush breaks the binding's callbacks: the next delivery report
+            # fails with a SystemError (caused by the KafkaException, or with none at all). The producer is
+            # in no known state, so it is replaced like a fatally failed one.
+            cause = _kafka_error(exc.__cause__) if isinstance(exc.__cause__, KafkaException) else None
+            raise self._failed_fatally(len(outgoing), cause or KafkaError(KafkaError._FATAL)) from exc
         except (KafkaException, BufferError) as exc:
             error = _kafka_error(exc)
+            if error is not None and (error.fatal() or error.code() == KafkaError._FATAL):
+                raise self._failed_fatally(len(outgoing), error) from exc
             why = (_denied(self.settings, error, target, "WRITE") if error is not None else None) or exc
             raise DeliveryError(f"publishing {len(outgoing)} records failed: {why}") from exc
-        remaining = self.producer.flush(self.settings.kafka_timeout_s)
         if failures or remaining or acknowledged != len(outgoing):
             first = failures[0] if failures else "not acknowledged in time"
             raise DeliveryError(f"{len(outgoing) - acknowledged} of {len(outgoing)} records were not "
@@ -677,7 +699,27 @@ class ConfluentSink:
             self.producer.flush(self.settings.kafka_timeout_s)
             self.producer.produce(topic, value=value, key=key, headers=headers, on_delivery=report)
 
+    def _failed_fatally(self, records: int, error: KafkaError) -> DeliveryError:
+        """Drop the producer (a new one starts with the next batch); say why, naming a missing ACL."""
+        reason = error
+        if error.code() == KafkaError._FATAL:  # all produce() says; the reason is an event poll raises
+            try:
+                self.producer.poll(0)
+            except (KafkaException, SystemError) as exc:
+                reason = _kafka_error(exc) or error
+        self.producer = None
+        why = reason.str()
+        if reason.code() == KafkaError.CLUSTER_AUTHORIZATION_FAILED:
+            # Without WRITE on any topic, the idempotent producer cannot get its producer id.
+            missing = access.denied(self.settings.security, "WRITE", "TOPIC", self.settings.alert_topic,
+                                    self.settings.dead_letter_topic)
+            why = f"{missing} ({why})"
+        return DeliveryError(f"publishing {records} records failed: {why}; the producer failed fatally and is "
+                             f"replaced for the next try")
+
     def close(self) -> None:
+        if self.producer is None:
+            return
         remaining = self.producer.flush(self.settings.kafka_timeout_s)
         if remaining:
             log.warning("producer close: %d records not delivered", remaining)

@@ -17,6 +17,7 @@ from kafka.structs import ConsumerGroupMetadata, MemberState
 
 from training import cli as train_cli
 from training import kafka_window
+from training.contract import Reason
 from training.errors import DataError
 from worker import access, replay
 from worker.config import KafkaSecurity, Secret, Settings
@@ -77,6 +78,9 @@ class UnauthorizedConsumer:
     def group_metadata(self) -> ConsumerGroupMetadata:
         return ConsumerGroupMetadata(group_id="g", state=MemberState.REBALANCING)
 
+    def assignment(self) -> set:
+        return set()  # never joined
+
 
 def test_kafka_python_without_group_read_names_the_acl_instead_of_crashing(caplog: pytest.LogCaptureFixture) -> None:
     made: list[UnauthorizedConsumer] = []
@@ -125,7 +129,7 @@ class UnauthorizedProducer:
 
 def test_confluent_delivery_without_write_names_the_topic() -> None:
     sink = ConfluentSink(settings(), producer_factory=lambda conf: UnauthorizedProducer(refuse="dl"))
-    letter = DeadLetter(record=Record("in", 0, 1, None, b"x"), reason="oversized", error="big")
+    letter = DeadLetter(record=Record("in", 0, 1, None, b"x"), reason=Reason.OVERSIZED, error="big")
     with pytest.raises(DeliveryError, match=r"not authorized: User:svc needs WRITE on TOPIC 'dl'"):
         sink.publish([], [letter])
 
@@ -220,3 +224,41 @@ def test_read_window_defaults_to_plaintext(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(DataError):
         kafka_window.read_window("k:9092", "events", 10)
     assert made["security_protocol"] == "PLAINTEXT" and "sasl_plain_password" not in made
+
+
+class FatallyRefusedProducer(UnauthorizedProducer):
+    """librdkafka's idempotent producer when the principal may write no topic: its producer id is refused
+    (a fatal error, raised by the next poll), and every produce says only `_FATAL`."""
+
+    def produce(self, topic: str, value: bytes | None, key: bytes | None, headers: list, on_delivery: Any) -> None:
+        raise KafkaException(KafkaError(KafkaError._FATAL, "Unable to produce message: Local: Fatal error"))
+
+    def poll(self, timeout: float) -> int:
+        raise KafkaException(KafkaError(KafkaError.CLUSTER_AUTHORIZATION_FAILED, "Failed to acquire idempotence "
+                                        "PID from broker", fatal=True))
+
+
+class FatalInFlushProducer(FatallyRefusedProducer):
+    """The same refusal arriving while flush serves delivery reports: the binding raises a SystemError."""
+
+    def produce(self, topic: str, value: bytes | None, key: bytes | None, headers: list, on_delivery: Any) -> None:
+        pass
+
+    def flush(self, timeout: float) -> int:
+        raise SystemError("<method 'flush' of 'cimpl.Producer' objects> returned NULL without setting an exception")
+
+
+@pytest.mark.parametrize("refused", [FatallyRefusedProducer, FatalInFlushProducer])
+def test_confluent_producer_that_failed_fatally_names_the_acls_and_is_replaced(refused: type) -> None:
+    made: list[Any] = []
+
+    def factory(conf: dict[str, Any]) -> Any:
+        made.append(refused(refuse="") if not made else UnauthorizedProducer(refuse=""))
+        return made[-1]
+
+    sink = ConfluentSink(settings(), producer_factory=factory)
+    letter = DeadLetter(record=Record("in", 0, 1, None, b"x"), reason=Reason.OVERSIZED, error="big")
+    with pytest.raises(DeliveryError, match=r"needs WRITE on TOPIC 'al' and TOPIC 'dl'; add those ACLs"):
+        sink.publish([], [letter])
+    sink.publish([], [letter])  # the ACL was granted meanwhile: a new producer delivers
+    assert len(made) == 2
