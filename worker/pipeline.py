@@ -40,6 +40,8 @@ class BatchResult:
     scores: np.ndarray
     missing: dict[str, int] = field(default_factory=dict)
     isolated: int = 0  # records found by bisecting a batch whose processing failed as a whole
+    # What the plugins read (worker/plugin.py), not the loop: shadow scoring matches scores by record,
+    # field drift bins the parsed values.
     scored_records: list[Record] = field(default_factory=list)  # the record of each score, in order
     columns: dict[str, np.ndarray] = field(default_factory=dict)  # parsed fields of the scored events
 

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from tests.fakes import ListSink, ListSource
+from worker.errors import DeliveryError
 from worker.flood import COOLDOWN, RATE_LIMIT, FloodControl, FloodGate
 from worker.health import BrokerStatus, Health
 from worker.loop import Worker
 from worker.metrics import WorkerMetrics
 from worker.pipeline import BatchResult
-from worker.records import Alert, Record
+from worker.records import Alert, DeadLetter, Record
 
 
 def alert(offset: int, host: str | None, score: float = 2.0) -> Alert:
@@ -106,3 +108,44 @@ def test_the_loop_commits_every_record_and_counts_what_it_suppressed() -> None:
     assert registry.get_sample_value("anomaly_alerts_suppressed_total", {"topic": "events", "reason": COOLDOWN}) == 49
     assert registry.get_sample_value("anomaly_alerts_published_total", {"topic": "events"}) == 1
     assert registry.get_sample_value("anomaly_events_scored_total", {"topic": "events"}) == 50
+
+
+class FlakySink(ListSink):
+    """Fails the next `failures` publishes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 0
+
+    def publish(self, alerts: Sequence[Alert], dead_letters: Sequence[DeadLetter]) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise DeliveryError("not acknowledged: timed out")
+        super().publish(alerts, dead_letters)
+
+
+def test_an_idle_loop_publishes_the_summary_of_an_ended_window_and_retries_it_until_delivered() -> None:
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics(registry)
+    metrics.set_model("v1", 1.0)
+    now = [1000.0]
+    gate = FloodGate(FloodControl("host", cooldown_s=60, max_alerts_per_s=0), metrics, "events", clock=lambda: now[0])
+    source, sink = ListSource([[Record("events", 0, i, None, b"{}") for i in range(5)]]), FlakySink()
+    worker = Worker(source, sink, AlertEverything(), metrics, "events", Health(), BrokerStatus(),  # type: ignore[arg-type]
+                    threading.Event(), plugins=[gate])
+    worker.run_once()
+    assert ids(sink.alerts) == ["v1/events/0/0"]
+    worker.run_once()  # idle inside the window: nothing to publish
+    assert len(sink.alerts) == 1
+    now[0] += 61
+    sink.failures = 1
+    worker.run_once()  # the window ended: its summary is due, but the broker does not acknowledge it
+    assert len(sink.alerts) == 1
+    assert registry.get_sample_value("anomaly_alert_summaries_published_total", {"topic": "events"}) == 0
+    assert registry.get_sample_value("anomaly_kafka_errors_total", {"operation": "produce"}) == 1
+    worker.run_once()  # the same summary again, now delivered, and kept as delivered
+    (summary,) = sink.alerts[1:]
+    assert summary.document["type"] == "suppression_summary" and summary.document["suppressed"] == 4
+    assert registry.get_sample_value("anomaly_alert_summaries_published_total", {"topic": "events"}) == 1
+    worker.run_once()
+    assert len(sink.alerts) == 2, "a delivered summary is not published again"

@@ -418,3 +418,65 @@ def test_field_drift_gauges_are_set_when_enough_rows_are_held_or_the_interval_pa
     worker.run_once()  # 4 more rows held, then nothing left to read
     assert gauge() == first
     wait_for(lambda: worker.run_once() is None and gauge() != first, 10, "an idle pass publishing the held rows")
+
+
+# -- plugins: the side consumers meet the batch at fixed steps -------------------------------------
+
+class RecordingPlugin(Plugin):
+    """Logs each hook into the loop's log; keeps only the first alert, as flood control might."""
+
+    def __init__(self, log: list[tuple]) -> None:
+        self.log = log
+
+    def between_batches(self) -> None:
+        self.log.append(("between_batches",))
+
+    def on_processed(self, records: Sequence[Record], result: BatchResult, alerts: list[Alert]) -> list[Alert]:
+        self.log.append(("on_processed", len(alerts)))
+        return alerts[:1]
+
+    def on_idle(self) -> list[Alert]:
+        self.log.append(("on_idle",))
+        return []
+
+    def on_delivered(self) -> None:
+        self.log.append(("on_delivered",))
+
+    def on_batch(self, result: BatchResult) -> None:
+        self.log.append(("on_batch", result.consumed))
+
+
+def test_plugins_are_called_at_their_steps_and_choose_what_is_published(
+        log: list[tuple], registry: CollectorRegistry) -> None:
+    worker, source, sink, _ = make_worker(log, {0: [b"A0", b"A1", b"n"]}, registry,
+                                          plugins=[RecordingPlugin(log)])
+    worker.run_once()
+    assert kinds(log) == ["between_batches", "poll", "process", "on_processed", "publish", "commit",
+                          "on_delivered", "on_batch"]
+    assert [a.alert_id for a in sink.alerts] == [f"{MODEL}/{TOPIC}/0/0"]
+    assert registry.get_sample_value("anomaly_alerts_published_total", {"topic": TOPIC}) == 1
+    del log[:]
+    worker.run_once()  # an empty poll: nothing to publish, so nothing is delivered
+    assert kinds(log) == ["between_batches", "poll", "on_idle"]
+
+
+def test_a_plugin_keeps_nothing_of_a_batch_that_was_not_delivered(
+        log: list[tuple], registry: CollectorRegistry) -> None:
+    worker, source, sink, _ = make_worker(log, {0: [b"A0"]}, registry, plugins=[RecordingPlugin(log)])
+    sink.fail_publishes = 1
+    assert worker.run_once() is None
+    assert kinds(log) == ["between_batches", "poll", "process", "on_processed", "publish-failed", "rewind"]
+
+
+def test_wiring_builds_the_plugins_the_settings_ask_for_in_the_loops_order(registry: CollectorRegistry) -> None:
+    from worker.flood import FloodGate
+    from worker.heap import HeapTrimmer
+    from worker.wiring import plugins
+
+    settings = SimpleNamespace(heap_trim_interval_s=60.0, alert_cooldown_s=0.0, max_alerts_per_s=0.0,
+                               alert_key_field=None, input_topic=TOPIC)
+    runtime = SimpleNamespace(settings=settings, watcher=None, shadow=None, metrics=WorkerMetrics(registry),
+                              bundle=FakePipeline([]).bundle)
+    assert [type(p) for p in plugins(runtime)] == [HeapTrimmer, DriftWatch]  # type: ignore[arg-type]
+    settings.alert_cooldown_s = 30.0
+    assert [type(p) for p in plugins(runtime)] == [HeapTrimmer, FloodGate, DriftWatch]  # type: ignore[arg-type]
