@@ -55,7 +55,7 @@ def measure(bootstrap: str, codec: str, alerts: Sequence[Any], letters: Sequence
     from confluent_kafka import Producer
 
     from worker.config import Settings
-    from worker.kafka_confluent import ConfluentSink
+    from worker.kafka.confluent import ConfluentSink
 
     stats: list[dict[str, Any]] = []
     topic = f"compression-{codec}-{uuid.uuid4().hex[:8]}"

@@ -382,7 +382,7 @@ def _passthrough_kafka_python(settings: Any, out_topic: str, ends: dict[tuple[st
     from kafka import TopicPartition
     from kafka.structs import OffsetAndMetadata
 
-    from worker.kafka_io import KafkaSink, KafkaSource
+    from worker.kafka.kafka_python import KafkaSink, KafkaSource
 
     source, sink = KafkaSource(settings), KafkaSink(settings)
     consumer, producer = source.consumer, sink.producer
@@ -419,7 +419,7 @@ def _passthrough_confluent(settings: Any, out_topic: str, ends: dict[tuple[str, 
     """
     from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 
-    from worker.kafka_confluent import ConfluentSink, ConfluentSource
+    from worker.kafka.confluent import ConfluentSink, ConfluentSource
 
     source, sink = ConfluentSource(settings), ConfluentSink(settings)
     consumer, producer = source.consumer, sink.producer

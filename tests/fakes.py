@@ -6,10 +6,23 @@ import threading
 from collections.abc import Mapping, Sequence
 
 from worker.errors import CommitError, RebalanceInProgress
+from worker.kafka.core import Offsets
 from worker.records import Alert, DeadLetter, Record
 
 TOPIC = "events"
-Offsets = Mapping[tuple[str, int], int]
+
+
+class FakeClock:
+    """A monotonic clock that moves only when a test says so: components that decide by time take a clock."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 class ListSource:

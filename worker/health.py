@@ -8,7 +8,7 @@ checks, each read from the component that owns its fact:
 - `partitions_assigned`: the source has at least one input partition (`Source.assigned()`);
 - `broker_ok`: the last broker round trip of the loop succeeded (`BrokerStatus`, which the loop updates);
 - `batches_decodable`: no partition is held at a record batch the Kafka client cannot decode
-  (`Quarantine.held_count()`, worker/edge.py).
+  (`Quarantine.held_count()`, worker/kafka/core.py).
 
 `/readyz` names the checks that fail, in the order they were registered; `anomaly_worker_ready` reads
 `is_ready()` at scrape time (`WorkerMetrics.follow_readiness`). Checks run on HTTP threads, so each must

@@ -14,7 +14,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
 from worker.config import Settings
-from worker.kafka_io import client_options
+from worker.kafka.kafka_python import client_options
 
 log = logging.getLogger(__name__)
 

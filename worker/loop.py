@@ -13,7 +13,7 @@ Order of side effects for every micro-batch (this order is the at-least-once gua
    rewound to the batch's first offsets and the batch is read again after a backoff.
    If step 4 fails, the offsets stay pending and are committed with the next batch (or on revoke).
    The confluent source sends the commit asynchronously (it is confirmed while the next batch is
-   processed; a failure is sent again and raised by the next commit, see worker/kafka_confluent.py).
+   processed; a failure is sent again and raised by the next commit, see worker/kafka/confluent/source.py).
 5. The plugins keep what they decided at step 2 (flood control's windows); then metrics are updated
    and the plugins see the delivered batch (drift).
 
@@ -50,6 +50,7 @@ import numpy as np
 
 from worker.errors import CommitError, DeliveryError, RebalanceInProgress
 from worker.health import BrokerStatus, Health
+from worker.kafka.core import Offsets
 from worker.metrics import WorkerMetrics
 from worker.pipeline import BatchResult, Pipeline
 from worker.plugin import Plugin
@@ -60,8 +61,6 @@ log = logging.getLogger(__name__)
 #: A batch stage or an idle pass slower than this is logged with its parts: it shows where a stalled loop
 #: waits (every Kafka call is bounded by the Kafka timeout, but several in a row are not).
 SLOW_S = 5.0
-
-Offsets = Mapping[tuple[str, int], int]
 
 
 class Source(Protocol):

@@ -145,7 +145,7 @@ class WorkerMetrics:
         )
         self.undecodable_batches = Counter(
             "anomaly_undecodable_batches",
-            "Record batches the Kafka client could not decode; their partition is held (see worker/edge.py).",
+            "Record batches the Kafka client could not decode; their partition is held (see worker/kafka/core.py).",
             ["topic", "partition"], registry=registry,
         )
         self.undecodable_partitions = Gauge(

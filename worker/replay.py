@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # kafka-python reports a refused InitProducerId (no WRITE on any topic) as a plain KafkaError naming
         # ClusterAuthorizationFailedError.
         if isinstance(exc, AuthorizationError) or "AuthorizationFailed" in str(exc):
-            from worker.access import denied
+            from worker.kafka.core import denied
 
             print(f"anomaly-replay: error: {denied(security, 'WRITE', 'TOPIC', args.topic)} ({exc})",
                   file=sys.stderr)

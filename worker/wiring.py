@@ -21,11 +21,11 @@ from prometheus_client import CollectorRegistry
 from training.bundle import Bundle, is_repository, load_bundle, resolve_model
 from worker.config import Settings
 from worker.drift import DriftWatch
-from worker.edge import Quarantine, open_sink, open_source, open_transactional_sink
 from worker.feedback import FeedbackLedger, KnownVersions
 from worker.flood import FloodControl, FloodGate
 from worker.health import BrokerStatus, Health
 from worker.heap import HeapTrimmer
+from worker.kafka import Quarantine, open_sink, open_source, open_transactional_sink
 from worker.loop import Pacing, Sink, Source, Worker
 from worker.metrics import WorkerMetrics
 from worker.pipeline import Pipeline
@@ -113,7 +113,7 @@ def build_runtime(settings: Settings, pipeline_class: type[Pipeline] = Pipeline)
 
 
 def kafka_connect(settings: Settings, on_revoke: OnRevoke, quarantine: Quarantine | None = None) -> tuple[Source, Sink]:
-    """The product's Kafka source and sink, of `settings.kafka_client` (see worker/edge.py)."""
+    """The product's Kafka source and sink, of `settings.kafka_client` (see worker/kafka/__init__.py)."""
     if settings.exactly_once:
         source = open_source(settings, on_revoke=on_revoke, quarantine=quarantine)
         try:

@@ -2,7 +2,7 @@
 
 Run as `python -m tests.faults.committed_loop BOOTSTRAP TOPIC GROUP`. It builds the worker's
 `ConfluentSource` (a member of GROUP, `isolation.level=read_committed`), then, until SIGTERM, polls a
-batch and asks `_stable_committed` for every partition of TOPIC, the question the source asks for a
+batch and asks `StartGuard.stable_committed` for every partition of TOPIC, the question the source asks for a
 partition without a position. Each answer is one JSON line on stdout: `{"at": <time.monotonic()>,
 "offsets": {partition: offset}}`, only the partitions whose committed offset came back. SIGTERM ends
 the loop, closes the source and exits 0; a crash in the client shows as death by a signal.
@@ -20,7 +20,7 @@ from types import FrameType
 import orjson
 
 from worker.config import Settings
-from worker.kafka_confluent import ConfluentSource
+from worker.kafka.confluent import ConfluentSource
 
 PARTITIONS = 3
 
@@ -43,7 +43,7 @@ def main(bootstrap: str, topic: str, group: str) -> int:
     try:
         while not stopping:
             source.poll_batch()
-            answer = source._stable_committed(keys)
+            answer = source.start_guard.stable_committed(keys)
             line = {"at": time.monotonic(), "offsets": {str(p): o for (_t, p), o in answer.items()}}
             sys.stdout.buffer.write(orjson.dumps(line) + b"\n")
             sys.stdout.flush()

@@ -1,9 +1,10 @@
 """The confluent source's question for committed offsets survives its group coordinator being killed.
 
-`ConfluentSource._stable_committed` runs in a child process (`tests/faults/committed_loop.py`) in a
-tight loop, for a group with committed offsets and `isolation.level=read_committed`, while the test
-SIGKILLs the broker that coordinates the group, waits for the coordinator to move, restarts the broker
-and moves leadership back to it (a preferred leader election), several times. The child must never die
+`StartGuard.stable_committed` (worker/kafka/confluent/start_guard.py) runs in a child process
+(`tests/faults/committed_loop.py`) in a tight loop, for a group with committed offsets and
+`isolation.level=read_committed`, while the test SIGKILLs the broker that coordinates the group, waits
+for the coordinator to move, restarts the broker and moves leadership back to it (a preferred leader
+election), several times. The child must never die
 by a signal and must answer the committed offsets again after each move. The admin API's
 ListConsumerGroupOffsets, which the source used before, can SIGSEGV the process there (librdkafka #5040,
 confluent-kafka-python #1982). See docs/faults.md.

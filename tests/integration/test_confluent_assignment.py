@@ -24,8 +24,8 @@ from confluent_kafka.admin import AdminClient
 from tests.integration.test_kafka_contract import produce
 from tests.kafka_broker import create_topics, unique_topic, wait_for
 from worker.config import Settings
-from worker.edge import Quarantine
-from worker.kafka_confluent import ConfluentSource
+from worker.kafka.confluent import ConfluentSource
+from worker.kafka.core import Quarantine
 from worker.records import Record
 
 pytestmark = pytest.mark.integration
@@ -65,7 +65,7 @@ def test_a_partition_waiting_for_its_committed_offset_is_re_added_and_resumes_wh
             got.extend(source.poll_batch())
             return bool(got) or settled_after_a_re_add(caplog.text)
 
-        with caplog.at_level(logging.WARNING, logger="worker.kafka_confluent"):
+        with caplog.at_level(logging.WARNING, logger="worker.kafka.confluent"):
             wait_for(re_added, 60, "the source to re-add the partition it cannot fetch yet", interval=0)
         assert got == [], "nothing may be read before the committed offset is known"
         assert source.assigned() == {(topic, 0)}, "re-added, not lost"
@@ -115,7 +115,7 @@ def test_a_partition_given_back_that_waits_for_its_committed_offset_is_re_added(
 
         wait_for(left_the_group, 60, "the worker to leave the group after max.poll.interval without a poll")
         got.clear()
-        with caplog.at_level(logging.WARNING, logger="worker.kafka_confluent"):
+        with caplog.at_level(logging.WARNING, logger="worker.kafka.confluent"):
             wait_for(lambda: read(1) or settled_after_a_re_add(caplog.text), 60,
                      "the source to re-add the partition given back", interval=0)
         assert got == [], "nothing may be read before the committed offset is known"
@@ -149,7 +149,7 @@ def test_a_committed_offset_retention_deleted_resumes_at_the_earliest_and_names_
             got.extend(source.poll_batch())
             return len(got) >= 5
 
-        with caplog.at_level(logging.WARNING, logger="worker.kafka_confluent"):
+        with caplog.at_level(logging.WARNING, logger="worker.kafka.confluent"):
             wait_for(read_all, 60, "the records retention left", interval=0)
         assert [r.offset for r in got] == [5, 6, 7, 8, 9]
         assert f"offset 2 of {topic}[0] is out of range (earliest now 5)" in caplog.text

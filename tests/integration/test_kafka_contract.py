@@ -22,8 +22,8 @@ from kafka.admin import KafkaAdminClient
 from tests.fakes import TOPIC, FakeSource
 from tests.kafka_broker import create_topics, unique_topic, wait_for
 from worker.config import KAFKA_CLIENTS, Settings
-from worker.edge import open_sink, open_source
 from worker.errors import BrokerUnavailable, DeliveryError
+from worker.kafka import open_sink, open_source
 from worker.loop import Sink, Source
 from worker.records import Alert, DeadLetter, Record
 

@@ -19,11 +19,12 @@ from training import cli as train_cli
 from training import kafka_window
 from training.contract import Reason
 from training.errors import DataError
-from worker import access, replay
+from worker import replay
 from worker.config import KafkaSecurity, Secret, Settings
 from worker.errors import BrokerUnavailable, DeliveryError
-from worker.kafka_confluent import ConfluentSink, ConfluentSource
-from worker.kafka_io import KafkaSource
+from worker.kafka import core as access
+from worker.kafka.confluent import ConfluentSink, ConfluentSource
+from worker.kafka.kafka_python import KafkaSource
 from worker.records import DeadLetter, Record
 
 PASSWORD = "s3cret-for-unit-tests"
@@ -90,7 +91,7 @@ def test_kafka_python_without_group_read_names_the_acl_instead_of_crashing(caplo
         return made[-1]
 
     source = KafkaSource(settings(), consumer_factory=factory)
-    with caplog.at_level(logging.ERROR, logger="worker.kafka_io"):
+    with caplog.at_level(logging.ERROR, logger="worker.kafka.kafka_python"):
         assert source.poll_batch() == [] and source.poll_batch() == []
     assert [r.getMessage().split(";")[0] for r in caplog.records] == [
         "not authorized: User:svc needs READ on GROUP 'g'"]  # once: the repeat is throttled
@@ -101,10 +102,10 @@ def test_kafka_python_without_group_read_names_the_acl_instead_of_crashing(caplo
 
 class Message:
     def __init__(self, topic: str) -> None:
-        self._topic = topic
+        self.name = topic
 
     def topic(self) -> str:
-        return self._topic
+        return self.name
 
 
 class UnauthorizedProducer:

@@ -17,13 +17,15 @@ from kafka.errors import UnsupportedCodecError
 from kafka.structs import ConsumerGroupMetadata, MemberState, TopicPartition
 from prometheus_client import CollectorRegistry
 
+from tests.fakes import FakeClock
 from training.errors import ConfigError
 from worker.config import Settings, from_args
-from worker.edge import Quarantine
 from worker.errors import CommitError, DeliveryError, RebalanceInProgress, WorkerError
 from worker.health import BrokerStatus, Health
-from worker.kafka_confluent import COMMITTED_TIMEOUT_S, PARKED_ASK_S, ConfluentSink, ConfluentSource
-from worker.kafka_io import KafkaSource
+from worker.kafka.confluent import ConfluentSink, ConfluentSource
+from worker.kafka.confluent.start_guard import COMMITTED_TIMEOUT_S, PARKED_ASK_S, PARKED_RETRY_S
+from worker.kafka.core import Quarantine
+from worker.kafka.kafka_python import KafkaSource
 from worker.metrics import WorkerMetrics
 from worker.records import DeadLetter, Record
 
@@ -92,9 +94,11 @@ def test_a_held_partition_is_counted_and_fails_readiness_until_released() -> Non
 class FakePythonConsumer:
     """KafkaConsumer whose next batch of partition 1 cannot be decoded, as kafka-python 3.0.12 reports it."""
 
+    #: kafka-python's own fetcher state, where `KafkaSource` finds the batch it could not decode.
+    _fetcher = type("Fetcher", (), {"_next_partition_records": type(
+        "PartitionRecords", (), {"topic_partition": TopicPartition("in", 1), "next_fetch_offset": 17})})()
+
     def __init__(self, **_: Any) -> None:
-        part = type("PartitionRecords", (), {"topic_partition": TopicPartition("in", 1), "next_fetch_offset": 17})
-        self._fetcher = type("Fetcher", (), {"_next_partition_records": part})()
         self.held: list[TopicPartition] = []
 
     def partitions_for_topic(self, topic: str) -> set[int]:
@@ -156,19 +160,19 @@ def test_kafka_python_resumes_a_partition_a_rebalance_gives_back_still_paused_so
 
 class FakeMessage:
     def __init__(self, partition: int, offset: int | None, error: KafkaError | None = None) -> None:
-        self._partition, self._offset, self._error = partition, offset, error
+        self.part, self.at, self.err = partition, offset, error
 
     def error(self) -> KafkaError | None:
-        return self._error
+        return self.err
 
     def topic(self) -> str:
         return "in"
 
     def partition(self) -> int:
-        return self._partition
+        return self.part
 
     def offset(self) -> int | None:
-        return self._offset
+        return self.at
 
     def key(self) -> bytes | None:
         return None
@@ -187,6 +191,16 @@ class FakeConfluentConsumer:
     def __init__(self, messages: list[FakeMessage], commit_error: KafkaError | None = None) -> None:
         self.messages, self.commit_error = messages, commit_error
         self.paused: list = []
+        self.conf: dict[str, Any] = {}
+
+    def made(self, conf: dict[str, Any]) -> FakeConfluentConsumer:
+        """The source's consumer factory: keeps the configuration, callbacks included."""
+        self.conf = conf
+        return self
+
+    def stats(self, text: str) -> None:
+        """librdkafka serving its statistics inside a poll."""
+        self.conf["stats_cb"](text)
 
     def list_topics(self, timeout: float) -> None:
         return None
@@ -416,9 +430,9 @@ class TimedConsumer(FakeConfluentConsumer):
 
 
 def test_confluent_records_queued_during_processing_wait_only_the_rest_of_the_window() -> None:
-    consumer = TimedConsumer(queued=3)
-    source = ConfluentSource(settings(max_wait_ms=200, max_batch=10), consumer_factory=lambda conf: consumer)
-    source._last_return -= 0.15  # the previous batch took 150 ms to process
+    consumer, clock = TimedConsumer(queued=3), FakeClock()
+    source = ConfluentSource(settings(max_wait_ms=200, max_batch=10), consumer_factory=consumer.made, clock=clock)
+    clock.advance(0.15)  # the previous batch took 150 ms to process
     assert len(source.poll_batch()) == 3
     (first, wait_now), (rest, wait_more) = consumer.calls
     assert (first, wait_now, rest) == (10, 0, 7)
@@ -426,9 +440,9 @@ def test_confluent_records_queued_during_processing_wait_only_the_rest_of_the_wi
 
 
 def test_confluent_waits_a_whole_window_when_nothing_is_queued_and_not_at_all_for_a_full_batch() -> None:
-    consumer = TimedConsumer(queued=0)
-    source = ConfluentSource(settings(max_wait_ms=200, max_batch=4), consumer_factory=lambda conf: consumer)
-    source._last_return -= 10.0
+    consumer, clock = TimedConsumer(queued=0), FakeClock()
+    source = ConfluentSource(settings(max_wait_ms=200, max_batch=4), consumer_factory=consumer.made, clock=clock)
+    clock.advance(10.0)
     source.poll_batch()
     assert consumer.calls == [(4, 0), (4, 0.2)]
     consumer.calls.clear()
@@ -460,35 +474,38 @@ class StalledConsumer(FakeConfluentConsumer):
         self.calls.append(("assign", [tp.partition for tp in partitions]))
 
 
-def stalled_source(consumer: StalledConsumer, assigned_ago_s: float) -> ConfluentSource:
-    from confluent_kafka import TopicPartition as TP
+#: How often the source looks for partitions that do not fetch, with the Kafka timeout of `stalled_source`.
+FETCH_CHECK_S = 5.0
 
-    source = ConfluentSource(settings(kafka_timeout_s=10.0), consumer_factory=lambda conf: consumer)
-    source._assigned(consumer, [TP("in", 0), TP("in", 1)])
-    source._assigned_at = {key: at - assigned_ago_s for key, at in source._assigned_at.items()}
-    return source
+
+def stalled_source(consumer: StalledConsumer, assigned_ago_s: float) -> tuple[ConfluentSource, FakeClock]:
+    """A source whose partitions 0 and 1 were assigned `assigned_ago_s` ago (its Kafka timeout: 10 s)."""
+    clock = FakeClock()
+    source = ConfluentSource(settings(kafka_timeout_s=10.0), consumer_factory=consumer.made, clock=clock)
+    clock.advance(assigned_ago_s)
+    return source, clock
 
 
 def test_confluent_re_adds_a_partition_assigned_a_kafka_timeout_ago_that_never_started_fetching() -> None:
     consumer = StalledConsumer()
-    source = stalled_source(consumer, assigned_ago_s=11.0)
+    source, clock = stalled_source(consumer, assigned_ago_s=11.0)
     source.poll_batch()
     assert consumer.calls == [("unassign", [1]), ("assign", [1])], "only the partition never fetched"
-    source._next_fetch_check = 0.0
+    clock.advance(FETCH_CHECK_S)
     source.poll_batch()
     assert len(consumer.calls) == 2, "a re-added partition gets another Kafka timeout before the next try"
 
 
 def test_confluent_leaves_young_fetched_and_held_partitions_alone() -> None:
     consumer = StalledConsumer()
-    source = stalled_source(consumer, assigned_ago_s=5.0)
+    source, _ = stalled_source(consumer, assigned_ago_s=5.0)
     source.poll_batch()
     assert consumer.calls == [], "assigned less than a Kafka timeout ago: the answer may still come"
-    source = stalled_source(consumer, assigned_ago_s=11.0)
+    source, _ = stalled_source(consumer, assigned_ago_s=11.0)
     source.quarantine.hold("in", 1, 7, "corrupt")
     source.poll_batch()
     assert consumer.calls == [], "a partition held at an undecodable batch is paused on purpose"
-    source = stalled_source(consumer, assigned_ago_s=11.0)
+    source, _ = stalled_source(consumer, assigned_ago_s=11.0)
     source.handle_revoked({("in", 1)})
     source.poll_batch()
     assert consumer.calls == [], "a revoked partition is not ours to re-add"
@@ -508,23 +525,27 @@ def test_confluent_re_adds_a_partition_given_back_that_waits_though_its_old_high
     # fetch state ("stopped" while the committed offset is awaited) shows that partition 0 does not fetch.
     consumer = StalledConsumer()
     consumer.high[1] = 42
-    source = stalled_source(consumer, assigned_ago_s=11.0)
-    source._on_stats(librdkafka_stats({0: "stopped", 1: "active"}))
+    source, _ = stalled_source(consumer, assigned_ago_s=11.0)
+    consumer.stats(librdkafka_stats({0: "stopped", 1: "active"}))
     source.poll_batch()
     assert consumer.calls == [("unassign", [0]), ("assign", [0])]
 
 
 def test_confluent_ignores_fetch_states_reported_before_the_assignment_or_unreadable() -> None:
+    from confluent_kafka import TopicPartition as TP
+
     consumer = StalledConsumer()
     consumer.high[1] = 42
-    source = stalled_source(consumer, assigned_ago_s=11.0)
-    source._on_stats(librdkafka_stats({0: "stopped", 1: "stopped"}))
-    source._stats_at -= 12.0  # taken before the assignment: the state of the partitions' previous life
+    source, clock = stalled_source(consumer, assigned_ago_s=0.0)
+    consumer.stats(librdkafka_stats({0: "stopped", 1: "stopped"}))  # the state of the partitions' previous life
+    clock.advance(1.0)
+    consumer.callbacks["on_assign"](consumer, [TP("in", 0), TP("in", 1)])  # a rebalance gives them back
+    clock.advance(11.0)
     source.poll_batch()
     assert consumer.calls == []
-    source._on_stats(librdkafka_stats({0: "stopped"}, topic="another-topic"))
-    source._on_stats("not json")
-    source._next_fetch_check = 0.0
+    consumer.stats(librdkafka_stats({0: "stopped"}, topic="another-topic"))
+    consumer.stats("not json")
+    clock.advance(FETCH_CHECK_S)
     source.poll_batch()
     assert consumer.calls == [], "statistics without the input topic change nothing"
 
@@ -532,7 +553,7 @@ def test_confluent_ignores_fetch_states_reported_before_the_assignment_or_unread
 def test_confluent_stops_when_a_partition_taken_out_cannot_be_re_added() -> None:
     consumer = StalledConsumer()
     consumer.refuse_assign = True
-    source = stalled_source(consumer, assigned_ago_s=11.0)
+    source, _ = stalled_source(consumer, assigned_ago_s=11.0)
     with pytest.raises(WorkerError, match=r"cannot re-add partitions \['in\[1\]'\]"):
         source.poll_batch()
 
@@ -597,10 +618,10 @@ class ResettingConsumer(FakeConfluentConsumer):
         return 120, 200
 
 
-def resetting_source(messages: list[FakeMessage], offsets: dict[int, int | KafkaError],
-                     ) -> tuple[ConfluentSource, ResettingConsumer]:
+def resetting_source(messages: list[FakeMessage], offsets: dict[int, int | KafkaError], clock: FakeClock | None = None,
+                     **overrides: Any) -> tuple[ConfluentSource, ResettingConsumer]:
     consumer = ResettingConsumer(messages, offsets)
-    source = ConfluentSource(settings(), consumer_factory=lambda conf: consumer)
+    source = ConfluentSource(settings(**overrides), consumer_factory=consumer.made, clock=clock or FakeClock())
     return source, consumer
 
 
@@ -628,14 +649,14 @@ def test_confluent_asks_no_admin_client_for_committed_offsets(monkeypatch: pytes
     # (librdkafka #5040); tests/faults/test_committed_offsets.py shows the consumer's way survives it.
     import confluent_kafka.admin
 
-    from worker import kafka_confluent
+    from worker.kafka.confluent import start_guard
 
     def refuse(*_args: Any, **_kwargs: Any) -> None:
         raise AssertionError("the source must not create an admin client")
 
     monkeypatch.setattr(confluent_kafka.admin, "AdminClient", refuse)
     monkeypatch.setattr(confluent_kafka, "AdminClient", refuse, raising=False)
-    monkeypatch.setattr(kafka_confluent, "AdminClient", refuse, raising=False)
+    monkeypatch.setattr(start_guard, "AdminClient", refuse, raising=False)
     source, consumer = resetting_source([FakeMessage(0, None, NO_POSITION)], {0: 7})
     source.poll_batch()
     assert consumer.calls == [("unassign", [(0, -1001)]), ("assign", [(0, 7)])]
@@ -647,28 +668,30 @@ def test_confluent_keeps_a_partition_whose_committed_offset_a_transaction_holds_
         held: KafkaError | None, caplog: pytest.LogCaptureFixture) -> None:
     # librdkafka (read_committed) retries an "unstable" answer until the call's timeout, then raises
     # _TIMED_OUT; an exhausted retry leaves the error on the partition. Neither means "nothing committed".
-    source, consumer = resetting_source([FakeMessage(0, None, NO_POSITION)], {} if held is None else {0: held})
+    # A Kafka timeout shorter than PARKED_RETRY_S, so the look for partitions that do not fetch comes first.
+    clock, timeout_s = FakeClock(), PARKED_RETRY_S * 0.8
+    source, consumer = resetting_source([FakeMessage(0, None, NO_POSITION)], {} if held is None else {0: held},
+                                        clock, kafka_timeout_s=timeout_s)
     if held is None:
         consumer.down = KafkaError(KafkaError._TIMED_OUT, "Local: Timed out")
-    source._assigned_at = {key: at - 60.0 for key, at in source._assigned_at.items()}
+    clock.advance(60.0)
     source.poll_batch()
     assert consumer.calls == [], "not started: its offset is unknown"
     assert "not known yet" in caplog.text
-    source._on_stats(librdkafka_stats({0: "none", 1: "active"}))  # long assigned and not fetching
-    source._next_fetch_check = 0.0
+    consumer.stats(librdkafka_stats({0: "none", 1: "active"}))  # long assigned and not fetching
+    clock.advance(timeout_s)  # the next look for partitions that do not fetch
     source.poll_batch()
     assert consumer.calls == [], "not re-added either: a re-add while librdkafka asks starts the reset over"
     assert len(consumer.asked) == 1, "asked again only after PARKED_RETRY_S"
-    source._parked[("in", 0)] = 0.0  # due
-    source._next_fetch_check = 0.0
+    clock.advance(PARKED_RETRY_S)  # due
     source.poll_batch()
-    assert consumer.calls == [] and ("in", 0) in source._parked, "still held: still waiting"
+    assert consumer.calls == [] and ("in", 0) in source.start_guard.parked(), "still held: still waiting"
     assert consumer.asked[1] == ([0], PARKED_ASK_S), "a parked partition's question holds the loop less long"
-    source._parked[("in", 0)] = 0.0
+    clock.advance(PARKED_RETRY_S)
     consumer.down, consumer.offsets[0] = None, 7  # the transaction committed
     source.poll_batch()
     assert consumer.calls == [("unassign", [(0, -1001)]), ("assign", [(0, 7)])]
-    assert source._parked == {}
+    assert source.start_guard.parked() == set()
 
 
 def test_confluent_reads_a_partition_from_the_earliest_when_its_offset_is_out_of_range_and_says_what_was_lost(
@@ -685,26 +708,27 @@ def test_confluent_ignores_a_missing_position_of_a_partition_no_longer_assigned(
     source, consumer = resetting_source([FakeMessage(0, None, NO_POSITION)],
                                         {0: KafkaError(KafkaError.UNSTABLE_OFFSET_COMMIT)})
     source.poll_batch()
-    assert ("in", 0) in source._parked
+    assert ("in", 0) in source.start_guard.parked()
     source.handle_revoked({("in", 0)})
-    assert source._parked == {}
+    assert source.start_guard.parked() == set()
     consumer.messages = [FakeMessage(0, None, NO_POSITION)]  # reported before the revocation reached librdkafka
     source.poll_batch()
     assert consumer.calls == [] and len(consumer.asked) == 1
 
 
 def test_confluent_keeps_asking_while_no_broker_answers_and_warns_once(caplog: pytest.LogCaptureFixture) -> None:
-    source, consumer = resetting_source([FakeMessage(0, None, NO_POSITION)], {0: 7})
+    clock = FakeClock()
+    source, consumer = resetting_source([FakeMessage(0, None, NO_POSITION)], {0: 7}, clock)
     consumer.down = KafkaError(KafkaError._TRANSPORT)
-    with caplog.at_level(logging.INFO, logger="worker.kafka_confluent"):
+    with caplog.at_level(logging.INFO, logger="worker.kafka.confluent"):
         source.poll_batch()
         for _ in range(3):
-            source._parked[("in", 0)] = 0.0  # due
+            clock.advance(PARKED_RETRY_S)  # due
             source.poll_batch()
         assert consumer.calls == [], "started nowhere while its committed offset is unknown"
         assert caplog.text.count("asking for the committed offsets of ['in[0]'] failed") == 1
         consumer.down = None
-        source._parked[("in", 0)] = 0.0
+        clock.advance(PARKED_RETRY_S)
         source.poll_batch()
     assert consumer.calls == [("unassign", [(0, -1001)]), ("assign", [(0, 7)])]
     assert "its committed offset 7 is known now" in caplog.text

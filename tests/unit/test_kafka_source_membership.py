@@ -10,7 +10,7 @@ from kafka.structs import ConsumerGroupMetadata, MemberState, TopicPartition
 
 from worker.config import Settings
 from worker.errors import RebalanceInProgress
-from worker.kafka_io import KafkaSource
+from worker.kafka.kafka_python import KafkaSource
 
 
 class FakeConsumer:

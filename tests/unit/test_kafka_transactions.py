@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
+from tests.fakes import FakeClock
 from training.errors import ConfigError
 from worker.config import Settings, from_args
 from worker.errors import TransactionAborted, WorkerError
-from worker.kafka_confluent import ConfluentTransactionalSink
+from worker.kafka.confluent import ConfluentTransactionalSink
 from worker.records import DeadLetter, Record
 
 REQUIRED = ["--model", "m", "--bootstrap-servers", "k:9092", "--input-topic", "in", "--alert-topic", "al",
@@ -68,12 +69,14 @@ class FakeTransactionalProducer:
         return 0
 
 
-def sink_with(producer: list[FakeTransactionalProducer], **overrides: Any) -> ConfluentTransactionalSink:
+def sink_with(producer: list[FakeTransactionalProducer], clock: FakeClock | None = None,
+              **overrides: Any) -> ConfluentTransactionalSink:
     def factory(conf: dict[str, Any]) -> FakeTransactionalProducer:
         producer.append(FakeTransactionalProducer(conf))
         return producer[-1]
 
-    return ConfluentTransactionalSink(settings(**overrides), lambda: GROUP_METADATA, producer_factory=factory)
+    return ConfluentTransactionalSink(settings(**overrides), lambda: GROUP_METADATA, producer_factory=factory,
+                                      clock=clock or FakeClock())
 
 
 LETTER = DeadLetter(record=Record("in", 0, 7, None, b"x"), reason="invalid_json", error="not JSON")
@@ -96,19 +99,18 @@ def test_a_slow_transaction_is_logged_with_the_time_of_each_step(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     # A soak stall was a single transaction taking 70 s; the log must say whether the offsets or the
     # commit waited (a coordinator that has just restarted, leaders moving).
-    clock = [500.0]
-    monkeypatch.setattr("worker.kafka_confluent.time.monotonic", lambda: clock[0])
+    clock = FakeClock(500.0)
     made: list[FakeTransactionalProducer] = []
-    sink = sink_with(made)
+    sink = sink_with(made, clock)
     producer = made[0]
     original = producer.commit_transaction
 
     def slow_commit(timeout: float) -> None:
-        clock[0] += 42.0
+        clock.advance(42.0)
         original(timeout)
 
     monkeypatch.setattr(producer, "commit_transaction", slow_commit)
-    with caplog.at_level("WARNING", logger="worker.kafka_confluent"):
+    with caplog.at_level("WARNING", logger="worker.kafka.confluent"):
         sink.publish_and_commit([], [LETTER], {("in", 0): 8})
     assert "slow transaction of 1 records: produce 0.0 s, send offsets 0.0 s, commit 42.0 s" in caplog.text
     caplog.clear()
@@ -189,24 +191,25 @@ def test_a_producer_fenced_again_and_again_stops_the_worker_with_what_to_fix() -
 
 
 def test_while_no_producer_can_be_started_batches_are_aborted_not_lost() -> None:
-    made: list[FakeTransactionalProducer] = []
-    sink = sink_with(made)
-    made[0].fail["commit"] = [KafkaError(KafkaError._FENCED, "producer fenced", fatal=True)]
+    reachable = [True]
     broken: list[FakeTransactionalProducer] = []
 
-    def unreachable(conf: dict[str, Any]) -> FakeTransactionalProducer:
+    def factory(conf: dict[str, Any]) -> FakeTransactionalProducer:
         producer = FakeTransactionalProducer(conf)
-        producer.fail["init"] = [KafkaException(KafkaError(KafkaError._TIMED_OUT, "no coordinator")).args[0]]
-        broken.append(producer)
+        if not reachable[0]:
+            producer.fail["init"] = [KafkaException(KafkaError(KafkaError._TIMED_OUT, "no coordinator")).args[0]]
+            broken.append(producer)
         return producer
 
-    sink._factory = unreachable
+    sink = ConfluentTransactionalSink(settings(), lambda: GROUP_METADATA, producer_factory=factory)
+    sink.producer.fail["commit"] = [KafkaError(KafkaError._FENCED, "producer fenced", fatal=True)]
+    reachable[0] = False
     with pytest.raises(TransactionAborted, match="no transactional producer yet"):
         sink.publish_and_commit([], [LETTER], {("in", 0): 8})
     assert sink.producer is None
     with pytest.raises(TransactionAborted, match="no transactional producer yet"):
         sink.publish_and_commit([], [LETTER], {("in", 0): 8})
-    sink._factory = lambda conf: FakeTransactionalProducer(conf)
+    reachable[0] = True
     sink.publish_and_commit([], [LETTER], {("in", 0): 8})
     assert sink.producer is not None and sink.producer.calls[-1] == "commit"
     sink.close()

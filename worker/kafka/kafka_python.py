@@ -1,18 +1,16 @@
 """kafka-python at the edge: the consumer (micro-batches, commits, lag) and the producer (alerts, dead letters).
 
-The only module of the worker that imports `kafka` (`worker/kafka_confluent.py` is the same on
-confluent-kafka; `worker/edge.py` picks one). Every blocking call has a timeout.
+A thin adapter over `worker/kafka/core.py` (`worker/kafka/confluent/` is the same on confluent-kafka;
+`worker/kafka/__init__.py` picks one). Every blocking call has a timeout.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import orjson
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import (
@@ -26,15 +24,13 @@ from kafka.errors import (
 )
 from kafka.structs import MemberState, OffsetAndMetadata
 
-from worker import access
 from worker.config import Settings
-from worker.edge import Quarantine
 from worker.errors import BrokerUnavailable, CommitError, DeliveryError, RebalanceInProgress, WorkerError
+from worker.kafka import core
+from worker.kafka.core import Clock, Offsets, Quarantine, TopicKey
 from worker.records import Alert, DeadLetter, Record
 
 log = logging.getLogger(__name__)
-
-Offsets = Mapping[tuple[str, int], int]
 
 
 def client_options(settings: Settings) -> dict[str, Any]:
@@ -51,16 +47,17 @@ def unreachable(settings: Settings) -> str:
     return why
 
 
+#: kafka-python's authorization errors, by the resource whose ACL is missing.
+DENIALS = ((GroupAuthorizationFailedError, "group"), (TopicAuthorizationFailedError, "topic"),
+           (TransactionalIdAuthorizationFailedError, "transactional-id"))
+
+
 def denied(settings: Settings, exc: AuthorizationError, topic: str, operation: str) -> str:
     """The missing ACL an authorization error means (`operation` on `topic` for a topic error)."""
-    security = settings.security
-    if isinstance(exc, GroupAuthorizationFailedError):
-        return access.denied(security, "READ", "GROUP", settings.group_id)
-    if isinstance(exc, TopicAuthorizationFailedError):
-        return access.denied(security, operation, "TOPIC", topic)
-    if isinstance(exc, TransactionalIdAuthorizationFailedError):
-        return access.denied(security, "WRITE", "TRANSACTIONAL_ID", settings.transactional_id_or_default)
-    return f"not authorized ({exc}); {access.DOC} lists the ACLs each component needs"
+    for error, denial in DENIALS:
+        if isinstance(exc, error):
+            return core.denied_for(settings, denial, topic, operation)
+    return f"not authorized ({exc}); {core.DOC} lists the ACLs each component needs"
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -71,27 +68,27 @@ class _Rebalance(ConsumerRebalanceListener):
         self.source.handle_revoked({(tp.topic, tp.partition) for tp in revoked})
 
     def on_partitions_assigned(self, assigned: Any) -> None:
-        log.info("partitions assigned: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+        core.log_assigned((tp.topic, tp.partition) for tp in assigned)
         self.source.handle_assigned()
 
 
 class KafkaSource:
     """Consumer group member that hands out micro-batches and commits exactly the offsets it is given."""
 
-    def __init__(self, settings: Settings, on_revoke: Callable[[set[tuple[str, int]]], None] | None = None,
+    def __init__(self, settings: Settings, on_revoke: Callable[[set[TopicKey]], None] | None = None,
                  consumer_factory: Callable[..., Any] = KafkaConsumer,
-                 clock: Callable[[], float] = time.monotonic, quarantine: Quarantine | None = None) -> None:
+                 clock: Clock = time.monotonic, quarantine: Quarantine | None = None) -> None:
         self.settings = settings
-        self._on_revoke = on_revoke
         self.quarantine = quarantine or Quarantine()
+        #: Called inside poll() before partitions go; the loop forgets offsets it failed to commit for them.
+        self.handle_revoked = core.Revocations(self.quarantine, on_revoke)
         self._factory = consumer_factory
         self._clock = clock
         self._unstable_since: float | None = None
-        self._access_log = access.Throttled(log, settings.retry_backoff_max_s, clock)
+        self._access_log = core.Throttled(log, settings.retry_backoff_max_s, clock)
         #: The assignment as the last poll left it, for readers on other threads (the readiness probe):
         #: KafkaConsumer is not thread-safe.
-        self._assignment: frozenset[tuple[str, int]] = frozenset()
-        self._assignment_lock = threading.Lock()
+        self._assignment = core.Assignment(clock)
         self.consumer = self._connect()
 
     def _connect(self) -> Any:
@@ -101,7 +98,7 @@ class KafkaSource:
             consumer = self._factory(
                 group_id=settings.group_id, enable_auto_commit=False, auto_offset_reset="earliest",
                 max_poll_records=settings.max_batch, fetch_max_bytes=64 * 1024 * 1024,
-                max_partition_fetch_bytes=max(settings.max_event_bytes * 2, 1024 * 1024),
+                max_partition_fetch_bytes=core.partition_fetch_bytes(settings),
                 request_timeout_ms=int(settings.kafka_timeout_s * 1000),
                 bootstrap_timeout_ms=int(settings.kafka_timeout_s * 1000),
                 session_timeout_ms=int(settings.session_timeout_s * 1000),
@@ -138,23 +135,11 @@ class KafkaSource:
         self._unstable_since = None
         self.consumer = self._connect()
 
-    def handle_revoked(self, partitions: set[tuple[str, int]]) -> None:
-        """Called inside poll() before partitions go; the loop forgets offsets it failed to commit for them."""
-        log.info("partitions revoked: %s", sorted(f"{t}[{p}]" for t, p in partitions))
-        self.quarantine.release(partitions)
-        if self._on_revoke is not None:
-            self._on_revoke(partitions)
-
     def handle_assigned(self) -> None:
-        """Resume partitions still paused though nothing holds them: kafka-python 3.0.12 keeps a partition's
-        pause through a rebalance that gives it back, while the revocation released its hold. Left paused,
-        it would never be fetched again, and nothing would report it; resumed, a batch that still cannot be
-        decoded fails the next fetch and holds it again."""
-        stale = [tp for tp in self.consumer.paused() if self.quarantine.limit(tp.topic, tp.partition) is None]
+        """Resume partitions still paused though nothing holds them (`core.stale_pauses`)."""
+        stale = core.stale_pauses([(tp.topic, tp.partition) for tp in self.consumer.paused()], self.quarantine)
         if stale:
-            log.info("resuming %s: paused before the rebalance, not held now",
-                     sorted(f"{tp.topic}[{tp.partition}]" for tp in stale))
-            self.consumer.resume(*stale)
+            self.consumer.resume(*(TopicPartition(*key) for key in stale))
 
     def poll_batch(self) -> list[Record]:
         """Poll until `max_batch` records or `max_wait_ms` have passed.
@@ -187,12 +172,11 @@ class KafkaSource:
             if remaining_ms == 0:
                 break
         self._check_membership()
-        with self._assignment_lock:
-            self._assignment = frozenset(self._owned())
+        self._assignment.replace(self._owned())
         return records
 
     def _hold_undecodable(self, exc: Exception) -> None:
-        """Pause the partition whose next batch raised `exc` (see worker/edge.py for the policy).
+        """Pause the partition whose next batch raised `exc` (see worker/kafka/core.py for the policy).
 
         kafka-python 3.0.12 raises from poll() without naming the partition; the failing batch is still
         its fetcher's next-in-line partition records, at the offset the consumer is positioned at. Those
@@ -213,17 +197,15 @@ class KafkaSource:
 
     def assigned(self) -> set[tuple[str, int]]:
         """The assignment as the last poll left it (a rebalance happens inside poll); safe from any thread."""
-        with self._assignment_lock:
-            return set(self._assignment)
+        return self._assignment.partitions()
 
-    def _owned(self) -> set[tuple[str, int]]:
+    def _owned(self) -> set[TopicKey]:
         return {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
 
     def commit(self, offsets: Offsets) -> None:
         """Commit next-offsets for partitions still assigned; raises CommitError on failure or timeout."""
-        mine = self._owned()
-        payload = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()
-                   if (t, p) in mine}
+        payload = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
+                   for (t, p), o in core.assigned_only(offsets, self._owned()).items()}
         if not payload:
             return
         # Committing during a rebalance fails, and with kafka-python 3.0.12 repeated attempts can keep the
@@ -237,12 +219,10 @@ class KafkaSource:
 
     def rewind(self, offsets: Offsets) -> None:
         """Seek back so undelivered records are consumed again."""
-        mine = self._owned()
-        for (topic, partition), offset in offsets.items():
-            if (topic, partition) in mine:
-                self.consumer.seek(TopicPartition(topic, partition), offset)
+        for (topic, partition), offset in core.assigned_only(offsets, self._owned()).items():
+            self.consumer.seek(TopicPartition(topic, partition), offset)
 
-    def lag(self) -> dict[tuple[str, int], int]:
+    def lag(self) -> dict[TopicKey, int]:
         """High-water mark minus position, per assigned partition (from the last fetch; no extra requests)."""
         out: dict[tuple[str, int], int] = {}
         for tp in self.consumer.assignment():
@@ -285,7 +265,7 @@ class KafkaSink:
             self.producer = KafkaProducer(
                 acks="all", enable_idempotence=True, linger_ms=5, batch_size=256 * 1024,
                 compression_type=None if settings.output_compression == "none" else settings.output_compression,
-                max_request_size=max(settings.max_event_bytes * 2, 1024 * 1024),
+                max_request_size=core.partition_fetch_bytes(settings),
                 request_timeout_ms=int(settings.kafka_timeout_s * 1000),
                 bootstrap_timeout_ms=int(settings.kafka_timeout_s * 1000),
                 delivery_timeout_ms=int(settings.kafka_timeout_s * 1000) + 5_000, **client_options(settings))
@@ -295,16 +275,11 @@ class KafkaSink:
     def publish(self, alerts: Sequence[Alert], dead_letters: Sequence[DeadLetter]) -> None:
         """1. send every alert and dead letter; 2. flush with a timeout; 3. check every acknowledgement."""
         futures = []
-        topics = [self.settings.alert_topic] * len(alerts) + [self.settings.dead_letter_topic] * len(dead_letters)
+        outgoing = core.outgoing_records(self.settings, alerts, dead_letters)
+        topics = [topic for topic, _key, _value, _headers in outgoing]
         try:
-            for alert in alerts:
-                futures.append(self.producer.send(
-                    self.settings.alert_topic, key=alert.alert_id.encode(), value=orjson.dumps(alert.document),
-                    headers=[("model.version", alert.document["model_version"].encode())]))
-            for letter in dead_letters:
-                futures.append(self.producer.send(
-                    self.settings.dead_letter_topic, key=letter.record.key, value=letter.record.value,
-                    headers=letter.kafka_headers()))
+            for topic, key, value, headers in outgoing:
+                futures.append(self.producer.send(topic, key=key, value=value, headers=headers))
             self.producer.flush(timeout=self.settings.kafka_timeout_s)
         except KafkaError as exc:
             raise DeliveryError(f"publishing {len(futures)} records failed: {exc}") from exc

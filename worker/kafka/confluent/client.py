@@ -1,0 +1,79 @@
+"""What every librdkafka client of the worker shares: its properties, a refused login, reachability, errors."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException
+
+from worker.config import Settings
+from worker.errors import BrokerUnavailable
+from worker.kafka.core import authentication_failed, denied_for, partition_fetch_bytes
+
+librdkafka_log = logging.getLogger("librdkafka")
+
+#: librdkafka's authorization error codes, by the resource whose ACL is missing.
+DENIALS = {KafkaError.TOPIC_AUTHORIZATION_FAILED: "topic", KafkaError.GROUP_AUTHORIZATION_FAILED: "group",
+           KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED: "transactional-id"}
+
+
+def client_config(settings: Settings) -> dict[str, Any]:
+    """Properties every librdkafka client of the worker shares: brokers, id, security, timeouts, logging."""
+    return {"bootstrap.servers": settings.bootstrap_servers, "client.id": settings.client_id,
+            "socket.timeout.ms": int(settings.kafka_timeout_s * 1000), "logger": librdkafka_log,
+            **settings.security.librdkafka_config()}
+
+
+def producer_config(settings: Settings) -> dict[str, Any]:
+    """Idempotent producer (acks=all) properties shared by the plain and the transactional sink."""
+    return {**client_config(settings), "acks": "all", "enable.idempotence": True, "linger.ms": 5,
+            "compression.type": settings.output_compression,
+            "message.max.bytes": partition_fetch_bytes(settings),
+            "request.timeout.ms": int(settings.kafka_timeout_s * 1000),
+            "message.timeout.ms": int(settings.kafka_timeout_s * 1000) + 5_000}
+
+
+class LoginWatch:
+    """A client's `error_cb` that remembers a refused SASL login (then calls `on_error`, if any).
+
+    A metadata request of a client whose login was refused fails as a mere transport failure; the
+    reason reaches only this callback, served inside poll.
+    """
+
+    def __init__(self, on_error: Callable[[KafkaError], None] | None = None) -> None:
+        self.on_error = on_error
+        self.refused: KafkaError | None = None
+
+    def __call__(self, error: KafkaError) -> None:
+        if error.code() in (KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED):
+            self.refused = error
+        if self.on_error is not None:
+            self.on_error(error)
+
+
+def check_reachable(client: Any, settings: Settings, login: LoginWatch | None = None) -> None:
+    """librdkafka connects lazily; ask for metadata so an absent broker is BrokerUnavailable, as with kafka-python.
+
+    With the client's `login` watch, a refused login says so (`authentication failed: ...`).
+    """
+    try:
+        client.list_topics(timeout=settings.kafka_timeout_s)
+    except KafkaException as exc:
+        if login is not None:
+            client.poll(0)  # serves error_cb
+            if login.refused is not None:
+                raise BrokerUnavailable(authentication_failed(
+                    settings.security, settings.bootstrap_servers, login.refused.str())) from exc
+        raise BrokerUnavailable(f"no Kafka broker reachable at {settings.bootstrap_servers}: {exc}") from exc
+
+
+def denied(settings: Settings, error: KafkaError, topic: str | None, operation: str) -> str | None:
+    """The missing ACL an authorization error means (`operation` on `topic` for a topic), else None."""
+    denial = DENIALS.get(error.code())
+    return None if denial is None else denied_for(settings, denial, topic, operation)
+
+
+def kafka_error(exc: BaseException) -> KafkaError | None:
+    return exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
