@@ -180,15 +180,14 @@ def train_from_kafka(args: argparse.Namespace, destination: Any, config: Any, lo
     """anomaly-train --from-kafka: read the window, say what was skipped, train as from a file."""
     from training.kafka_window import parse_since, read_window, skip_contract_breaches
     from training.train import train_frame
-    from worker.config import env_fallback, security_from_args
+    from worker.config import env_fallback
+    from worker.kafka.connection import Connection
 
     get = env_fallback(args, os.environ)
-    servers = get("bootstrap_servers")
-    if not servers or not args.topic:
+    if not get("bootstrap_servers") or not args.topic:
         raise ConfigError("--from-kafka needs --bootstrap-servers (or ANOMALY_BOOTSTRAP_SERVERS) and --topic")
     since = parse_since(args.since) if args.since else None
-    security = security_from_args(get)
-    window = read_window(servers, args.topic, args.max_events, since, security=security)
+    window = read_window(Connection.from_args(get, client_id="anomaly-train"), args.topic, args.max_events, since)
     ignored = [*config.drop, *([config.labels.column] if config.labels else [])]
     window = skip_contract_breaches(window, ignored, config.categorical, log)
     skipped = sum(window.skipped.values())

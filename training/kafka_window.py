@@ -1,8 +1,10 @@
 """Training data from Kafka: a bounded window of JSON events, under the same data contract as files.
 
-The only module of the training package that imports `kafka`. The window is fixed when reading
-starts: from `since` (or the beginning of each partition) up to each partition's end offset at that
-moment, at most `max_events` events in all; records are decoded exactly as the worker decodes them,
+The records come through the worker's topic reader (worker/kafka/reader.py), so either Kafka client
+(`--kafka-client`) with the worker's security settings reads the same records in the same order; the window
+is a pure function of them. It is fixed when reading starts: from `since` (or the beginning of each
+partition) up to each partition's end offset at that moment, at most `max_events` events in all; records
+are decoded exactly as the worker decodes them,
 and records that are not JSON objects are skipped and counted (a stream's dead letters), never trained on.
 `skip_contract_breaches` then skips, and counts by reason, the events whose values break the data
 contract (`training.contract`) under the kinds training infers, such as an array where a feature
@@ -19,13 +21,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pandas as pd
-from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import KafkaError
 
 from training.contract import Invalid, build_columns, decode_event
 from training.data import infer_kinds, object_frame, raw_values
 from training.errors import DataError
-from worker.config import KafkaSecurity
+from worker.kafka.clients import open_reader
+from worker.kafka.connection import Connection
+from worker.kafka.reader import ReadError, TopicReader, WindowTooSlow
+from worker.kafka.reader import read_window as read_records
 
 MAX_EVENT_BYTES = 1_048_576
 
@@ -46,60 +49,37 @@ class Window:
     positions: list[tuple[int, int]] = field(repr=False)
 
 
-def read_window(bootstrap_servers: str, topic: str, max_events: int, since_ms: int | None = None,
-                timeout_s: float = 30.0, security: KafkaSecurity | None = None) -> Window:
+def read_window(connection: Connection, topic: str, max_events: int, since_ms: int | None = None,
+                open_topic_reader: Callable[[Connection], TopicReader] = open_reader) -> Window:
     """Read a bounded window of `topic` (partitions in order, offsets ascending within each).
 
-    `security`: the worker's client security settings (TLS, SASL); the principal needs READ on `topic`
-    and no group ACL (no consumer group is used).
+    `connection`: where Kafka is, which client and the worker's security settings (TLS, SASL); the principal
+    needs READ on `topic` and no group ACL (no consumer group is used).
     """
     if max_events < 1:
         raise DataError(f"--max-events must be at least 1, got {max_events}")
     source = f"kafka:{topic}"
+    rows: list[dict[str, Any]] = []
+    values: list[bytes] = []
+    positions: list[tuple[int, int]] = []
+    skipped: Counter[str] = Counter()
     try:
-        consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers.split(","), group_id=None,
-                                 enable_auto_commit=False, request_timeout_ms=int(timeout_s * 1000),
-                                 client_id="anomaly-train", **(security or KafkaSecurity()).client_options())
-    except KafkaError as exc:
-        raise DataError(f"{source}: cannot reach Kafka at {bootstrap_servers} ({exc})") from exc
-    try:
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            raise DataError(f"{source}: no such topic on {bootstrap_servers}")
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        ends = consumer.end_offsets(tps)
-        starts = consumer.beginning_offsets(tps)
-        if since_ms is not None:
-            found = consumer.offsets_for_times({tp: since_ms for tp in tps})
-            starts = {tp: (found[tp].offset if found.get(tp) is not None else ends[tp]) for tp in tps}
-        rows: list[dict[str, Any]] = []
-        values: list[bytes] = []
-        positions: list[tuple[int, int]] = []
-        skipped: Counter[str] = Counter()
-        deadline = time.monotonic() + max(timeout_s, 1.0) * 10
-        for tp in tps:  # one partition at a time: a deterministic row order for the splits
-            if starts[tp] >= ends[tp]:
-                continue
-            consumer.assign([tp])
-            consumer.seek(tp, starts[tp])
-            while consumer.position(tp) < ends[tp] and len(rows) + sum(skipped.values()) < max_events:
-                if time.monotonic() > deadline:
-                    raise DataError(f"{source}: reading the window took too long; use a smaller --max-events")
-                for message in consumer.poll(timeout_ms=1000).get(tp, []):
-                    if message.offset >= ends[tp] or len(rows) + sum(skipped.values()) >= max_events:
-                        break
-                    event = decode_event(message.value, MAX_EVENT_BYTES)
-                    if isinstance(event, Invalid):
-                        skipped[event.reason.value] += 1
-                        continue
-                    rows.append(event)
-                    values.append(message.value or b"")
-                    positions.append((tp.partition, message.offset))
-    except KafkaError as exc:
-        raise DataError(f"{source}: reading failed ({exc})") from exc
-    finally:
-        consumer.close()
+        reader = open_topic_reader(connection)
+        try:
+            for message in read_records(reader, topic, max_events, since_ms, max(connection.timeout_s, 1.0) * 10):
+                event = decode_event(message.value, MAX_EVENT_BYTES)
+                if isinstance(event, Invalid):
+                    skipped[event.reason.value] += 1
+                    continue
+                rows.append(event)
+                values.append(message.value or b"")
+                positions.append((message.partition, message.offset))
+        finally:
+            reader.close()
+    except WindowTooSlow as exc:
+        raise DataError(f"{source}: {exc}; use a smaller --max-events") from exc
+    except ReadError as exc:
+        raise DataError(f"{source}: {exc}") from exc
     if not rows:
         raise DataError(f"{source}: the window holds no JSON events (skipped: {dict(skipped) or 'none'})")
     return Window(frame=object_frame(rows), sha256=_digest(values), skipped=skipped, source=source, values=values,

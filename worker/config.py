@@ -263,8 +263,9 @@ class _Process:
 WORKER = options(Settings)
 SECURITY = options(KafkaSecurity)
 PASSWORD_FILE, TF_LOG = options(_Process)
-#: What `anomaly-replay` and `anomaly-train --from-kafka` share with the worker: where Kafka is and how to log in.
-KAFKA_CONNECTION = (*(o for o in WORKER if o.attr == "bootstrap_servers"), *SECURITY, PASSWORD_FILE)
+#: What `anomaly-replay` and `anomaly-train --from-kafka` share with the worker: where Kafka is, which client
+#: talks to it and how to log in (`--bootstrap-servers` first).
+KAFKA_CONNECTION = (*(o for o in WORKER if o.attr in ("bootstrap_servers", "kafka_client")), *SECURITY, PASSWORD_FILE)
 ALL = (*WORKER, *SECURITY, PASSWORD_FILE, TF_LOG)
 
 
@@ -282,7 +283,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def add_security_arguments(add: Callable[..., object], *, with_servers: bool = False) -> None:
-    """The Kafka client security flags (and `--bootstrap-servers` when asked), declared once for every command.
+    """The Kafka client and security flags (and `--bootstrap-servers` when asked), declared once for every command.
 
     `add(flag, **argparse keywords)`; the worker, anomaly-replay and anomaly-train share these. The password
     itself has no flag (argv is visible to every local user in /proc): it comes from a file or the
@@ -330,7 +331,7 @@ def markdown() -> str:
     sections = [
         ("anomaly-worker", "Flags win over variables; an empty variable counts as unset.", WORKER),
         ("Kafka security", "Shared by `anomaly-worker`, `anomaly-replay` and `anomaly-train --from-kafka` "
-                           "(which also take `--bootstrap-servers`).", (*SECURITY, PASSWORD_FILE)),
+                           "(which also take `--bootstrap-servers` and `--kafka-client`).", (*SECURITY, PASSWORD_FILE)),
         ("Every command", "Environment only.", (TF_LOG,)),
     ]
     parts = ["# Settings", "",

@@ -1,8 +1,8 @@
 """anomaly-replay: produce the rows of a CSV/JSONL/Parquet file as JSON events, for demos and load tests.
 
-It takes the worker's `--bootstrap-servers` and Kafka security flags (`--security-protocol`, `--sasl-*`,
-`--ssl-*`; the password from `--sasl-password-file` or `ANOMALY_SASL_PASSWORD`), each also from its variable
-(docs/settings.md); its principal needs WRITE on `--topic` (docs/security.md).
+It takes the worker's `--bootstrap-servers`, `--kafka-client` and Kafka security flags (`--security-protocol`,
+`--sasl-*`, `--ssl-*`; the password from `--sasl-password-file` or `ANOMALY_SASL_PASSWORD`), each also from its
+variable (docs/settings.md); its principal needs WRITE on `--topic` (docs/security.md).
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ import orjson
 
 from training.data import iter_frames
 from training.errors import AnomalyError
-from worker.config import add_security_arguments, env_fallback, security_from_args
+from worker.config import add_security_arguments, env_fallback
+from worker.kafka.clients import open_producer
+from worker.kafka.connection import Connection
+from worker.kafka.producer import SendError
 
 DEFAULT_SERVERS = "127.0.0.1:9092"
 
@@ -64,52 +67,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--timestamp", action="store_true", help="add the send time as `timestamp` (epoch ms)")
     add_security_arguments(lambda flag, **kw: p.add_argument(flag, **kw), with_servers=True)
     args = p.parse_args(argv)
-    from kafka import KafkaProducer
-    from kafka.errors import AuthorizationError, KafkaError
-
-    get = env_fallback(args, os.environ)
-    servers = get("bootstrap_servers") or DEFAULT_SERVERS
     try:
-        security = security_from_args(get)
-        producer = KafkaProducer(bootstrap_servers=servers.split(","), acks="all", linger_ms=20,
-                                 batch_size=512 * 1024, **security.client_options())
-        started = time.monotonic()
-        sent = 0
-        failed: list[Exception] = []
-        for key, value in events(args.data, args.limit, args.key_column):
-            if args.timestamp:
-                event = orjson.loads(value)
-                event["timestamp"] = int(time.time() * 1000)
-                value = orjson.dumps(event)
-            if args.rate:
-                # Pace against the schedule, not per event, so the long-run rate is exact.
-                ahead = started + sent / args.rate - time.monotonic()
-                if ahead > 0:
-                    time.sleep(ahead)
-            producer.send(args.topic, key=key, value=value).add_errback(failed.append)
-            sent += 1
-        producer.flush(timeout=60)
-        producer.close(timeout=10)
-        if failed:
-            raise failed[0] if isinstance(failed[0], KafkaError) else KafkaError(str(failed[0]))
+        connection = Connection.from_args(env_fallback(args, os.environ), "anomaly-replay", DEFAULT_SERVERS)
+        producer = open_producer(connection)
+        try:
+            started = time.monotonic()
+            sent = 0
+            for key, value in events(args.data, args.limit, args.key_column):
+                if args.timestamp:
+                    event = orjson.loads(value)
+                    event["timestamp"] = int(time.time() * 1000)
+                    value = orjson.dumps(event)
+                if args.rate:
+                    # Pace against the schedule, not per event, so the long-run rate is exact.
+                    ahead = started + sent / args.rate - time.monotonic()
+                    if ahead > 0:
+                        time.sleep(ahead)
+                producer.send(args.topic, key, value)
+                sent += 1
+            producer.flush(60)
+        finally:
+            producer.close()
         seconds = time.monotonic() - started
         print(f"sent {sent} events to {args.topic} in {seconds:.1f} s ({sent / max(seconds, 1e-9):,.0f} events/s)")
         return 0
+    except SendError as exc:
+        print(f"anomaly-replay: error: {exc}", file=sys.stderr)
+        return 1
     except AnomalyError as exc:
         print(f"anomaly-replay: error: {exc}", file=sys.stderr)
         return 2
-    except KafkaError as exc:
-        # kafka-python reports a refused InitProducerId (no WRITE on any topic) as a plain KafkaError naming
-        # ClusterAuthorizationFailedError.
-        if isinstance(exc, AuthorizationError) or "AuthorizationFailed" in str(exc):
-            from worker.kafka.core import denied
-
-            print(f"anomaly-replay: error: {denied(security, 'WRITE', 'TOPIC', args.topic)} ({exc})",
-                  file=sys.stderr)
-        else:
-            print(f"anomaly-replay: error: Kafka at {servers}: {exc}", file=sys.stderr)
-        return 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -177,7 +177,7 @@ def start_feedback(runtime: Runtime) -> Stoppable | None:
     topic = runtime.settings.feedback_topic
     if topic is None:
         return None
-    from worker.kafka_feedback import FeedbackReader
+    from worker.kafka.feedback import FeedbackReader
 
     loaded = {runtime.bundle.version} | ({runtime.shadow.pipeline.bundle.version} if runtime.shadow else set())
     model = runtime.settings.model

@@ -1,4 +1,5 @@
-"""anomaly-train --from-kafka: a bounded window of a real topic trains the same bundle as the same rows in a file."""
+"""anomaly-train --from-kafka: a bounded window of a real topic trains the same bundle as the same rows in a file,
+with either Kafka client (`kafka_client`, tests/integration/conftest.py), which read the same window."""
 
 from __future__ import annotations
 
@@ -13,29 +14,42 @@ import pytest
 from tests.integration.test_worker_e2e import BIN, SAMPLE, _check_run
 from tests.kafka_broker import create_topics, unique_topic
 from training.bundle import load_bundle
+from training.kafka_window import read_window
+from worker.config import KAFKA_CLIENTS
+from worker.kafka.connection import Connection
 
 pytestmark = pytest.mark.integration
 
 
-def test_training_from_a_topic_equals_training_from_the_same_rows_in_a_file(kafka_bootstrap: str,
-                                                                             tmp_path: Path) -> None:
+COMMON = ["--label-column", "label", "--normal-value", "normal", "--epochs", "3", "--ensemble", "1", "--seed", "5"]
+
+
+@pytest.fixture(scope="module")
+def file_rows(tmp_path_factory: pytest.TempPathFactory) -> tuple[pd.DataFrame, list[bytes], Path]:
+    """Rows as events, and the bundle trained on them from a file (once for both clients)."""
+    root = tmp_path_factory.mktemp("from-file")
     rows = pd.read_csv(SAMPLE).head(1200).drop(columns=["difficulty"])
     events = [orjson.dumps(r) for r in rows.to_dict(orient="records")]
-    jsonl = tmp_path / "rows.jsonl"
+    jsonl = root / "rows.jsonl"
     jsonl.write_bytes(b"".join(e + b"\n" for e in events))
+    _check_run([BIN / "anomaly-train", "--data", jsonl, "--out", root / "bundle", *COMMON])
+    return rows, events, root / "bundle"
+
+
+def test_training_from_a_topic_equals_training_from_the_same_rows_in_a_file(
+        kafka_bootstrap: str, kafka_client: str, file_rows: tuple[pd.DataFrame, list[bytes], Path],
+        tmp_path: Path) -> None:
+    rows, events, from_file = file_rows
     topic = unique_topic("training")
     create_topics(kafka_bootstrap, [topic], partitions=1)
     # Junk in the stream is skipped and reported, never trained on.
     send(kafka_bootstrap, topic, [b"not json", *events[:600], None, b"[1]", *events[600:]])
 
-    common = ["--label-column", "label", "--normal-value", "normal", "--epochs", "3", "--ensemble", "1",
-              "--seed", "5"]
-    _check_run([BIN / "anomaly-train", "--data", jsonl, "--out", tmp_path / "from-file", *common])
     from_kafka = tmp_path / "from-kafka"
     _check_run([BIN / "anomaly-train", "--from-kafka", "--bootstrap-servers", kafka_bootstrap, "--topic", topic,
-                "--out", from_kafka, *common])
+                "--kafka-client", kafka_client, "--out", from_kafka, *COMMON])
 
-    a, b = load_bundle(tmp_path / "from-file"), load_bundle(from_kafka)
+    a, b = load_bundle(from_file), load_bundle(from_kafka)
     assert json.loads((a.path / "features.json").read_text()) == json.loads((b.path / "features.json").read_text())
     assert a.threshold.value == pytest.approx(b.threshold.value, rel=1e-6)
     assert a.manifest.training["rows"] == b.manifest.training["rows"] == len(rows)
@@ -43,18 +57,20 @@ def test_training_from_a_topic_equals_training_from_the_same_rows_in_a_file(kafk
     np.testing.assert_allclose(a.scorer.score(matrix).score, b.scorer.score(matrix).score, rtol=1e-6)
 
 
-def test_a_bounded_window_stops_at_max_events(kafka_bootstrap: str, tmp_path: Path) -> None:
+def test_a_bounded_window_stops_at_max_events(kafka_bootstrap: str, kafka_client: str, tmp_path: Path) -> None:
     rows = pd.read_csv(SAMPLE).head(900).drop(columns=["difficulty", "label"])
     topic = unique_topic("window")
     create_topics(kafka_bootstrap, [topic], partitions=3)
     send(kafka_bootstrap, topic, [orjson.dumps(r) for r in rows.to_dict(orient="records")])
     out = tmp_path / "m"
     _check_run([BIN / "anomaly-train", "--from-kafka", "--bootstrap-servers", kafka_bootstrap, "--topic", topic,
-                "--max-events", "500", "--since", "1h", "--out", out, "--epochs", "2", "--ensemble", "1"])
+                "--max-events", "500", "--since", "1h", "--kafka-client", kafka_client, "--out", out, "--epochs", "2",
+                "--ensemble", "1"])
     assert load_bundle(out).manifest.training["rows"] == 500
 
 
-def test_an_event_whose_feature_holds_an_array_is_skipped_not_fatal(kafka_bootstrap: str, tmp_path: Path) -> None:
+def test_an_event_whose_feature_holds_an_array_is_skipped_not_fatal(kafka_bootstrap: str, kafka_client: str,
+                                                                     tmp_path: Path) -> None:
     """Issue 19 row 11: one such record stopped the whole training; the worker would dead-letter it."""
     import subprocess
 
@@ -66,12 +82,30 @@ def test_an_event_whose_feature_holds_an_array_is_skipped_not_fatal(kafka_bootst
     send(kafka_bootstrap, topic, [*events[:300], bad, *events[300:]])
     out = tmp_path / "m"
     result = subprocess.run([str(BIN / "anomaly-train"), "--from-kafka", "--bootstrap-servers", kafka_bootstrap,
-                             "--topic", topic, "--out", str(out), "--epochs", "2", "--ensemble", "1"],
+                             "--topic", topic, "--kafka-client", kafka_client, "--out", str(out), "--epochs", "2",
+                             "--ensemble", "1"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert f"kafka:{topic}: {len(events)} events read; 1 records skipped (wrong_type 1)" in result.stdout
     assert f"the first: kafka:{topic}[0]@300: field 'src_bytes' must be a number, got array" in result.stdout
     assert load_bundle(out).manifest.training["rows"] == len(events)
+
+
+def test_both_clients_read_the_same_window(kafka_bootstrap: str) -> None:
+    """The window is a pure function of the records: same rows, positions, skips and digest with either client,
+    over several partitions, from a time, up to a limit."""
+    rows = pd.read_csv(SAMPLE).head(400).drop(columns=["difficulty", "label"])
+    topic = unique_topic("parity")
+    create_topics(kafka_bootstrap, [topic], partitions=3)
+    send(kafka_bootstrap, topic, [b"junk", *(orjson.dumps(r) for r in rows.to_dict(orient="records")), b"[2]"])
+    for since, limit in ((None, 1000), (0, 250)):
+        windows = [read_window(Connection(kafka_bootstrap, client=client), topic, limit, since)
+                   for client in KAFKA_CLIENTS]
+        first = windows[0]
+        assert len(first.values) == (len(rows) if since is None else limit - sum(first.skipped.values()))
+        for other in windows[1:]:
+            assert (other.sha256, other.positions, other.skipped) == (first.sha256, first.positions, first.skipped)
+            pd.testing.assert_frame_equal(other.frame, first.frame)
 
 
 def _columns(bundle: object, rows: pd.DataFrame) -> dict:

@@ -12,14 +12,10 @@ from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
-from kafka.errors import GroupAuthorizationFailedError, TopicAuthorizationFailedError
+from kafka.errors import GroupAuthorizationFailedError
 from kafka.structs import ConsumerGroupMetadata, MemberState
 
-from training import cli as train_cli
-from training import kafka_window
 from training.contract import Reason
-from training.errors import DataError
-from worker import replay
 from worker.config import KafkaSecurity, Secret, Settings
 from worker.errors import BrokerUnavailable, DeliveryError
 from worker.kafka import core as access
@@ -164,67 +160,7 @@ def test_confluent_wrong_password_says_authentication_failed_without_the_passwor
     assert PASSWORD not in str(caught.value)
 
 
-# -- anomaly-replay and anomaly-train take the same flags ----------------------------------------
-
-def test_replay_passes_the_security_settings_to_its_producer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
-    import kafka
-
-    made: dict[str, Any] = {}
-
-    class Refusing:
-        def __init__(self, **kwargs: Any) -> None:
-            made.update(kwargs)
-
-        def send(self, topic: str, key: bytes | None, value: bytes) -> Any:
-            raise TopicAuthorizationFailedError(topic)
-
-    monkeypatch.setattr(kafka, "KafkaProducer", Refusing)
-    monkeypatch.setenv("ANOMALY_SASL_PASSWORD", PASSWORD)
-    data = tmp_path / "rows.csv"
-    data.write_text("a,b\n1,2\n")
-    assert replay.main(["--data", str(data), "--topic", "events", *FLAGS]) == 1
-    assert made["security_protocol"] == "SASL_SSL" and made["sasl_plain_password"] == PASSWORD
-    assert made["ssl_cafile"] == "/ca.pem"
-    err = capsys.readouterr().err
-    assert "needs WRITE on TOPIC 'events'" in err and PASSWORD not in err and err.count("\n") == 1
-
-
-def test_train_from_kafka_passes_the_security_settings_to_its_consumer(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    made: dict[str, Any] = {}
-
-    def refusing(**kwargs: Any) -> Any:
-        made.update(kwargs)
-        from kafka.errors import KafkaConnectionError
-
-        raise KafkaConnectionError()
-
-    monkeypatch.setattr(kafka_window, "KafkaConsumer", refusing)
-    password_file = tmp_path / "password"
-    password_file.write_text(PASSWORD + "\n")
-    code = train_cli.train_main(["--from-kafka", "--bootstrap-servers", "k:9093", "--topic", "events", "--out",
-                                 str(tmp_path / "b"), *FLAGS, "--sasl-password-file", str(password_file)])
-    assert code == 2
-    assert made["security_protocol"] == "SASL_SSL" and made["sasl_plain_password"] == PASSWORD
-    assert made["sasl_mechanism"] == "SCRAM-SHA-512" and made["ssl_cafile"] == "/ca.pem"
-    err = capsys.readouterr().err
-    assert err.startswith("anomaly-train: error: kafka:events: cannot reach Kafka") and PASSWORD not in err
-
-
-def test_read_window_defaults_to_plaintext(monkeypatch: pytest.MonkeyPatch) -> None:
-    made: dict[str, Any] = {}
-
-    def refusing(**kwargs: Any) -> Any:
-        made.update(kwargs)
-        from kafka.errors import KafkaConnectionError
-
-        raise KafkaConnectionError()
-
-    monkeypatch.setattr(kafka_window, "KafkaConsumer", refusing)
-    with pytest.raises(DataError):
-        kafka_window.read_window("k:9092", "events", 10)
-    assert made["security_protocol"] == "PLAINTEXT" and "sasl_plain_password" not in made
+# The side paths (anomaly-replay, anomaly-train --from-kafka) with either client: test_kafka_side_paths.py.
 
 
 class FatallyRefusedProducer(UnauthorizedProducer):
