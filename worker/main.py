@@ -86,7 +86,8 @@ def run(argv: Sequence[str] | None = None) -> int:
              bundle.version, settings.model, bundle.threshold.value, len(bundle.schema.fields), server.url)
     if (malloc := allocator()) == "glibc":
         log.info("memory allocator: glibc malloc, heap trimmed every %.0f s; jemalloc keeps memory flatter "
-                 "through broker restarts (LD_PRELOAD=libjemalloc.so.2, see README)", settings.heap_trim_interval_s)
+                 "through broker restarts (LD_PRELOAD=libjemalloc.so.2, see docs/operations.md)",
+                 settings.heap_trim_interval_s)
     else:
         log.info("memory allocator: %s", malloc)
 

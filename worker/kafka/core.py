@@ -13,7 +13,7 @@ An undecodable record batch (a codec the client lacks, a corrupt batch) must not
    shows how many are held, and `/readyz` fails `batches_decodable` until the partition is released
    (revoked, or the process restarted).
 
-The way out (README, "Undecodable record batches"): install the missing codec library (the image has all
+The way out (docs/operations.md, "Undecodable record batches"): install the missing codec library (the image has all
 four), or, for a corrupt batch, stop the group and move its offset past the batch with
 `kafka-consumer-groups.sh --reset-offsets --to-offset N --topic T:P --group G --execute`.
 
@@ -30,12 +30,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import orjson
 
-from worker.config import KafkaSecurity, Settings
-from worker.metrics import WorkerMetrics
-from worker.records import Alert, DeadLetter
+if TYPE_CHECKING:  # only annotations: `worker.records` imports this module for `describe`
+    from worker.config import KafkaSecurity, Settings
+    from worker.metrics import WorkerMetrics
+    from worker.records import Alert, DeadLetter
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +145,8 @@ class Quarantine:
         """Record that `topic[partition]` cannot get past `offset` (the caller pauses it)."""
         log.error("record batch at %s cannot be decoded (%s); partition paused there, the others go on. "
                   "Install the missing codec library, or stop the group and reset the partition's offset past "
-                  "the batch (README: Undecodable record batches)", describe(topic, partition, offset), error)
+                  "the batch (docs/operations.md: Undecodable record batches)",
+                  describe(topic, partition, offset), error)
         self.held[(topic, partition)] = offset
         if self.metrics is not None:
             self.metrics.record_undecodable_batch(topic, partition)
