@@ -50,7 +50,7 @@ import numpy as np
 
 from worker.errors import CommitError, DeliveryError, RebalanceInProgress
 from worker.health import BrokerStatus, Health
-from worker.kafka.core import Offsets
+from worker.kafka.core import Offsets, describe
 from worker.metrics import WorkerMetrics
 from worker.pipeline import BatchResult, Pipeline
 from worker.plugin import Plugin
@@ -173,7 +173,7 @@ class Worker:
         mine = sorted(k for k in self.pending if k in partitions)
         if mine:
             log.warning("partitions %s revoked with uncommitted delivered offsets; the next owner re-reads them",
-                        ", ".join(f"{t}[{p}]@{self.pending[(t, p)]}" for t, p in mine))
+                        ", ".join(describe(t, p, self.pending[(t, p)]) for t, p in mine))
         for k in mine:
             self.pending.pop(k, None)
 
@@ -356,4 +356,4 @@ class Worker:
 
     @staticmethod
     def _describe(offsets: Offsets) -> str:
-        return ", ".join(f"{t}[{p}]@{o}" for (t, p), o in sorted(offsets.items()))
+        return ", ".join(describe(t, p, o) for (t, p), o in sorted(offsets.items()))

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from training.contract import Reason
+from worker.kafka.core import describe
 
 
 class Record(NamedTuple):
@@ -26,7 +27,7 @@ class Record(NamedTuple):
     @property
     def where(self) -> str:
         """`topic[partition]@offset`, the form every log line uses."""
-        return f"{self.topic}[{self.partition}]@{self.offset}"
+        return describe(self.topic, self.partition, self.offset)
 
 
 class Alert(NamedTuple):

@@ -180,16 +180,16 @@ class _Undecodable:
     """A consume result as librdkafka gives it for a batch it cannot decompress."""
 
     def __init__(self, topic: str, partition: int) -> None:
-        self._topic, self._partition = topic, partition
+        self.name, self.number = topic, partition
 
     def error(self) -> KafkaError:
         return KafkaError(KafkaError._BAD_COMPRESSION, "Decompression (codec 0x4) of message at 0 failed")
 
     def topic(self) -> str:
-        return self._topic
+        return self.name
 
     def partition(self) -> int:
-        return self._partition
+        return self.number
 
     def offset(self) -> int:
         return 0

@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from worker.config import Settings
 from worker.kafka.core import Quarantine, TopicKey
 
 if TYPE_CHECKING:
+    from worker.config import Settings
     from worker.loop import Sink, Source
 
 __all__ = ["Quarantine", "open_sink", "open_source", "open_transactional_sink"]

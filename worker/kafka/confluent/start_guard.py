@@ -172,19 +172,19 @@ class StartGuard:
                 starts.append(TopicPartition(*key, OFFSET_BEGINNING))
             elif (position := committed.get(key)) is None:
                 if key not in self._parked:
-                    log.warning("%s[%d] has no position and its committed offset is not known yet (an open "
-                                "transaction holds it?): it waits, asking every %.0f s", *key, PARKED_RETRY_S)
+                    log.warning("%s has no position and its committed offset is not known yet (an open "
+                                "transaction holds it?): it waits, asking every %.0f s", describe(*key), PARKED_RETRY_S)
                 self._parked[key] = now + PARKED_RETRY_S
             elif position >= 0:
                 if key in self._parked:
-                    log.info("%s[%d]: its committed offset %d is known now; starting there", *key, position)
+                    log.info("%s: its committed offset %d is known now; starting there", describe(*key), position)
                 else:
-                    log.warning("librdkafka started %s[%d] as if nothing were committed (the assignment changed "
+                    log.warning("librdkafka started %s as if nothing were committed (the assignment changed "
                                 "while a transaction held its offset); starting at the committed offset %d instead",
-                                *key, position)
+                                describe(*key), position)
                 starts.append(TopicPartition(*key, position))
             else:
-                log.info("%s[%d] has no committed offset: reading from the earliest", *key)
+                log.info("%s has no committed offset: reading from the earliest", describe(*key))
                 starts.append(TopicPartition(*key, OFFSET_BEGINNING))
         for tp in starts:
             self._parked.pop((tp.topic, tp.partition), None)
