@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from worker.errors import CommitError, RebalanceInProgress
 from worker.kafka.core import Offsets
@@ -35,10 +35,10 @@ class ListSource:
     def poll_batch(self) -> list[Record]:
         return self.batches.pop(0) if self.batches else []
 
-    def commit(self, offsets: Mapping[tuple[str, int], int]) -> None:
+    def commit(self, offsets: Offsets) -> None:
         self.committed.update(offsets)
 
-    def rewind(self, offsets: Mapping[tuple[str, int], int]) -> None: ...
+    def rewind(self, offsets: Offsets) -> None: ...
 
     def lag(self) -> dict[tuple[str, int], int]:
         return {}

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
-from kafka.errors import UnsupportedCodecError
+from kafka.errors import KafkaTimeoutError, UnsupportedCodecError
 from kafka.structs import ConsumerGroupMetadata, MemberState, TopicPartition
 from prometheus_client import CollectorRegistry
 
@@ -230,6 +230,47 @@ class FakeConfluentConsumer:
         if self.commit_error is not None:
             raise KafkaException(self.commit_error)
         return offsets
+
+
+class AskedConsumer(FakeConfluentConsumer):
+    """Answers `committed` (the coordinator's offset fetch) unless `down`; records what it was asked."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.down, self.asked = False, []  # type: ignore[var-annotated]
+
+    def committed(self, partitions: list, timeout: float) -> list:
+        self.asked.append(([(tp.topic, tp.partition) for tp in partitions], timeout))
+        if self.down:
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT))
+        return partitions
+
+
+class AskedPythonConsumer(FakePythonConsumer):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.down, self.asked = False, []  # type: ignore[var-annotated]
+
+    def committed(self, partition: TopicPartition, timeout_ms: int) -> int:
+        self.asked.append((partition, timeout_ms))
+        if self.down:
+            raise KafkaTimeoutError("no coordinator")
+        return 0
+
+
+def test_both_clients_ask_the_coordinator_for_an_offset_to_tell_whether_it_is_reachable() -> None:
+    confluent = AskedConsumer()
+    source = ConfluentSource(settings(kafka_timeout_s=3.0), consumer_factory=confluent.made)
+    assert source.reachable()
+    confluent.down = True
+    assert not source.reachable()
+    assert confluent.asked == [([("in", 0)], 3.0)] * 2, "the lowest assigned partition, within the Kafka timeout"
+    python = KafkaSource(settings(kafka_client="kafka-python", kafka_timeout_s=3.0),
+                         consumer_factory=AskedPythonConsumer)
+    assert python.reachable()
+    python.consumer.down = True
+    assert not python.reachable()
+    assert python.consumer.asked == [(TopicPartition("in", 0), 3000)] * 2
 
 
 def test_confluent_holds_a_partition_at_an_undecodable_batch_and_hands_out_nothing_past_it() -> None:

@@ -244,5 +244,20 @@ class Revocations:
             self.on_revoke(partitions)
 
 
+def coordinator_answers(question: Callable[[], object],
+                        failures: type[BaseException] | tuple[type[BaseException], ...]) -> bool:
+    """Whether the group coordinator answers `question` (an offset fetch bounded by the Kafka timeout).
+
+    The coordinator is the broker every commit needs. An idle consumer's poll returns nothing whether or
+    not a broker is there, so this is the loop's only sign of an outage between batches.
+    """
+    try:
+        question()
+    except failures as exc:
+        log.debug("group coordinator not reachable: %s", exc)
+        return False
+    return True
+
+
 def log_assigned(keys: Iterable[TopicKey]) -> None:
     log.info("partitions assigned: %s", names(keys))

@@ -236,18 +236,10 @@ class KafkaSource:
         return out
 
     def reachable(self) -> bool:
-        """Whether the group coordinator answers an offset fetch within the Kafka timeout.
-
-        The coordinator is the broker every commit needs. An idle consumer's poll() returns nothing
-        whether or not a broker is there, so this is the loop's only sign of an outage between batches.
-        """
+        """Whether the group coordinator answers an offset fetch within the Kafka timeout (`core`)."""
         partitions = sorted(self.consumer.assignment()) or [TopicPartition(self.settings.input_topic, 0)]
-        try:
-            self.consumer.committed(partitions[0], timeout_ms=int(self.settings.kafka_timeout_s * 1000))
-        except KafkaError as exc:
-            log.debug("group coordinator not reachable: %s", exc)
-            return False
-        return True
+        return core.coordinator_answers(lambda: self.consumer.committed(
+            partitions[0], timeout_ms=int(self.settings.kafka_timeout_s * 1000)), KafkaError)
 
     def close(self) -> None:
         try:

@@ -45,6 +45,7 @@ from worker.kafka.core import (
     Throttled,
     TopicKey,
     assigned_only,
+    coordinator_answers,
     describe,
     log_assigned,
     partition_fetch_bytes,
@@ -344,15 +345,10 @@ class ConfluentSource:
         return out
 
     def reachable(self) -> bool:
-        """Whether the group coordinator answers an offset fetch within the Kafka timeout."""
+        """Whether the group coordinator answers an offset fetch within the Kafka timeout (`core`)."""
         topic, partition = min(self._assignment.partitions(), default=(self.settings.input_topic, 0))
-        try:
-            self.consumer.committed([TopicPartition(topic, partition)],
-                                    timeout=self.settings.kafka_timeout_s)
-        except KafkaException as exc:
-            log.debug("group coordinator not reachable: %s", exc)
-            return False
-        return True
+        return coordinator_answers(lambda: self.consumer.committed(
+            [TopicPartition(topic, partition)], timeout=self.settings.kafka_timeout_s), KafkaException)
 
     def close(self) -> None:
         """Commit what is not confirmed yet (synchronously), then leave the group."""
