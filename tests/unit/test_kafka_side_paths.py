@@ -251,3 +251,41 @@ assert "confluent_kafka" in sys.modules
 """
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+class RefusedLogin:
+    """A librdkafka client with a wrong password: metadata fails as a transport error; error_cb says why (in
+    poll)."""
+
+    def __init__(self, conf: dict[str, Any]) -> None:
+        self.conf = conf
+
+    def list_topics(self, topic: str | None = None, timeout: float = 0) -> None:
+        from confluent_kafka import KafkaError, KafkaException
+
+        raise KafkaException(KafkaError(KafkaError._TRANSPORT, "Local: Broker transport failure"))
+
+    def poll(self, timeout: float) -> None:
+        from confluent_kafka import KafkaError
+
+        self.conf["error_cb"](KafkaError(KafkaError._AUTHENTICATION, "SASL authentication error: Authentication "
+                                                                     "failed due to invalid credentials"))
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("side", ["reader", "producer"])
+def test_confluent_side_paths_name_a_refused_login_without_the_password(side: str) -> None:
+    from worker.config import KafkaSecurity, Secret
+    from worker.kafka.producer import SendError
+
+    security = KafkaSecurity(protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512", sasl_username="svc",
+                             sasl_password=Secret(PASSWORD))
+    connection = Connection("k:9093", security)
+    with pytest.raises((ReadError, SendError), match="authentication failed: SCRAM-SHA-512 login as 'svc'") as caught:
+        if side == "reader":
+            reader_confluent.ConfluentReader(connection, consumer_factory=RefusedLogin).partitions("t")
+        else:
+            producer_confluent.ConfluentProducer(connection, producer_factory=RefusedLogin)
+    assert PASSWORD not in str(caught.value)

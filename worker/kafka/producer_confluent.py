@@ -6,42 +6,35 @@ rather than a fatal producer-id error, and replayed demo data needs no exactly-o
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
+from worker.kafka.confluent.client import LoginWatch, librdkafka_log
 from worker.kafka.connection import Connection
 from worker.kafka.core import authentication_failed, denied
 from worker.kafka.producer import SendError
-
-librdkafka_log = logging.getLogger("librdkafka")
-LOGIN_REFUSED = frozenset({KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED})
 
 
 class ConfluentProducer:
     def __init__(self, connection: Connection, producer_factory: Callable[[dict[str, Any]], Any] | None = None) -> None:
         self.connection = connection
-        self._refused: KafkaError | None = None
+        self._login = LoginWatch()
         self._failed: list[tuple[str, KafkaError]] = []
         self._producer = (producer_factory or Producer)({
             "bootstrap.servers": connection.bootstrap_servers, "client.id": connection.client_id, "acks": "all",
             "enable.idempotence": False, "linger.ms": 20, "batch.size": 512 * 1024,
             "socket.timeout.ms": int(connection.timeout_s * 1000), "logger": librdkafka_log,
-            "error_cb": self._on_error, **connection.security.librdkafka_config()})
+            "error_cb": self._login, **connection.security.librdkafka_config()})
         try:  # librdkafka connects lazily: an absent broker or a refused login fails here, as with kafka-python
             self._producer.list_topics(timeout=connection.timeout_s)
         except KafkaException as exc:
             self._producer.poll(0)  # serves error_cb: a refused login shows only there
-            if self._refused is not None:
+            if self._login.refused is not None:
                 raise SendError(authentication_failed(connection.security, connection.bootstrap_servers,
-                                                      self._refused.str())) from exc
+                                                      self._login.refused.str())) from exc
             raise SendError(f"Kafka at {connection.bootstrap_servers}: {exc}") from exc
-
-    def _on_error(self, error: KafkaError) -> None:
-        if error.code() in LOGIN_REFUSED:
-            self._refused = error
 
     def _delivered(self, error: KafkaError | None, message: Any) -> None:
         if error is not None:

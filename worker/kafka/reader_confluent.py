@@ -6,26 +6,24 @@ and nothing is committed, so the principal needs no GROUP ACL.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
+from worker.kafka.confluent.client import LoginWatch, librdkafka_log
 from worker.kafka.connection import Connection
 from worker.kafka.core import authentication_failed, denied
 from worker.kafka.reader import Message, ReadError
 
-librdkafka_log = logging.getLogger("librdkafka")
 #: Consumer errors of the (unused) group's coordinator lookup: not this reader's concern.
 GROUP_ERRORS = frozenset({KafkaError.GROUP_AUTHORIZATION_FAILED, KafkaError._NO_OFFSET})
-LOGIN_REFUSED = frozenset({KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED})
 
 
 class ConfluentReader:
     def __init__(self, connection: Connection, consumer_factory: Callable[[dict[str, Any]], Any] | None = None) -> None:
         self.connection, self._topic = connection, "?"
-        self._refused: KafkaError | None = None
+        self._login = LoginWatch()
         self._next: dict[int, int] = {}  # past each record and end-of-partition event seen
         self._consumer = (consumer_factory or Consumer)({
             "bootstrap.servers": connection.bootstrap_servers, "client.id": connection.client_id,
@@ -33,11 +31,7 @@ class ConfluentReader:
             "enable.auto.offset.store": False, "enable.partition.eof": True,
             "isolation.level": "read_uncommitted",  # as kafka-python's: both clients read the same records
             "socket.timeout.ms": int(connection.timeout_s * 1000), "logger": librdkafka_log,
-            "error_cb": self._on_error, **connection.security.librdkafka_config()})
-
-    def _on_error(self, error: KafkaError) -> None:
-        if error.code() in LOGIN_REFUSED:
-            self._refused = error
+            "error_cb": self._login, **connection.security.librdkafka_config()})
 
     def _failed(self, error: KafkaError | KafkaException, topic: str, reaching: bool = False) -> ReadError:
         code = (error.args[0] if isinstance(error, KafkaException) else error).code()
@@ -45,8 +39,8 @@ class ConfluentReader:
         if code == KafkaError.TOPIC_AUTHORIZATION_FAILED:
             return ReadError(denied(security, "READ", "TOPIC", topic))
         self._consumer.poll(0)  # serves error_cb: a refused login shows only there
-        if self._refused is not None:
-            return ReadError(authentication_failed(security, servers, self._refused.str()))
+        if self._login.refused is not None:
+            return ReadError(authentication_failed(security, servers, self._login.refused.str()))
         return ReadError(f"cannot reach Kafka at {servers} ({error})" if reaching else f"reading failed ({error})")
 
     def partitions(self, topic: str) -> list[int] | None:
