@@ -27,6 +27,7 @@ from training.data import infer_kinds, object_frame, raw_values
 from training.errors import DataError
 from worker.kafka.clients import open_reader
 from worker.kafka.connection import Connection
+from worker.kafka.core import describe
 from worker.kafka.reader import ReadError, TopicReader, WindowTooSlow
 from worker.kafka.reader import read_window as read_records
 
@@ -107,7 +108,7 @@ def skip_contract_breaches(window: Window, ignored: Sequence[str], categorical: 
         for row, problem in problems.items():
             skipped[problem.reason.value] += 1
             partition, offset = positions[row]
-            first.setdefault(problem.reason.value, f"{window.source}[{partition}]@{offset}: {problem.message}")
+            first.setdefault(problem.reason.value, f"{describe(window.source, partition, offset)}: {problem.message}")
         keep = [row for row in range(len(frame)) if row not in problems]
         values, positions = [values[row] for row in keep], [positions[row] for row in keep]
         frame = object_frame([_event(value) for value in values])  # as if the skipped records were never read
