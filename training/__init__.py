@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from training.bundle import Bundle, load_model
+    from training.bundle import Bundle
     from training.data import Labels, read_frame
     from training.errors import AnomalyError, BundleError, ConfigError, DataError
     from training.model import FitConfig, ScoreConfig
+    from training.repository import load_model
     from training.scoring import Scores, score_frame
     from training.threshold import ThresholdConfig
     from training.train import TrainConfig, TrainResult, train_file, train_frame
@@ -26,7 +27,7 @@ _HOMES = {
     "TrainConfig": "training.train", "TrainResult": "training.train",
     "train_frame": "training.train", "train_file": "training.train",
     "FitConfig": "training.model", "ScoreConfig": "training.model", "ThresholdConfig": "training.threshold",
-    "Bundle": "training.bundle", "load_model": "training.bundle",
+    "Bundle": "training.bundle", "load_model": "training.repository",
     "Scores": "training.scoring", "score_frame": "training.scoring",
     "AnomalyError": "training.errors", "DataError": "training.errors",
     "BundleError": "training.errors", "ConfigError": "training.errors",

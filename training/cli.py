@@ -129,9 +129,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     args = train_parser().parse_args(argv)
 
     def body() -> int:
-        from training.bundle import Destination, promote
         from training.data import Labels
         from training.model import FitConfig, ScoreConfig
+        from training.repository import Destination, promote
         from training.threshold import ThresholdConfig
         from training.train import TrainConfig, train_file
 
@@ -215,8 +215,8 @@ def score_main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body() -> int:
-        from training.bundle import load_model
         from training.data import check_columns, check_passthrough, encode_frame, iter_frames
+        from training.repository import load_model
 
         check_score_output(args.out, args.data)
         bundle = load_model(args.model)
@@ -279,8 +279,8 @@ def promote_main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body() -> int:
-        from training.bundle import VERSIONS, current_version, is_repository, promote, rollback
         from training.errors import BundleError
+        from training.repository import VERSIONS, current_version, is_repository, promote, rollback
 
         if args.list:
             if not is_repository(args.repo):
@@ -315,10 +315,10 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         from training import report
-        from training.bundle import load_model
         from training.data import Labels, check_columns, encode_frame, read_frame
         from training.errors import DataError
         from training.evaluate import evaluate
+        from training.repository import load_model
 
         bundle = load_model(args.model)
         frame = read_frame(args.data)

@@ -19,12 +19,13 @@ import numpy as np
 import pandas as pd
 
 from training import report
-from training.bundle import BundleContents, Destination, Manifest
+from training.bundle import BundleContents, Manifest
 from training.data import Labels, file_sha256, infer_kinds, instant_warnings, raw_columns, read_frame
 from training.errors import ConfigError, DataError
 from training.evaluate import Evaluation, evaluate
 from training.features import CATEGORICAL, field_histograms, fit_schema
 from training.model import Combination, FitConfig, ScoreConfig, export_saved_model, fit, neighbour_bank, typical
+from training.repository import Destination
 from training.scoring import Scorer
 from training.threshold import Threshold, ThresholdConfig, calibrate, score_histogram
 

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from training.bundle import VERSIONS
+from training.repository import VERSIONS
 
 if TYPE_CHECKING:
     from worker.metrics import WorkerMetrics

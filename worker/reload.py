@@ -8,7 +8,7 @@
    scored by exactly one model, and its alerts carry that model's version.
 
 A version that fails to load or does not fit, or a `CURRENT` that names no version folder inside
-`REPO/versions/` (a path out of the repository, a link; `training.bundle.current_version` decides),
+`REPO/versions/` (a path out of the repository, a link; `training.repository.current_version` decides),
 is refused: the running model keeps scoring, a log line says why,
 `anomaly_model_reloads_total{result="refused"}` counts it, and it is not retried until CURRENT
 changes again or SIGHUP asks.
@@ -22,8 +22,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from training.bundle import Bundle, current_version, load_bundle, version_path
+from training.bundle import Bundle, load_bundle
 from training.errors import AnomalyError, BundleError
+from training.repository import current_version, version_path
 from worker.metrics import WorkerMetrics
 from worker.pipeline import Pipeline
 from worker.plugin import Plugin

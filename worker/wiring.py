@@ -18,7 +18,8 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 
-from training.bundle import Bundle, is_repository, load_bundle, resolve_model
+from training.bundle import Bundle, load_bundle
+from training.repository import is_repository, resolve_model
 from worker.config import Settings
 from worker.drift import DriftWatch
 from worker.feedback import FeedbackLedger, KnownVersions

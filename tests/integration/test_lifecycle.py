@@ -32,7 +32,7 @@ from tests.integration.test_worker_e2e import (
     wait_all_committed,
 )
 from tests.kafka_broker import create_topics, unique_topic, wait_for
-from training.bundle import CURRENT, VERSIONS
+from training.repository import CURRENT, VERSIONS
 
 pytestmark = pytest.mark.integration
 PARTITIONS = 3

@@ -18,10 +18,11 @@ from prometheus_client import CollectorRegistry
 from tests.fakes import ListSink, ListSource
 from tests.unit.conftest import TRAIN_ARGS, TrainedBundle
 from tests.unit.test_cli import assert_user_error, run
-from training.bundle import CURRENT, MANIFEST, VERSIONS, current_version, load_bundle, resolve_model
+from training.bundle import MANIFEST, load_bundle
 from training.cli import evaluate_main, promote_main, score_main, train_main
 from training.errors import BundleError
 from training.features import FeatureSchema
+from training.repository import CURRENT, VERSIONS, current_version, resolve_model
 from worker.drift import DriftWatch
 from worker.health import BrokerStatus, Health
 from worker.loop import Worker
