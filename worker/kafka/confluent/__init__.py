@@ -2,7 +2,8 @@
 
 `source` (the consumer and its asynchronous-commit records), `start_guard` (where a partition starts,
 and partitions that never start fetching), `sinks` (the plain and the transactional producer), and
-`client` (what they share). These are the only modules of the worker that import `confluent_kafka`.
+`client` (what they share): the loop's source and sinks; the side paths' reader and producer are
+`worker/kafka/reader_confluent.py` and `producer_confluent.py`.
 """
 
 from worker.kafka.confluent.sinks import ConfluentSink, ConfluentTransactionalSink
