@@ -1,0 +1,345 @@
+"""Window state: one partition's (or one file's) per-entity history, and the window features of each event.
+
+Pure: no Kafka, no files, no wall clock. A file is one `WindowState` fed all its rows in order; a topic has
+one per partition, fed its records in offset order, batch after batch. Batch boundaries change nothing:
+`advance` on a sequence in one call or in many gives the same features (the property test checks it).
+
+Time (all in integer milliseconds, so comparisons are exact):
+1. An event's time is its time field (epoch seconds, ISO 8601 text, a Parquet timestamp: the data
+   contract's one meaning) or, for `@record`, the Kafka record's timestamp.
+2. Unusable (missing, not a number, before 2000 or from 2100 on): the event is windowed at the partition's
+   watermark (the latest usable time seen), counted `no_time` or `absurd_time`; before any usable time it
+   enters no window and its features are missing.
+3. More than a day ahead of the watermark: windowed at the watermark, counted `ahead`, unless it is the
+   third such event in a row (a real gap in the traffic): then the watermark jumps to it.
+4. Behind the watermark by more than the grace period: windowed at watermark - grace, counted `late`.
+   Within the grace it is windowed at its own time (out-of-order events are exact within the grace).
+5. An event's window of length w holds the entity's events with time in (t - w, t] that arrived before it,
+   and itself.
+
+State stays bounded: entries older than watermark - grace - longest window can be in no future window and
+leave; an entity with none left is dropped; at most `max_entities` entities per entity definition (the least
+recently seen is evicted) and `max_events` entries per entity (the oldest leave early).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from bisect import bisect_right
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from training.windows import WindowSpec
+
+MIN_TIME_MS = 946_684_800_000  # 2000-01-01
+MAX_TIME_MS = 4_102_444_800_000  # 2100-01-01
+MAX_AHEAD_MS = 86_400_000
+RESYNC_AFTER = 3
+#: A key longer than this (UTF-8 bytes) is kept as its 128-bit BLAKE2b digest, so a huge key costs no memory.
+MAX_KEY_BYTES = 128
+DEFAULT_MAX_ENTITIES = 100_000
+#: Restore checkpoints kept per partition before neighbours are merged (merging only moves restores earlier).
+MAX_CHECKPOINTS = 256
+OUTCOMES = ("no_time", "absurd_time", "ahead", "late", "no_entity", "long_key", "evicted", "truncated")
+
+
+@dataclass(frozen=True)
+class WindowInputs:
+    """What the windows read of n events: times (epoch s, NaN unusable), keys per entity, summarised values."""
+
+    times: np.ndarray  # float64 seconds
+    keys: list[list[str | None]]  # one list per entity definition
+    numeric: np.ndarray  # (n, len(spec.numeric)) float64, NaN missing
+    categorical: list[list[str | None]]  # one list per categorical field
+
+    @property
+    def rows(self) -> int:
+        return int(self.times.size)
+
+    def take(self, rows: Sequence[int]) -> WindowInputs:
+        index = np.asarray(rows, dtype=np.intp)
+        return WindowInputs(times=self.times[index], keys=[[k[i] for i in rows] for k in self.keys],
+                            numeric=self.numeric[index], categorical=[[c[i] for i in rows] for c in self.categorical])
+
+
+@dataclass
+class Counts:
+    """Events by outcome (see OUTCOMES) since the last `take`."""
+
+    by_outcome: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+
+    def add(self, outcome: str, n: int = 1) -> None:
+        self.by_outcome[outcome] += n
+
+    def take(self) -> dict[str, int]:
+        out = {k: v for k, v in self.by_outcome.items() if v}
+        self.by_outcome = dict.fromkeys(OUTCOMES, 0)
+        return out
+
+
+@dataclass(frozen=True)
+class RestorePoint:
+    """Where a partition's state can be rebuilt from: replay offsets [offset, committed) starting from this clock."""
+
+    offset: int
+    watermark_ms: int | None
+    ahead: int
+
+    def encode(self) -> str:
+        wm = "" if self.watermark_ms is None else str(self.watermark_ms)
+        return f"w1:{self.offset}:{wm}:{self.ahead}"
+
+    @classmethod
+    def decode(cls, text: str | None) -> RestorePoint | None:
+        """The commit metadata written by `encode`; anything else (another writer, none) is None."""
+        if not text or not text.startswith("w1:"):
+            return None
+        try:
+            _, offset, wm, ahead = text.split(":")
+            return cls(int(offset), int(wm) if wm else None, int(ahead))
+        except ValueError:
+            return None
+
+
+@dataclass
+class _Checkpoint:
+    first: int  # first offset
+    last: int  # last offset
+    watermark_before: int | None
+    ahead_before: int
+    watermark_after: int | None
+    ahead_after: int
+    newest: int | None  # latest effective time stored by these offsets
+
+
+class _History:
+    """One entity's events in the window horizon, ordered by (time, arrival)."""
+
+    __slots__ = ("times", "numeric", "categorical")
+
+    def __init__(self, n_numeric: int, n_categorical: int) -> None:
+        self.times: list[int] = []
+        self.numeric: list[tuple[float, ...]] = []
+        self.categorical: list[list[str | None]] = [[] for _ in range(n_categorical)]
+
+    def insert(self, time: int, numeric: tuple[float, ...], categorical: Sequence[str | None]) -> int:
+        position = bisect_right(self.times, time)
+        self.times.insert(position, time)
+        self.numeric.insert(position, numeric)
+        for values, value in zip(self.categorical, categorical, strict=True):
+            values.insert(position, value)
+        return position
+
+    def drop_until(self, cutoff: int) -> int:
+        """Drop entries with time <= cutoff; how many left."""
+        n = bisect_right(self.times, cutoff)
+        if n:
+            del self.times[:n], self.numeric[:n]
+            for values in self.categorical:
+                del values[:n]
+        return n
+
+    def drop_oldest(self, n: int) -> None:
+        del self.times[:n], self.numeric[:n]
+        for values in self.categorical:
+            del values[:n]
+
+
+def entity_key(text: str | None) -> tuple[str | None, bool]:
+    """(the key kept in the state, whether it was too long and hashed)."""
+    if text is None:
+        return None, False
+    if len(text) * 4 <= MAX_KEY_BYTES or len(text.encode("utf-8", "surrogatepass")) <= MAX_KEY_BYTES:
+        return text, False
+    return "#" + hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest(), True
+
+
+class WindowState:
+    """One partition's window state; `advance` computes the features of the next events and remembers them."""
+
+    def __init__(self, spec: WindowSpec, max_entities: int = DEFAULT_MAX_ENTITIES,
+                 start: RestorePoint | None = None) -> None:
+        self.spec = spec
+        self.max_entities = max_entities
+        self.watermark: int | None = start.watermark_ms if start else None
+        self.ahead = start.ahead if start else 0
+        self.entities: list[OrderedDict[str, _History]] = [OrderedDict() for _ in spec.entities]
+        self.counts = Counts()
+        self.entries = 0
+        self._checkpoints: deque[_Checkpoint] = deque()
+        self._windows = [w.ms for w in spec.windows]
+        self._per_window = len(spec.per_window())
+        self._grace = round(spec.grace_s * 1000)
+        self._horizon = spec.longest_ms + self._grace
+
+    @property
+    def width(self) -> int:
+        return len(self.spec.names)
+
+    def entity_count(self) -> int:
+        return sum(len(e) for e in self.entities)
+
+    def advance(self, inputs: WindowInputs, offsets: Sequence[int] | None = None) -> np.ndarray:
+        """The window features of `inputs`' events, in order (n x width, NaN where unknown); they join the state."""
+        n = inputs.rows
+        out = np.full((n, self.width), np.nan)
+        before = (self.watermark, self.ahead)
+        newest: int | None = None
+        numeric = [tuple(row) for row in inputs.numeric.tolist()] if self.spec.numeric else [()] * n
+        for row, seconds in enumerate(inputs.times.tolist()):
+            time = self._effective_time(seconds)
+            if time is None:
+                continue
+            cutoff = self.watermark - self._horizon  # type: ignore[operator]  # set with the first usable time
+            categorical = [values[row] for values in inputs.categorical]
+            stored = False
+            for e, keys in enumerate(inputs.keys):
+                key, hashed = entity_key(keys[row])
+                if key is None:
+                    self.counts.add("no_entity")
+                    continue
+                if hashed:
+                    self.counts.add("long_key")
+                self._one(e, key, time, cutoff, numeric[row], categorical, out[row])
+                stored = True
+            if stored:
+                newest = time if newest is None else max(newest, time)
+        self._expire()
+        if offsets is not None and n:
+            self._checkpoints.append(_Checkpoint(offsets[0], offsets[-1], before[0], before[1], self.watermark,
+                                                 self.ahead, newest))
+            self._merge_checkpoints()
+        return out
+
+    def _effective_time(self, value: float) -> int | None:
+        """Steps 2-4 of the module docstring for one event; moves the watermark."""
+        if math.isnan(value) or math.isinf(value):
+            self.counts.add("no_time")
+            return self.watermark
+        t = round(value * 1000)
+        if not MIN_TIME_MS <= t < MAX_TIME_MS:
+            self.counts.add("absurd_time")
+            return self.watermark
+        if self.watermark is None:
+            self.watermark = t
+            return t
+        if t > self.watermark + MAX_AHEAD_MS:
+            self.ahead += 1
+            if self.ahead < RESYNC_AFTER:
+                self.counts.add("ahead")
+                return self.watermark
+            self.watermark, self.ahead = t, 0
+            return t
+        self.ahead = 0
+        if t < self.watermark - self._grace:
+            self.counts.add("late")
+            return self.watermark - self._grace
+        self.watermark = max(self.watermark, t)
+        return t
+
+    def _one(self, e: int, key: str, time: int, cutoff: int, numeric: tuple[float, ...], categorical: list[str | None],
+             out: np.ndarray) -> None:
+        table = self.entities[e]
+        history = table.get(key)
+        if history is None:
+            history = table[key] = _History(len(self.spec.numeric), len(self.spec.categorical))
+            if len(table) > self.max_entities:
+                _, evicted = table.popitem(last=False)
+                self.entries -= len(evicted.times)
+                self.counts.add("evicted")
+        else:
+            table.move_to_end(key)
+            self.entries -= history.drop_until(cutoff)
+        if len(history.times) >= self.spec.max_events:
+            history.drop_oldest(1)
+            self.entries -= 1
+            self.counts.add("truncated")
+        position = history.insert(time, numeric, categorical)
+        self.entries += 1
+        base = e * len(self._windows) * self._per_window
+        for w, length in enumerate(self._windows):
+            low = bisect_right(history.times, time - length, 0, position)
+            self._features(history, low, position, numeric, out, base + w * self._per_window)
+
+    def _features(self, history: _History, low: int, position: int, current: tuple[float, ...], out: np.ndarray,
+                  at: int) -> None:
+        count = position + 1 - low
+        out[at] = count
+        at += 1
+        for values in history.categorical:
+            out[at] = len({v for v in values[low:position + 1] if v is not None})
+            at += 1
+        if not current:
+            return
+        rows = history.numeric[low:position + 1]
+        for j, value in enumerate(current):
+            present = [r[j] for r in rows if r[j] == r[j]]
+            if present:
+                total = math.fsum(present)
+                out[at] = total / len(present)
+                out[at + 1] = max(present)
+            if value == value:
+                earlier = len(present) - 1
+                if earlier <= 0:
+                    out[at + 2] = 1.0
+                else:
+                    mean = (total - value) / earlier
+                    out[at + 2] = (value + 1.0) / (mean + 1.0) if mean + 1.0 > 0 else math.nan
+            at += 3
+
+    def _expire(self) -> None:
+        """Drop entries no future window can hold; drop entities left empty (least recently seen first)."""
+        if self.watermark is None:
+            return
+        cutoff = self.watermark - self._horizon
+        for table in self.entities:
+            while table:
+                key, history = next(iter(table.items()))
+                if history.times and history.times[-1] > cutoff:
+                    break
+                self.entries -= len(history.times)
+                del table[key]
+
+    def _merge_checkpoints(self) -> None:
+        while len(self._checkpoints) > MAX_CHECKPOINTS:
+            a = self._checkpoints.popleft()
+            b = self._checkpoints.popleft()
+            newest = b.newest if a.newest is None else a.newest if b.newest is None else max(a.newest, b.newest)
+            self._checkpoints.appendleft(_Checkpoint(a.first, b.last, a.watermark_before, a.ahead_before,
+                                                     b.watermark_after, b.ahead_after, newest))
+
+    def restore_point(self, next_offset: int) -> RestorePoint:
+        """Where to rebuild this state from for a consumer that will start at `next_offset`.
+
+        Replaying the offsets [point.offset, next_offset) from the point's clock rebuilds exactly what this
+        state held when it had taken every offset before `next_offset`: every entry it held then came from
+        those offsets, and the clock and expiry only ever depend on the events fed.
+        """
+        done = [c for c in self._checkpoints if c.last < next_offset]
+        if not done:
+            return RestorePoint(next_offset, self.watermark, self.ahead) if not self._checkpoints else \
+                RestorePoint(self._checkpoints[0].first, self._checkpoints[0].watermark_before,
+                             self._checkpoints[0].ahead_before)
+        last = done[-1]
+        cutoff = None if last.watermark_after is None else last.watermark_after - self._horizon
+        for c in done:
+            if c.newest is not None and (cutoff is None or c.newest > cutoff):
+                return RestorePoint(c.first, c.watermark_before, c.ahead_before)
+        return RestorePoint(last.last + 1, last.watermark_after, last.ahead_after)
+
+    def forget_before(self, next_offset: int) -> None:
+        """Checkpoints no restore from `next_offset` on can need (after it is committed)."""
+        point = self.restore_point(next_offset)
+        while self._checkpoints and self._checkpoints[0].last < point.offset:
+            self._checkpoints.popleft()
+
+
+def window_features(spec: WindowSpec, inputs: WindowInputs) -> tuple[np.ndarray, dict[str, int]]:
+    """A file's window features: its rows in order through one state, as one partition of a topic would be."""
+    state = WindowState(spec, max_entities=max(DEFAULT_MAX_ENTITIES, inputs.rows))
+    features = state.advance(inputs)
+    return features, state.counts.take()
