@@ -44,6 +44,10 @@ MAX_KEY_BYTES = 128
 DEFAULT_MAX_ENTITIES = 100_000
 #: Restore checkpoints kept per partition before neighbours are merged (merging only moves restores earlier).
 MAX_CHECKPOINTS = 256
+#: Estimated bytes of an entity with no entries, and of one entry besides 8 bytes per summarised field
+#: (measured with tracemalloc by benchmarks/windows.py; the state's byte limit is checked against these).
+ENTITY_BYTES = 400
+ENTRY_BYTES = 120
 OUTCOMES = ("no_time", "absurd_time", "ahead", "late", "no_entity", "long_key", "evicted", "truncated")
 
 
@@ -162,9 +166,10 @@ class WindowState:
     """One partition's window state; `advance` computes the features of the next events and remembers them."""
 
     def __init__(self, spec: WindowSpec, max_entities: int = DEFAULT_MAX_ENTITIES,
-                 start: RestorePoint | None = None) -> None:
+                 start: RestorePoint | None = None, max_bytes: int | None = None) -> None:
         self.spec = spec
         self.max_entities = max_entities
+        self.max_bytes = max_bytes
         self.watermark: int | None = start.watermark_ms if start else None
         self.ahead = start.ahead if start else 0
         self.entities: list[OrderedDict[str, _History]] = [OrderedDict() for _ in spec.entities]
@@ -182,6 +187,11 @@ class WindowState:
 
     def entity_count(self) -> int:
         return sum(len(e) for e in self.entities)
+
+    def estimated_bytes(self) -> int:
+        """The state's memory, estimated from its entity and entry counts (benchmarks/windows.py measures the sizes)."""
+        per_entry = ENTRY_BYTES + 8 * len(self.spec.numeric) + 8 * len(self.spec.categorical)
+        return self.entity_count() * ENTITY_BYTES + self.entries * per_entry
 
     def advance(self, inputs: WindowInputs, offsets: Sequence[int] | None = None) -> np.ndarray:
         """The window features of `inputs`' events, in order (n x width, NaN where unknown); they join the state."""
@@ -247,7 +257,8 @@ class WindowState:
         history = table.get(key)
         if history is None:
             history = table[key] = _History(len(self.spec.numeric), len(self.spec.categorical))
-            if len(table) > self.max_entities:
+            while len(table) > self.max_entities or (
+                    self.max_bytes is not None and len(table) > 1 and self.estimated_bytes() > self.max_bytes):
                 _, evicted = table.popitem(last=False)
                 self.entries -= len(evicted.times)
                 self.counts.add("evicted")
