@@ -7,13 +7,15 @@ Layout of a bundle directory (format 1)::
     threshold.json         decision threshold and how it was chosen
     score_histogram.json   normal-score distribution at training time (drift reference)
     field_histograms.json  per-field training distributions (per-field drift reference; optional)
+    windows.json           per-entity window features the model was trained with (WindowSpec; optional)
     saved_model/           TensorFlow SavedModel with the `serving_default` scoring signature
     report/                report.html and PNG plots (informational)
 
 Every file except the manifest is listed in the manifest with its SHA-256; loading refuses a bundle
 with an unlisted, missing or changed file, a symbolic link or special file anywhere in its tree, a schema
 hash or format version that does not match, or a value out of range (feature statistics, threshold,
-histogram). `write_bundle` replaces only a bundle it wrote itself.
+histogram, window spec), or a schema field named like a window feature (`win:...`) that no `windows.json`
+defines. `write_bundle` replaces only a bundle it wrote itself.
 
 A model repository (versions side by side, one of them current) is `training.repository`.
 """
@@ -36,6 +38,7 @@ from typing import Any
 from training.errors import BundleError
 from training.features import FeatureSchema
 from training.threshold import ScoreHistogram, Threshold
+from training.windows import WindowSpec, is_window_feature
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -43,6 +46,7 @@ FEATURES = "features.json"
 THRESHOLD = "threshold.json"
 HISTOGRAM = "score_histogram.json"
 FIELD_HISTOGRAMS = "field_histograms.json"
+WINDOWS = "windows.json"
 SAVED_MODEL = "saved_model"
 REPORT = "report"
 #: Files every bundle has; the manifest must list (and so hash) each of them, and every other file it holds.
@@ -87,6 +91,7 @@ class BundleContents:
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     columns: dict[str, Any] = field(default_factory=dict)
+    windows: WindowSpec | None = None
 
 
 @dataclass
@@ -99,6 +104,8 @@ class Bundle:
     threshold: Threshold
     histogram: ScoreHistogram
     field_histograms: dict[str, ScoreHistogram] = field(default_factory=dict)
+    #: The window features the schema's `win:` fields are computed by; None for a bundle trained without.
+    windows: WindowSpec | None = None
     _scorer: Any = None
 
     @property
@@ -115,8 +122,13 @@ class Bundle:
 
     @property
     def passthrough_columns(self) -> list[str]:
-        """Columns the training file had besides features (label, dropped): allowed in files to score."""
-        return [str(c) for c in self.manifest.columns.get("ignored", [])]
+        """Columns the training file had besides features (label, dropped, window keys and summarised fields
+        the model does not take itself): allowed in files to score."""
+        ignored = [str(c) for c in self.manifest.columns.get("ignored", [])]
+        if self.windows is None:
+            return ignored
+        read = [*self.windows.key_fields, *self.windows.numeric, *self.windows.categorical]
+        return list(dict.fromkeys([*ignored, *(name for name in read if name not in self.schema.names)]))
 
 
 def _sha256(path: Path) -> str:
@@ -187,6 +199,8 @@ def write_bundle(out_dir: Path, contents: BundleContents) -> Manifest:
         _write_json(tmp / HISTOGRAM, contents.histogram.to_dict())
         if contents.field_histograms is not None:
             _write_json(tmp / FIELD_HISTOGRAMS, contents.field_histograms)
+        if contents.windows is not None:
+            _write_json(tmp / WINDOWS, contents.windows.to_dict())
         contents.write_saved_model(tmp / SAVED_MODEL)
         if contents.write_report is not None:
             (tmp / REPORT).mkdir()
@@ -343,10 +357,24 @@ def load_bundle(path: Path, expected_schema_sha256: str | None = None) -> Bundle
         threshold = Threshold.from_dict(_read_json(path / THRESHOLD))
         histogram = ScoreHistogram.from_dict(_read_json(path / HISTOGRAM))
         fields = _field_histograms(path, schema) if FIELD_HISTOGRAMS in manifest.files else {}
+        windows = _windows(path, schema) if WINDOWS in manifest.files else None
     except BundleError as exc:
         raise BundleError(f"{path}: {exc}") from exc
+    if windows is None and (orphans := [n for n in schema.names if is_window_feature(n)]):
+        raise BundleError(f"{path}: features.json has window feature {orphans[0]!r} but the bundle has no "
+                          f"{WINDOWS} defining it; the bundle is incomplete, retrain the model")
     return Bundle(path=path, manifest=manifest, schema=schema, threshold=threshold, histogram=histogram,
-                  field_histograms=fields)
+                  field_histograms=fields, windows=windows)
+
+
+def _windows(path: Path, schema: FeatureSchema) -> WindowSpec:
+    """`windows.json`, checked against the schema: each window feature the model takes must be one it defines."""
+    spec = WindowSpec.from_dict(_read_json(path / WINDOWS))
+    defined = set(spec.names)
+    if undefined := [n for n in schema.names if is_window_feature(n) and n not in defined]:
+        raise BundleError(f"features.json has window feature {undefined[0]!r} that {WINDOWS} does not define; "
+                          f"retrain the model")
+    return spec
 
 
 def _field_histograms(path: Path, schema: FeatureSchema) -> dict[str, ScoreHistogram]:

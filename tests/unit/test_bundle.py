@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ from training import report
 from training.bundle import FORMAT_VERSION, BundleContents, load_bundle, write_bundle
 from training.cli import score_main, train_main
 from training.errors import BundleError
-from training.features import FeatureSchema
+from training.features import FeatureSchema, fit_schema
+from training.windows import WindowSpec, build_spec
 
 
 def in_process_scores(bundle_dir: Path, frame: pd.DataFrame) -> np.ndarray:
@@ -404,3 +406,60 @@ def test_write_never_replaces_a_bundle_holding_a_link(trained_bundle: TrainedBun
     with pytest.raises(BundleError, match=r"is not a model bundle \(.*report/x is a symbolic link"):
         write_bundle(ours, contents)
     assert mine.read_text() == "keep me" and (ours / "report" / "x").is_symlink()
+
+
+# --- issue 21: window features are part of the bundle ---------------------------------------------
+
+WINDOW_SPEC = build_spec(["host"], ["2s", "1m"], "ts", {"host": "categorical", "ts": "numeric", "bytes": "numeric"})
+Windowed = Callable[[WindowSpec | None, Sequence[str]], BundleContents]
+
+
+@pytest.fixture()
+def windowed(trained_bundle: TrainedBundle) -> Windowed:
+    """Bundle contents with numeric fields `names` (and no real model), to be written with window spec `spec`."""
+    parts = load_bundle(trained_bundle.path)
+
+    def contents(spec: WindowSpec | None, names: Sequence[str]) -> BundleContents:
+        rng = np.random.default_rng(0)
+        schema = fit_schema({name: rng.normal(size=50) for name in names}, [])
+        return BundleContents(schema=schema, threshold=parts.threshold, histogram=parts.histogram,
+                              data_sha256="cd" * 32, write_saved_model=_placeholder_model, windows=spec)
+
+    return contents
+
+
+def test_a_windowed_bundle_keeps_its_spec_and_lets_its_keys_through(windowed: Windowed, tmp_path: Path) -> None:
+    window_spec = WINDOW_SPEC
+    write_bundle(tmp_path / "b", windowed(window_spec, ["bytes", *window_spec.names]))
+    bundle = load_bundle(tmp_path / "b")
+    assert bundle.windows == window_spec and bundle.windows.names == window_spec.names
+    assert "windows.json" in bundle.manifest.files
+    assert json.loads((tmp_path / "b" / "windows.json").read_text()) == window_spec.to_dict()
+    # The entity and time fields are read by the windows, not the model: a file to score may carry them.
+    assert set(bundle.passthrough_columns) >= {"host", "ts"} and "bytes" not in bundle.passthrough_columns
+
+
+def test_a_bundle_without_windows_loads_with_none(trained_bundle: TrainedBundle) -> None:
+    bundle = load_bundle(trained_bundle.path)
+    assert bundle.windows is None and "windows.json" not in bundle.manifest.files
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    ({"grace_s": -1}, "windows.json is not a window spec.*grace"),
+    ({"windows": ["2 parsecs"]}, "windows.json is not a window spec.*not a duration"),
+    ({"entities": []}, "windows.json is not a window spec.*entity"),
+    ({"windows": ["2s", "5m"]}, "window feature 'win:host:1m:count' that windows.json does not define"),
+])
+def test_load_refuses_a_window_spec_out_of_range_or_not_matching_the_schema(
+        windowed: Windowed, tmp_path: Path, edit: dict, message: str) -> None:
+    write_bundle(tmp_path / "b", windowed(WINDOW_SPEC, ["bytes", *WINDOW_SPEC.names]))
+    (tmp_path / "b" / "windows.json").write_text(json.dumps({**WINDOW_SPEC.to_dict(), **edit}))
+    _rehash(tmp_path / "b")
+    with pytest.raises(BundleError, match=message):
+        load_bundle(tmp_path / "b")
+
+
+def test_load_refuses_window_features_without_their_spec(windowed: Windowed, tmp_path: Path) -> None:
+    write_bundle(tmp_path / "b", windowed(None, ["bytes", *WINDOW_SPEC.names]))
+    with pytest.raises(BundleError, match="window feature 'win:host:2s:count' but the bundle has no windows.json"):
+        load_bundle(tmp_path / "b")
