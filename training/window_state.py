@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from bisect import bisect_right
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from training.window_history import History
 from training.windows import WindowSpec
 
 MIN_TIME_MS = 946_684_800_000  # 2000-01-01
@@ -120,39 +120,6 @@ class _Checkpoint:
     newest: int | None  # latest effective time stored by these offsets
 
 
-class _History:
-    """One entity's events in the window horizon, ordered by (time, arrival)."""
-
-    __slots__ = ("times", "numeric", "categorical")
-
-    def __init__(self, n_numeric: int, n_categorical: int) -> None:
-        self.times: list[int] = []
-        self.numeric: list[tuple[float, ...]] = []
-        self.categorical: list[list[str | None]] = [[] for _ in range(n_categorical)]
-
-    def insert(self, time: int, numeric: tuple[float, ...], categorical: Sequence[str | None]) -> int:
-        position = bisect_right(self.times, time)
-        self.times.insert(position, time)
-        self.numeric.insert(position, numeric)
-        for values, value in zip(self.categorical, categorical, strict=True):
-            values.insert(position, value)
-        return position
-
-    def drop_until(self, cutoff: int) -> int:
-        """Drop entries with time <= cutoff; how many left."""
-        n = bisect_right(self.times, cutoff)
-        if n:
-            del self.times[:n], self.numeric[:n]
-            for values in self.categorical:
-                del values[:n]
-        return n
-
-    def drop_oldest(self, n: int) -> None:
-        del self.times[:n], self.numeric[:n]
-        for values in self.categorical:
-            del values[:n]
-
-
 def entity_key(text: str | None) -> tuple[str | None, bool]:
     """(the key kept in the state, whether it was too long and hashed)."""
     if text is None:
@@ -172,7 +139,7 @@ class WindowState:
         self.max_bytes = max_bytes
         self.watermark: int | None = start.watermark_ms if start else None
         self.ahead = start.ahead if start else 0
-        self.entities: list[OrderedDict[str, _History]] = [OrderedDict() for _ in spec.entities]
+        self.entities: list[OrderedDict[str, History]] = [OrderedDict() for _ in spec.entities]
         self.counts = Counts()
         self.entries = 0
         self._checkpoints: deque[_Checkpoint] = deque()
@@ -196,7 +163,8 @@ class WindowState:
     def advance(self, inputs: WindowInputs, offsets: Sequence[int] | None = None) -> np.ndarray:
         """The window features of `inputs`' events, in order (n x width, NaN where unknown); they join the state."""
         n = inputs.rows
-        out = np.full((n, self.width), np.nan)
+        blank = [math.nan] * self.width
+        out = [blank] * n  # rows of events that enter no window share the blank row
         before = (self.watermark, self.ahead)
         newest: int | None = None
         numeric = [tuple(row) for row in inputs.numeric.tolist()] if self.spec.numeric else [()] * n
@@ -205,8 +173,9 @@ class WindowState:
             if time is None:
                 continue
             cutoff = self.watermark - self._horizon  # type: ignore[operator]  # set with the first usable time
-            categorical = [values[row] for values in inputs.categorical]
+            categorical = tuple(values[row] for values in inputs.categorical)
             stored = False
+            features = out[row] = blank.copy()
             for e, keys in enumerate(inputs.keys):
                 key, hashed = entity_key(keys[row])
                 if key is None:
@@ -214,7 +183,7 @@ class WindowState:
                     continue
                 if hashed:
                     self.counts.add("long_key")
-                self._one(e, key, time, cutoff, numeric[row], categorical, out[row])
+                self._one(e, key, time, cutoff, numeric[row], categorical, features)
                 stored = True
             if stored:
                 newest = time if newest is None else max(newest, time)
@@ -223,7 +192,7 @@ class WindowState:
             self._checkpoints.append(_Checkpoint(offsets[0], offsets[-1], before[0], before[1], self.watermark,
                                                  self.ahead, newest))
             self._merge_checkpoints()
-        return out
+        return np.array(out, dtype=np.float64).reshape(n, self.width)
 
     def _effective_time(self, value: float) -> int | None:
         """Steps 2-4 of the module docstring for one event; moves the watermark."""
@@ -251,56 +220,25 @@ class WindowState:
         self.watermark = max(self.watermark, t)
         return t
 
-    def _one(self, e: int, key: str, time: int, cutoff: int, numeric: tuple[float, ...], categorical: list[str | None],
-             out: np.ndarray) -> None:
+    def _one(self, e: int, key: str, time: int, cutoff: int, numeric: tuple[float, ...],
+             categorical: tuple[str | None, ...], out: list[float]) -> None:
         table = self.entities[e]
         history = table.get(key)
         if history is None:
-            history = table[key] = _History(len(self.spec.numeric), len(self.spec.categorical))
+            history = table[key] = History()
             while len(table) > self.max_entities or (
                     self.max_bytes is not None and len(table) > 1 and self.estimated_bytes() > self.max_bytes):
                 _, evicted = table.popitem(last=False)
-                self.entries -= len(evicted.times)
+                self.entries -= len(evicted)
                 self.counts.add("evicted")
         else:
             table.move_to_end(key)
-            self.entries -= history.drop_until(cutoff)
-        if len(history.times) >= self.spec.max_events:
-            history.drop_oldest(1)
+        if len(history) >= self.spec.max_events:
+            history.drop_oldest()
             self.entries -= 1
             self.counts.add("truncated")
-        position = history.insert(time, numeric, categorical)
-        self.entries += 1
-        base = e * len(self._windows) * self._per_window
-        for w, length in enumerate(self._windows):
-            low = bisect_right(history.times, time - length, 0, position)
-            self._features(history, low, position, numeric, out, base + w * self._per_window)
-
-    def _features(self, history: _History, low: int, position: int, current: tuple[float, ...], out: np.ndarray,
-                  at: int) -> None:
-        count = position + 1 - low
-        out[at] = count
-        at += 1
-        for values in history.categorical:
-            out[at] = len({v for v in values[low:position + 1] if v is not None})
-            at += 1
-        if not current:
-            return
-        rows = history.numeric[low:position + 1]
-        for j, value in enumerate(current):
-            present = [r[j] for r in rows if r[j] == r[j]]
-            if present:
-                total = math.fsum(present)
-                out[at] = total / len(present)
-                out[at + 1] = max(present)
-            if value == value:
-                earlier = len(present) - 1
-                if earlier <= 0:
-                    out[at + 2] = 1.0
-                else:
-                    mean = (total - value) / earlier
-                    out[at + 2] = (value + 1.0) / (mean + 1.0) if mean + 1.0 > 0 else math.nan
-            at += 3
+        history.add(time, numeric, categorical, self._windows, out, e * len(self._windows) * self._per_window)
+        self.entries += 1 - history.drop_until(cutoff)
 
     def _expire(self) -> None:
         """Drop entries no future window can hold; drop entities left empty (least recently seen first)."""
@@ -310,9 +248,9 @@ class WindowState:
         for table in self.entities:
             while table:
                 key, history = next(iter(table.items()))
-                if history.times and history.times[-1] > cutoff:
+                if len(history) and history.latest > cutoff:
                     break
-                self.entries -= len(history.times)
+                self.entries -= len(history)
                 del table[key]
 
     def _merge_checkpoints(self) -> None:

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from training.errors import BundleError, ConfigError
+from training.window_history import GRID, on_grid
 from training.window_state import (
     MAX_AHEAD_MS,
     MAX_KEY_BYTES,
@@ -68,11 +69,11 @@ def reference(s: WindowSpec, data: WindowInputs) -> np.ndarray:
         for window in s.windows:
             members = [m for m in stored if m[1] == key and t - window.ms < m[0] <= t]
             sizes = [m[2] for m in members if not math.isnan(m[2])]
-            earlier = [m[2] for m in members[:-1] if not math.isnan(m[2])]
+            earlier = [on_grid(m[2]) / GRID for m in members[:-1] if not math.isnan(m[2])]
             out[i, column] = len(members)
             out[i, column + 1] = len({m[3] for m in members if m[3] is not None})
             if sizes:
-                out[i, column + 2] = math.fsum(sizes) / len(sizes)
+                out[i, column + 2] = math.fsum(on_grid(v) / GRID for v in sizes) / len(sizes)  # sums on 2**-60
                 out[i, column + 3] = max(sizes)
             if not math.isnan(size):
                 out[i, column + 4] = 1.0 if not earlier else (size + 1) / (math.fsum(earlier) / len(earlier) + 1)
@@ -215,7 +216,7 @@ def test_state_is_bounded_by_entities_bytes_and_events_per_entity() -> None:
     state.advance(inputs([T0 + i * 0.001 for i in range(10)], [f"h{i}" for i in range(10)], ["22"] * 10, [1.0] * 10))
     assert state.entity_count() == 3 and state.counts.take() == {"evicted": 7}
     state.advance(inputs([T0 + 1 + i * 0.001 for i in range(9)], ["h9"] * 9, ["22"] * 9, [1.0] * 9))
-    assert len(state.entities[0]["h9"].times) == 5 and state.counts.take() == {"truncated": 5}
+    assert len(state.entities[0]["h9"]) == 5 and state.counts.take() == {"truncated": 5}
     small = WindowState(s, max_bytes=3_000)
     small.advance(inputs([T0 + i * 0.001 for i in range(50)], [f"h{i}" for i in range(50)], ["22"] * 50, [1.0] * 50))
     assert small.estimated_bytes() <= 3_000 and small.counts.take()["evicted"] > 0
