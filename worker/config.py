@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from training.errors import ConfigError
+from training.window_state import DEFAULT_MAX_ENTITIES
 from worker.config_decl import (
     ENV_PREFIX,
     add_arguments,
@@ -36,10 +37,10 @@ from worker.config_decl import (
 )
 
 __all__ = [
-    "ALL", "AT_LEAST_ONCE", "COMPRESSION_CODECS", "DELIVERY_MODES", "ENV_PREFIX", "EXACTLY_ONCE", "ISOLATION_LEVELS",
-    "KAFKA_CLIENTS", "KAFKA_CONNECTION", "LOG_LEVELS", "PASSWORD_FILE", "SASL_MECHANISMS", "SECURITY",
-    "SECURITY_PROTOCOLS", "TF_LOG", "WORKER", "KafkaSecurity", "Secret", "Settings", "add_security_arguments",
-    "env_fallback", "from_args", "markdown", "parser", "security_from_args",
+    "ALL", "AT_LEAST_ONCE", "COMPRESSION_CODECS", "DEFAULT_WINDOW_MAX_BYTES", "DELIVERY_MODES", "ENV_PREFIX",
+    "EXACTLY_ONCE", "ISOLATION_LEVELS", "KAFKA_CLIENTS", "KAFKA_CONNECTION", "LOG_LEVELS", "PASSWORD_FILE",
+    "SASL_MECHANISMS", "SECURITY", "SECURITY_PROTOCOLS", "TF_LOG", "WORKER", "KafkaSecurity", "Secret", "Settings",
+    "add_security_arguments", "env_fallback", "from_args", "markdown", "parser", "security_from_args",
 ]
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
@@ -50,6 +51,9 @@ COMPRESSION_CODECS = ("none", "gzip", "snappy", "lz4", "zstd")
 AT_LEAST_ONCE, EXACTLY_ONCE = "at-least-once", "exactly-once"
 DELIVERY_MODES = (AT_LEAST_ONCE, EXACTLY_ONCE)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+#: One partition's window state at most (estimated): four partitions' worth and the model fit the 2 GiB memory
+#: limit of deploy/k8s, and it holds the 100,000 default entities with about 20 recent events each.
+DEFAULT_WINDOW_MAX_BYTES = 256 * 1024 * 1024
 
 
 class Secret:
@@ -180,6 +184,13 @@ class Settings:
     max_alerts_per_s: float = setting("global alert budget; alerts beyond it are counted into summaries (0 = off)",
                                       0.0, check=off_or_positive)
     expected_schema_hash: str | None = setting("refuse a bundle whose schema hash differs", None)
+    window_max_entities: int = setting("window features: entities kept per partition of the input topic (per entity "
+                                       "definition); the least recently seen is evicted beyond it",
+                                       DEFAULT_MAX_ENTITIES,
+                                       check=at_least(1, "entities"))
+    window_max_bytes: int = setting("window features: estimated memory of one partition's window state; the least "
+                                    "recently seen entities are evicted beyond it", DEFAULT_WINDOW_MAX_BYTES,
+                                    check=at_least(1_048_576, "bytes"), shown="268435456 (256 MiB)")
     client_id: str = setting("Kafka client id", "anomaly-worker")
     log_level: str = setting("log level", "INFO", choices=LOG_LEVELS, case=str.upper)
     security: KafkaSecurity = field(default_factory=KafkaSecurity)  # declared in KafkaSecurity

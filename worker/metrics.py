@@ -2,8 +2,8 @@
 
 Nothing else in the worker creates metrics: it receives a `WorkerMetrics` built on an injected
 `CollectorRegistry`, so tests use a fresh registry and read values with `get_sample_value`.
-Labels stay low-cardinality: topic, partition, dead-letter and feedback reason, schema field, Kafka operation
-and the current model version.
+Labels stay low-cardinality: topic, partition, dead-letter and feedback reason, schema field, Kafka operation,
+window outcome and the current model version.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from training.contract import Reason
+from training.window_state import OUTCOMES as WINDOW_OUTCOMES
 from worker.config import DELIVERY_MODES
 from worker.feedback import VERDICTS as FEEDBACK_VERDICTS
 from worker.feedback import Rejection
@@ -230,9 +231,27 @@ class WorkerMetrics:
             "Exactly-once: from beginning a batch's transaction to its commit (or abort).",
             buckets=TRANSACTION_BUCKETS, registry=registry,
         )
+        # Window state (worker/windows.py): outcomes of the time and key rules (docs/windows.md), size, restores.
+        self.window_events = Counter("anomaly_window_events", "Events that met a window rule, by outcome (late, "
+                                     "no_time, absurd_time, ahead, no_entity, long_key, evicted, truncated).",
+                                     ["outcome"], registry=registry)
+        self.window_state_entities = Gauge("anomaly_window_state_entities", "Entities in the window state, all "
+                                           "assigned partitions together.", registry=registry)
+        self.window_state_bytes = Gauge("anomaly_window_state_bytes", "Estimated memory of the window state, all "
+                                        "assigned partitions together.", registry=registry)
+        self.window_restored_events = Counter("anomaly_window_restored_events", "Events replayed into the window "
+                                              "state after an assignment or a restart.", registry=registry)
+        self.window_partition_changes = Counter(
+            "anomaly_window_entity_partition_changes", "Entity keys seen on another partition than before: the "
+            "input topic is not keyed by entity, so window features are not exact.", registry=registry)
+        self.window_failures = Counter("anomaly_window_failures", "Batches whose window step failed (scored with "
+                                       "window features missing; their partitions' state restarted).",
+                                       registry=registry)
 
         for operation in KAFKA_OPERATIONS:
             self.kafka_errors.labels(operation=operation)
+        for outcome in WINDOW_OUTCOMES:
+            self.window_events.labels(outcome=outcome)
         for result in TRANSACTION_RESULTS:
             self.transactions.labels(result=result)
         for stage in BATCH_STAGES:
@@ -396,6 +415,20 @@ class WorkerMetrics:
     def set_score_drift_psi(self, psi: float) -> None:
         """Publish the latest PSI of live scores against training scores."""
         self.score_drift_psi.set(psi)
+
+    # -- window state -------------------------------------------------------------------------
+
+    def record_window_outcomes(self, counts: Mapping[str, int]) -> None:
+        """Count events by window outcome (one of `training.window_state.OUTCOMES`, so the label set stays bounded)."""
+        for outcome, count in counts.items():
+            if outcome not in WINDOW_OUTCOMES:
+                raise ValueError(f"unknown window outcome {outcome!r}; expected one of {WINDOW_OUTCOMES}")
+            self.window_events.labels(outcome=outcome).inc(_non_negative(count, f"{outcome} count"))
+
+    def follow_window_state(self, entities: Callable[[], int], size_bytes: Callable[[], int]) -> None:
+        """Read the window state's entity count and estimated bytes from their owner at scrape time."""
+        self.window_state_entities.set_function(lambda: float(entities()))
+        self.window_state_bytes.set_function(lambda: float(size_bytes()))
 
     # -- Kafka --------------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """One micro-batch from records to alerts and dead letters. Pure: no Kafka, no HTTP, no files.
 
-decode -> validate -> features -> scale -> model -> score -> threshold -> alert
+decode -> validate -> window features -> features -> scale -> model -> score -> threshold -> alert
 (publishing and committing happen afterwards, in worker/loop.py).
 
 No record can stop the batch: whatever one record holds, it is scored or becomes a dead letter with a
@@ -17,15 +17,19 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from training.bundle import Bundle
 from training.contract import Invalid, Reason, event_columns
+from training.window_state import DEFAULT_MAX_ENTITIES
+from training.windows import WindowSpec, is_window_feature, window_inputs
 from worker.alerts import build_alert
 from worker.decode import decode_events
 from worker.errors import ModelFailure
 from worker.records import Alert, DeadLetter, Record
+from worker.windows import DEFAULT_MAX_BYTES, PartitionWindows
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +85,16 @@ def describe(exc: BaseException) -> str:
 
 
 class Pipeline:
-    """Scores micro-batches with one model call per batch."""
+    """Scores micro-batches with one model call per batch.
+
+    With a bundle trained with window features (`bundle.windows`), each batch's valid events also go through
+    `windows` (one state per partition, worker/windows.py; the pipeline makes its own if none is given) once,
+    before the model step and outside the bisecting retry, so no event enters a window twice.
+    """
 
     def __init__(self, bundle: Bundle, max_event_bytes: int = 1_048_576, top_features: int = 3,
                  clock: Callable[[], float] = time.time, entity_field: str | None = None,
-                 alert_headers: Sequence[str] = ()) -> None:
+                 alert_headers: Sequence[str] = (), windows: PartitionWindows | None = None) -> None:
         self.bundle = bundle
         self.entity_field = entity_field
         self.alert_headers = tuple(alert_headers)
@@ -94,6 +103,12 @@ class Pipeline:
         self.max_event_bytes = max_event_bytes
         self.top_features = top_features
         self.clock = clock
+        self.spec: WindowSpec | None = getattr(bundle, "windows", None)
+        if windows is None:
+            windows = PartitionWindows(self.spec, DEFAULT_MAX_ENTITIES, DEFAULT_MAX_BYTES)
+        self.windows = windows
+        # The contract parses the event's own fields; window features are computed, never read from the event.
+        self._kinds = {name: kind for name, kind in bundle.schema.kinds.items() if not is_window_feature(name)}
 
     def warm_up(self) -> None:
         """Ready for the first batch: trace the model once, then `settle_heap`, so batches pay for neither."""
@@ -105,14 +120,41 @@ class Pipeline:
 
     def process(self, records: Sequence[Record]) -> BatchResult:
         """Score a batch; if that fails as a whole, bisect it so only the offending records are dead letters."""
+        self.windows.reset(self.spec)  # a newly swapped-in model with other windows starts them afresh
+        return self._isolate(records, None)
+
+    def replay(self, records: Sequence[Record]) -> None:
+        """Restore: `records` enter the window state as `process` would put them, without scoring or publishing.
+
+        Decoded and checked by the same code as when scored; what would be a dead letter enters no window."""
+        self.windows.reset(self.spec)
+        if self.spec is None or not records:
+            return
         try:
-            return self._process(records)
+            self._window_step(records, self._parse(records, letters=False), replay=True)
+        except Exception:  # noqa: BLE001 - a record the contract chokes on: one by one, as the bisecting retry would
+            for record in records:
+                try:
+                    batch = self._parse([record], letters=False)
+                except Exception:  # noqa: BLE001, S112 - it would be a processing_error dead letter: no window
+                    continue
+                self._window_step([record], batch, replay=True)
+
+    def _isolate(self, records: Sequence[Record], windows: np.ndarray | None) -> BatchResult:
+        """`_process`, bisecting a failure; `windows` (one row per record) are the window features once computed."""
+        try:
+            batch = None
+            if windows is None:
+                batch = self._parse(records)
+                windows = self._window_step(records, batch)
+            return self._process(records, batch, windows)
         except Exception as exc:  # noqa: BLE001 - isolate whatever one record provokes
             if len(records) > 1:
                 middle = len(records) // 2
                 log.warning("batch of %d records failed (%s); bisecting to isolate the record",
                             len(records), describe(exc))
-                return self.process(records[:middle]) + self.process(records[middle:])
+                return (self._isolate(records[:middle], None if windows is None else windows[:middle])
+                        + self._isolate(records[middle:], None if windows is None else windows[middle:]))
             self._check_model(exc)
             record = records[0]
             log.error("dead letter %s: processing_error (%s)", record.where, describe(exc))
@@ -128,26 +170,59 @@ class Pipeline:
             raise ModelFailure(f"the model fails on a known-good row ({describe(exc)}) after "
                                f"{describe(cause)}; restart the worker or deploy another bundle") from cause
 
-    def _process(self, records: Sequence[Record]) -> BatchResult:
-        schema = self.bundle.schema
-        # decode: bytes -> event object, or a dead letter.
+    def _parse(self, records: Sequence[Record], letters: bool = True) -> _Parsed:
+        """decode (bytes -> event object, or a dead letter) -> validate (the data contract, the whole batch at once).
+
+        `letters=False` (a replay) makes no dead letters of the invalid records, it only leaves them out."""
         decoded = decode_events([record.value for record in records], self.max_event_bytes)
         dead = [(position, self._dead_letter(records[position], event)) for position, event in enumerate(decoded)
-                if isinstance(event, Invalid)]
+                if letters and isinstance(event, Invalid)]
         positions = [position for position, event in enumerate(decoded) if not isinstance(event, Invalid)]
         events = [event for event in decoded if not isinstance(event, Invalid)]
-        # validate + features: the data contract parses each field of the whole batch at once.
-        parsed = event_columns(events, schema.kinds)
-        for row, problem in parsed.problems.items():
+        parsed = event_columns(events, self._kinds)
+        for row, problem in parsed.problems.items() if letters else ():
             dead.append((positions[row], self._dead_letter(records[positions[row]], problem)))
         valid = parsed.valid_rows().tolist()
+        columns = parsed.columns if len(valid) == parsed.rows else parsed.take(np.asarray(valid, dtype=np.intp))
+        return _Parsed(dead=dead, positions=positions, events=events, valid=valid, columns=columns)
+
+    def _window_step(self, records: Sequence[Record], batch: _Parsed, replay: bool = False) -> np.ndarray:
+        """The window features of the batch's valid events (one row per record, NaN for the others); never raises.
+
+        If it fails unexpectedly the batch is scored with window features missing (as for an event whose
+        entity is unknown), the partitions' states are dropped (they may be half advanced) and it is counted."""
+        out = np.full((len(records), self.windows.width), np.nan)
+        if self.spec is None or not batch.valid:
+            return out
+        chosen = [records[batch.positions[v]] for v in batch.valid]
+        try:
+            events = [batch.events[v] for v in batch.valid]
+            wanted = (*self.spec.key_fields, *self.spec.numeric, *self.spec.categorical)
+            raw = {name: [event.get(name) for event in events] for name in wanted if name not in batch.columns}
+            times = np.array([np.nan if r.timestamp_ms is None else r.timestamp_ms / 1000.0 for r in chosen])
+            inputs = window_inputs(self.spec, raw, batch.columns, len(chosen), times)
+            if replay:
+                self.windows.replay(chosen, inputs)
+            else:
+                out[[batch.positions[v] for v in batch.valid]] = self.windows.features(chosen, inputs)
+        except Exception as exc:  # noqa: BLE001 - a window failure must not stop or stall the stream
+            self.windows.discard(chosen, exc)
+        return out
+
+    def _process(self, records: Sequence[Record], batch: _Parsed | None, windows: np.ndarray) -> BatchResult:
+        schema = self.bundle.schema
+        batch = self._parse(records) if batch is None else batch
+        dead, positions, events, valid = batch.dead, batch.positions, batch.events, batch.valid
         alerts: list[Alert] = []
         scores = np.empty(0)
         missing: dict[str, int] = {}
         columns: dict[str, np.ndarray] = {}
         if valid:
-            # scale -> model -> score: one model call for the whole batch.
-            columns = parsed.columns if len(valid) == parsed.rows else parsed.take(np.asarray(valid, dtype=np.intp))
+            # window features join the parsed fields -> scale -> model -> score: one model call for the batch.
+            columns = dict(batch.columns)
+            if self.spec is not None:
+                rows = windows[[positions[v] for v in valid]]
+                columns.update({name: rows[:, j] for j, name in enumerate(self.spec.names)})
             encoded = schema.encode(columns)
             result = self.scorer.score(encoded.matrix)
             scores = result.score
@@ -157,7 +232,10 @@ class Pipeline:
             flagged_rows = np.flatnonzero(scores > self.threshold)
             flagged = flagged_rows.tolist()
             flagged_events = [events[valid[i]] for i in flagged]
-            explained = self.scorer.explain_documents(result, flagged, flagged_events, self.top_features)
+            observed = flagged_events if self.spec is None else [
+                {**event, **{name: _plain_float(columns[name][i]) for name in self.spec.names}}
+                for i, event in zip(flagged, flagged_events, strict=True)]
+            explained = self.scorer.explain_documents(result, flagged, observed, self.top_features)
             for i, score, event, top_features in zip(flagged, scores[flagged_rows].tolist(), flagged_events,
                                                       explained, strict=True):
                 record = records[positions[valid[i]]]
@@ -175,3 +253,19 @@ class Pipeline:
         log.warning("dead letter %s: %s (%s)", record.where, problem.reason, problem.message)
         return DeadLetter(record=record, reason=problem.reason, error=problem.message,
                           model_version=self.bundle.version)
+
+
+@dataclass
+class _Parsed:
+    """A batch after decode and validate: dead letters so far (by position), the decoded events and which
+    of them are valid, and the valid events' parsed columns."""
+
+    dead: list[tuple[int, DeadLetter]]
+    positions: list[int]  # record position of each decoded event
+    events: list[dict[str, Any]]
+    valid: list[int]  # indices into events
+    columns: dict[str, np.ndarray]
+
+
+def _plain_float(value: float) -> float | None:
+    return None if value != value else float(value)

@@ -23,6 +23,7 @@ import numpy as np
 
 from training.window_state import RestorePoint, WindowInputs, WindowState, entity_key
 from training.windows import WindowSpec, entity_name
+from worker.config import DEFAULT_WINDOW_MAX_BYTES
 from worker.kafka.core import describe
 from worker.records import Record
 
@@ -38,8 +39,7 @@ MAX_OWNERS = 65_536
 WARN_EVERY_S = 60.0
 #: Longest part of an entity key a log line shows.
 SHOWN_KEY_CHARS = 64
-#: Default byte limit of one partition's state (docs/settings.md says why).
-DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_BYTES = DEFAULT_WINDOW_MAX_BYTES
 
 
 class PartitionWindows:
@@ -137,7 +137,7 @@ class PartitionWindows:
 
     def reset(self, spec: WindowSpec | None) -> None:
         """Windows of another spec from now on: every state is dropped (its features mean something else)."""
-        if spec == self.spec:
+        if spec is self.spec or spec == self.spec:
             return
         if self.states:
             log.warning("the model's window definitions changed: the window state of %d partitions starts again "

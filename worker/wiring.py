@@ -34,6 +34,7 @@ from worker.plugin import Plugin
 from worker.reload import ModelWatcher
 from worker.shadow import ShadowScorer
 from worker.threads import single_threaded_blas
+from worker.windows import PartitionWindows
 
 #: Called with the partitions being revoked (inside the consumer's poll).
 OnRevoke = Callable[[set[tuple[str, int]]], None]
@@ -54,6 +55,10 @@ class Runtime:
     broker: BrokerStatus  # the loop's last broker round trip; main sets it while it connects
     watcher: ModelWatcher | None = None  # set when --model is a repository: follows its current version
     shadow: ShadowScorer | None = None  # set with --shadow-model
+    #: The live model's window state, one per assigned partition (worker/windows.py; empty for a model without
+    #: windows). Every live pipeline shares it: a promoted model with the same windows keeps it, one with other
+    #: windows resets it at its first batch.
+    windows: PartitionWindows | None = None
 
 
 def observability(settings: Settings, bundle: Bundle) -> tuple[CollectorRegistry, WorkerMetrics, Health, BrokerStatus]:
@@ -93,24 +98,28 @@ def build_runtime(settings: Settings, pipeline_class: type[Pipeline] = Pipeline)
     warm up the pipeline; with a repository, a watcher that follows promotions (started by the caller).
     BLAS runs single-threaded from here on (worker/threads.py)."""
     single_threaded_blas()
+    bundle = load_bundle(resolve_model(settings.model), settings.expected_schema_hash)
+    registry, metrics, health, broker = observability(settings, bundle)
+    windows = PartitionWindows(bundle.windows, settings.window_max_entities, settings.window_max_bytes, metrics)
+    metrics.follow_window_state(windows.entity_count, windows.estimated_bytes)
 
-    def make_pipeline(bundle: Bundle) -> Pipeline:
+    def make_pipeline(bundle: Bundle, shared: PartitionWindows = windows) -> Pipeline:
         pipeline = pipeline_class(bundle, settings.max_event_bytes, settings.top_features,
-                                  entity_field=settings.alert_key_field, alert_headers=settings.alert_headers)
+                                  entity_field=settings.alert_key_field, alert_headers=settings.alert_headers,
+                                  windows=shared)
         pipeline.warm_up()
         return pipeline
 
-    bundle = load_bundle(resolve_model(settings.model), settings.expected_schema_hash)
     pipeline = make_pipeline(bundle)
-    registry, metrics, health, broker = observability(settings, bundle)
     watcher = ModelWatcher(settings.model, bundle, make_pipeline, metrics, settings.reload_interval_s,
                            settings.expected_schema_hash) if is_repository(settings.model) else None
     shadow = None
-    if settings.shadow_model is not None:
+    if settings.shadow_model is not None:  # its windows are its own: the live state is the live model's
         candidate = load_bundle(resolve_model(settings.shadow_model))
-        shadow = ShadowScorer(make_pipeline(candidate), metrics, settings.input_topic)
+        own = PartitionWindows(candidate.windows, settings.window_max_entities, settings.window_max_bytes)
+        shadow = ShadowScorer(make_pipeline(candidate, own), metrics, settings.input_topic)
     return Runtime(settings=settings, bundle=bundle, pipeline=pipeline, registry=registry, metrics=metrics,
-                   health=health, broker=broker, watcher=watcher, shadow=shadow)
+                   health=health, broker=broker, watcher=watcher, shadow=shadow, windows=windows)
 
 
 def kafka_connect(settings: Settings, on_revoke: OnRevoke, quarantine: Quarantine | None = None) -> tuple[Source, Sink]:
