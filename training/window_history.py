@@ -93,7 +93,7 @@ class History:
     def add(self, time: int, values: tuple[float, ...], categorical: tuple[str | None, ...], windows: Sequence[int],
             out: list[float], at: int) -> None:
         """Insert the event and write its features for each window from `out[at]` on (see `_write`)."""
-        grid = tuple(on_grid(v) for v in values)
+        grid = tuple([on_grid(v) for v in values])
         step = 1 + len(categorical) + 3 * len(values)
         if len(self.times) == self.start or time >= self.times[-1]:
             position = len(self.times)
@@ -109,13 +109,21 @@ class History:
                         queue.pop()
                     queue.append((position, value))
             lowest = position
+            times, grids, cats = self.times, self.grid, self.categorical
+            present_grid = [(j, g) for j, g in enumerate(grid) if g is not None]
+            present_cats = [(counts_at, c) for counts_at, c in enumerate(categorical) if c is not None]
             for w, length in enumerate(windows):
                 aggregate = aggregates[w]
-                aggregate.enter(grid, categorical)
+                sums, present, distinct = aggregate.sums, aggregate.present, aggregate.distinct
+                for j, g in present_grid:
+                    sums[j] += g
+                    present[j] += 1
+                for k, c in present_cats:
+                    counts = distinct[k]
+                    counts[c] = counts.get(c, 0) + 1
                 cutoff = time - length
-                times = self.times
                 while times[aggregate.lo] <= cutoff:
-                    aggregate.leave(self.grid[aggregate.lo], self.categorical[aggregate.lo])
+                    aggregate.leave(grids[aggregate.lo], cats[aggregate.lo])
                 lowest = min(lowest, aggregate.lo)
                 self._write(aggregate, position + 1 - aggregate.lo, values, grid, self._maxima(aggregate.lo), out,
                             at + w * step)
