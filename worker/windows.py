@@ -167,16 +167,16 @@ class PartitionWindows:
         moved = 0
         for e, keys in enumerate(inputs.keys):
             for text in dict.fromkeys(keys):
-                if text is None:
-                    continue
                 kept, _ = entity_key(text)
+                if kept is None:
+                    continue
                 ident = (e, kept)
                 before = owners.get(ident)
                 owners[ident] = partition
                 owners.move_to_end(ident)
                 if before is not None and before != partition:
                     moved += 1
-                    self._warn(e, text, before, key)
+                    self._warn(e, text or "", before, key)
         while len(owners) > self._max_owners:
             owners.popitem(last=False)
         if moved and self.metrics is not None:
