@@ -117,7 +117,7 @@ class Bundle:
         if self._scorer is None:
             from training.scoring import Scorer
 
-            self._scorer = Scorer(self.path / SAVED_MODEL, self.schema)
+            self._scorer = Scorer(self.path / SAVED_MODEL, self.schema, windows=self.windows)
         return self._scorer
 
     @property

@@ -47,8 +47,10 @@ def _run(prog: str, body: Callable[[], int]) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
-#: The columns anomaly-score writes after the passthrough ones; an existing --out must end with them.
+#: The columns anomaly-score writes after the passthrough ones; an existing --out must end with them (or with
+#: them and EXPLANATION, which a model with window features adds: the top feature in words).
 SCORE_COLUMNS = ["score", "is_anomaly", "top_feature", "top_feature_share"]
+EXPLANATION = "explanation"
 
 
 def check_score_output(out: Path, data: Path) -> None:
@@ -61,7 +63,7 @@ def check_score_output(out: Path, data: Path) -> None:
         raise ConfigError(f"--out {out} is the input file; write the scores to another file")
     with out.open("r", errors="replace") as fh:
         header = fh.readline().strip().split(",")
-    if header[-len(SCORE_COLUMNS):] != SCORE_COLUMNS:
+    if SCORE_COLUMNS not in (header[-len(SCORE_COLUMNS):], header[-len(SCORE_COLUMNS) - 1:-1]):
         raise ConfigError(f"--out {out} exists and was not written by anomaly-score; choose another file, or "
                           f"move it away first")
 
@@ -117,6 +119,18 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--bank-rows", type=int,
                    help="most normal training rows kept to search for neighbours (default 4096, fewer for wide "
                         "schemas); every scored event is compared with each, so fewer rows score faster")
+    w = p.add_argument_group("per-entity window features (docs/windows.md)")
+    w.add_argument("--entity", action="append", default=[], metavar="FIELD[+FIELD]",
+                   help="an entity the windows follow, e.g. src_host or id.orig_h+id.resp_h; repeat for several")
+    w.add_argument("--window", action="append", default=[], metavar="DURATION",
+                   help="a window length, e.g. 2s, 60s, 5m, 1d; repeat for several")
+    w.add_argument("--event-time", metavar="FIELD",
+                   help="the field holding each event's time (epoch seconds or ISO 8601); with --from-kafka, "
+                        "@record means the Kafka record's timestamp")
+    w.add_argument("--window-field", action="append", default=[], metavar="FIELD",
+                   help="summarise only these fields in the windows (default: every feature field); repeatable")
+    w.add_argument("--window-grace", type=float, metavar="SECONDS",
+                   help="how late an event may arrive and still be windowed at its own time (default 10)")
     t = p.add_mutually_exclusive_group()
     t.add_argument("--target-fpr", type=float, help="threshold for this false-positive rate on normal rows "
                                                     "(default 0.01)")
@@ -133,7 +147,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         from training.model import FitConfig, ScoreConfig
         from training.repository import Destination, promote
         from training.threshold import ThresholdConfig
-        from training.train import TrainConfig, train_file
+        from training.train import TrainConfig, train_file, window_options
 
         if (args.label_column is None) != (args.normal_value is None):
             raise ConfigError("--label-column and --normal-value go together")
@@ -150,7 +164,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             score=ScoreConfig(**{name: value for name in ("distance_weight", "neighbours", "bank_rows")
                                  if (value := getattr(args, name)) is not None}),
             categorical=tuple(args.categorical), drop=tuple(args.drop), weighting=args.weighting,
-            labels=Labels(args.label_column, args.normal_value) if args.label_column else None)
+            labels=Labels(args.label_column, args.normal_value) if args.label_column else None,
+            windows=window_options(args.entity, args.window, args.event_time, args.window_field, args.window_grace))
         log = lambda line: print(line, flush=True)  # noqa: E731
         if args.from_kafka:
             result = train_from_kafka(args, destination, config, log)
@@ -197,6 +212,23 @@ def train_from_kafka(args: argparse.Namespace, destination: Any, config: Any, lo
     return train_frame(window.frame, destination, config, window.sha256, source=Path(window.source), log=log)
 
 
+def window_summary(state: Any) -> str:
+    counts = state.counts.take()
+    return "window features: " + (", ".join(f"{k} {v}" for k, v in counts.items()) + " (docs/windows.md)"
+                                  if counts else "every event windowed at its own time")
+
+
+def top_feature_words(scorer: Any, scores: Any, columns: dict[str, np.ndarray], chunk: Any) -> list[str]:
+    """Each row's top feature in words and original units (window features: "events from ... in the last 2s")."""
+    from training.data import raw_values
+
+    keys = [name for entity in scorer.windows.entities for name in entity if name not in columns]
+    values = {**columns, **{name: raw_values(chunk[name]) for name in keys if name in chunk.columns}}
+    observed = [{name: column[row] for name, column in values.items()} for row in range(len(chunk))]
+    return [c.text or f"{c.field}: {c.observed}, expected {c.expected}"
+            for [c] in scorer.explain_rows(scores, range(len(chunk)), observed, top_k=1)]
+
+
 def load_threshold(path: Path) -> float:
     from training.bundle import load_bundle
 
@@ -215,30 +247,35 @@ def score_main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body() -> int:
-        from training.data import check_columns, check_passthrough, encode_frame, iter_frames
+        from training.data import check_columns, check_passthrough, file_windows, frame_columns, iter_frames
         from training.repository import load_model
 
         check_score_output(args.out, args.data)
         bundle = load_model(args.model)
         scorer = bundle.scorer
         allowed = [*bundle.passthrough_columns, *args.passthrough]
+        # A windowed model scores the file as a replay of it onto one partition: one state, rows in file order.
+        windows = file_windows(bundle.windows)
         started, rows, anomalies = time.perf_counter(), 0, 0
         tmp = args.out.with_name(f".{args.out.name}.partial-{uuid.uuid4().hex[:8]}")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         try:
             with tmp.open("w", newline="") as fh:
                 writer = csv.writer(fh)
-                writer.writerow([*args.passthrough, *SCORE_COLUMNS])
+                writer.writerow([*args.passthrough, *SCORE_COLUMNS, *([EXPLANATION] if windows else [])])
                 for first_row, chunk in iter_frames(args.data, args.chunk_rows):
-                    check_columns(chunk, bundle.schema, allowed, args.data)
+                    check_columns(chunk, bundle.schema, allowed, args.data, bundle.windows)
                     extra = check_passthrough(chunk, args.passthrough, args.data)
-                    scores = scorer.score(encode_frame(bundle.schema, chunk, args.data, first_row))
+                    columns = frame_columns(bundle.schema, chunk, args.data, first_row, windows)
+                    scores = scorer.score(bundle.schema.encode(columns).matrix)
                     flags = scores.score > bundle.threshold.value
                     totals = np.maximum(scores.field_errors.sum(axis=1), 1e-30)
                     shares = scores.field_errors.max(axis=1) / totals
+                    words = top_feature_words(scorer, scores, columns, chunk) if windows else None
                     for i, (s, f, top, share) in enumerate(zip(scores.score, flags, scorer.top_fields(scores), shares,
                                                                strict=True)):
-                        writer.writerow([*(col[i] for col in extra), f"{s:.9g}", int(f), top, f"{share:.4f}"])
+                        writer.writerow([*(col[i] for col in extra), f"{s:.9g}", int(f), top, f"{share:.4f}",
+                                         *([words[i]] if words is not None else [])])
                     rows += len(chunk)
                     anomalies += int(flags.sum())
         except BaseException:
@@ -249,6 +286,8 @@ def score_main(argv: Sequence[str] | None = None) -> int:
         print(f"scored {rows} rows in {seconds:.1f} s ({rows / max(seconds, 1e-9):,.0f} rows/s): "
               f"{anomalies} anomalies ({anomalies / max(rows, 1):.2%}) above threshold "
               f"{bundle.threshold.value:.6g}; model {bundle.version}; wrote {args.out}")
+        if windows is not None:
+            print(window_summary(windows))
         return 0
 
     return _run("anomaly-score", body)
@@ -315,7 +354,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         from training import report
-        from training.data import Labels, check_columns, encode_frame, read_frame
+        from training.data import Labels, check_columns, encode_frame, file_windows, read_frame
         from training.errors import DataError
         from training.evaluate import evaluate
         from training.repository import load_model
@@ -325,8 +364,10 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         normal = Labels(args.label_column, args.normal_value).is_normal(frame, args.data)
         if normal.all():
             raise DataError(f"{args.data}: every row is normal; evaluation needs anomalous rows too")
-        check_columns(frame, bundle.schema, [*bundle.passthrough_columns, args.label_column], args.data)
-        scores = bundle.scorer.score(encode_frame(bundle.schema, frame, args.data)).score
+        check_columns(frame, bundle.schema, [*bundle.passthrough_columns, args.label_column], args.data,
+                      bundle.windows)
+        windows = file_windows(bundle.windows)  # the file in its own order, as anomaly-score reads it
+        scores = bundle.scorer.score(encode_frame(bundle.schema, frame, args.data, windows=windows)).score
         e = evaluate(scores, ~normal, bundle.threshold.value)
         out = args.report_dir or args.data.parent / f"evaluation-{args.data.stem}"
         check_report_dir(out)
@@ -343,6 +384,8 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
               f"F1 {e.f1:.3f}  false-positive rate {e.false_positive_rate:.4f}  "
               f"(tp {e.tp}, fp {e.fp}, tn {e.tn}, fn {e.fn})")
         print(f"  F1-optimal threshold {e.f1_optimal_threshold:.6g} gives F1 {e.f1_optimal:.3f}")
+        if windows is not None:
+            print(f"  {window_summary(windows)}")
         print(f"  report: {out / 'report.html'}")
         return 0
 

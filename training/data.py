@@ -8,11 +8,12 @@ as in an event).
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -33,6 +34,8 @@ from training.contract import (
 )
 from training.errors import DataError
 from training.features import FeatureSchema
+from training.window_state import WindowInputs, WindowState
+from training.windows import WindowSpec, is_window_feature, window_inputs
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet",
            ".pq": "parquet"}
@@ -238,12 +241,18 @@ def _problem_message(path: Path, first_row: int, row: int, problem: Invalid, raw
     return f"{where}: a {json_type(value)} cannot be a category ({count} such rows in this chunk); use text"
 
 
-def check_columns(frame: pd.DataFrame, schema: FeatureSchema, allowed_extra: Sequence[str], path: Path) -> None:
+def check_columns(frame: pd.DataFrame, schema: FeatureSchema, allowed_extra: Sequence[str], path: Path,
+                  windows: WindowSpec | None = None) -> None:
     """At scoring time the file must carry every schema column and nothing unexpected.
 
-    In JSON Lines an absent key is a missing value, as in an event, so only CSV and Parquet need every column.
+    Window features are computed, not read: a file for a windowed model carries the windows' entity and time
+    fields instead. In JSON Lines an absent key is a missing value, as in an event, so only CSV and Parquet
+    need every column.
     """
-    missing = [n for n in schema.names if n not in frame.columns]
+    needed = [n for n in schema.names if not is_window_feature(n)]
+    if windows is not None:
+        needed += [n for n in windows.key_fields if n not in needed]
+    missing = [n for n in needed if n not in frame.columns]
     if missing and FORMATS.get(path.suffix.lower()) != "jsonl":
         raise DataError(f"{path}: missing column(s) required by the model: {', '.join(missing)}")
     extra = [c for c in frame.columns if c not in schema.names and c not in allowed_extra]
@@ -287,6 +296,43 @@ class Labels:
         return normal
 
 
-def encode_frame(schema: FeatureSchema, frame: pd.DataFrame, source: Path, first_row: int = 1) -> np.ndarray:
-    """Encode a frame already checked to carry the schema's columns (validating numeric values)."""
-    return schema.encode(raw_columns(frame, schema.kinds, source, first_row)).matrix
+def encode_frame(schema: FeatureSchema, frame: pd.DataFrame, source: Path, first_row: int = 1,
+                 windows: WindowState | None = None) -> np.ndarray:
+    """Encode a frame already checked to carry the schema's columns (validating numeric values).
+
+    A windowed model's features are computed by `windows`, the file's one state, fed the frame's rows in
+    order: chunk after chunk of a file gives the features of the whole file in one call."""
+    return schema.encode(frame_columns(schema, frame, source, first_row, windows)).matrix
+
+
+def frame_columns(schema: FeatureSchema, frame: pd.DataFrame, source: Path, first_row: int = 1,
+                  windows: WindowState | None = None) -> dict[str, np.ndarray]:
+    """The parsed columns `encode_frame` encodes: the frame's own, and the window features `windows` computes."""
+    if windows is None:
+        return raw_columns(frame, schema.kinds, source, first_row)
+    columns = raw_columns(frame, input_kinds(schema), source, first_row)
+    return with_windows(columns, windows.advance(frame_window_inputs(windows.spec, frame, columns)), windows.spec)
+
+
+def file_windows(spec: WindowSpec | None) -> WindowState | None:
+    """The window state of one file scored with a windowed model: a replay of the file onto one partition,
+    with no entity limit (the windows' horizon bounds it). None for a model without windows."""
+    return None if spec is None else WindowState(spec, max_entities=sys.maxsize)
+
+
+def input_kinds(schema: FeatureSchema) -> dict[str, str]:
+    """The fields a row or an event carries itself: the schema's, less the window features computed from them."""
+    return {name: kind for name, kind in schema.kinds.items() if not is_window_feature(name)}
+
+
+def frame_window_inputs(spec: WindowSpec, frame: pd.DataFrame, parsed: dict[str, np.ndarray],
+                        record_times_s: np.ndarray | None = None) -> WindowInputs:
+    """What the windows read of a frame's rows: `parsed` model columns, the other fields parsed from the frame."""
+    wanted = [*spec.key_fields, *spec.numeric, *spec.categorical]
+    raw = {name: raw_values(frame[name]) for name in wanted if name in frame.columns and name not in parsed}
+    return cast(WindowInputs, window_inputs(spec, raw, parsed, len(frame), record_times_s))
+
+
+def with_windows(columns: dict[str, np.ndarray], features: np.ndarray, spec: WindowSpec) -> dict[str, np.ndarray]:
+    """Parsed columns and the window features (`WindowState.advance`'s n x width array) as columns of their own."""
+    return {**columns, **{name: features[:, i] for i, name in enumerate(spec.names)}}

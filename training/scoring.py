@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 import numpy as np
 import pandas as pd
 
-from training.data import check_columns, encode_frame
+from training.contract import category
+from training.data import check_columns, encode_frame, file_windows
 from training.errors import BundleError
 from training.features import FeatureSchema, NumericField
 from training.model import PART_OUTPUTS, SIGNATURE, SIGNATURE_INPUT, tf
 from training.tf_runtime import quiet_native_stderr
+from training.windows import WindowSpec, explain
 
 if TYPE_CHECKING:
     from training.bundle import Bundle
@@ -40,7 +42,8 @@ class Scores:
 
 
 class Contribution(NamedTuple):
-    """One field's share of a row's error, with the observed and the reconstructed ("expected") value.
+    """One field's share of a row's error, with the observed and the reconstructed ("expected") value;
+    `text` says a window feature in words ("events from src_host 10.0.0.5 in the last 2s: 47, expected 3").
 
     A named tuple rather than a frozen dataclass: each alert carries several, and a tuple is built several
     times faster."""
@@ -49,10 +52,14 @@ class Contribution(NamedTuple):
     share: float
     observed: Any
     expected: Any
+    text: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"field": self.field, "share": round(self.share, 6), "observed": self.observed,
-                "expected": self.expected}
+        document = {"field": self.field, "share": round(self.share, 6), "observed": self.observed,
+                    "expected": self.expected}
+        if self.text is not None:
+            document["text"] = self.text
+        return document
 
 
 def _plain(value: Any) -> Any:
@@ -87,9 +94,11 @@ def round_significant(values: np.ndarray, digits: int = 6) -> np.ndarray:
 
 
 class Scorer:
-    """Wraps the bundle's SavedModel signature; knows the schema to fold and decode its outputs."""
+    """Wraps the bundle's SavedModel signature; knows the schema to fold and decode its outputs, and the window
+    spec (if any) to say window features in words."""
 
-    def __init__(self, saved_model_dir: Path, schema: FeatureSchema, max_batch_rows: int = 16_384) -> None:
+    def __init__(self, saved_model_dir: Path, schema: FeatureSchema, max_batch_rows: int = 16_384,
+                 windows: WindowSpec | None = None) -> None:
         try:
             with quiet_native_stderr():
                 loaded = tf.saved_model.load(str(saved_model_dir))
@@ -106,6 +115,13 @@ class Scorer:
         self.schema = schema
         self._fold = schema.fold_matrix()
         self._max_batch_rows = max_batch_rows
+        self.windows = windows
+        # Field index -> the entity fields of a window feature, for its explanation in words.
+        self._entities: dict[int, tuple[str, ...]] = {}
+        if windows is not None:
+            per_entity = len(windows.windows) * len(windows.per_window())
+            entity_of = {name: windows.entities[i // per_entity] for i, name in enumerate(windows.names)}
+            self._entities = {j: entity_of[name] for j, name in enumerate(schema.names) if name in entity_of}
 
     def score(self, matrix: np.ndarray) -> Scores:
         """Score encoded rows (float32, schema width) in one model call per `max_batch_rows` rows."""
@@ -136,7 +152,8 @@ class Scorer:
         """`explain` for many rows at once: ranking, shares and decoding are vectorised over the rows."""
         names = self.schema.names
         top, shares, expected = self._ranked(scores, rows, top_k)
-        return [[Contribution(names[j], share, _plain(event.get(names[j])), expected[j][a])
+        return [[Contribution(names[j], share, value := _plain(event.get(names[j])), expected[j][a],
+                              self._words(j, value, expected[j][a], event) if j in self._entities else None)
                  for j, share in zip(picked, row_shares, strict=True)]
                 for a, (event, picked, row_shares) in enumerate(zip(observed, top, shares, strict=True))]
 
@@ -146,10 +163,23 @@ class Scorer:
         directly: a worker alerting on a third of a busy stream builds thousands of these a second."""
         names = self.schema.names
         top, shares, expected = self._ranked(scores, rows, top_k)
-        return [[{"field": names[j], "share": round(share, 6), "observed": _plain(event.get(names[j])),
-                  "expected": expected[j][a]}
-                 for j, share in zip(picked, row_shares, strict=True)]
-                for a, (event, picked, row_shares) in enumerate(zip(observed, top, shares, strict=True))]
+        documents = [[{"field": names[j], "share": round(share, 6), "observed": _plain(event.get(names[j])),
+                       "expected": expected[j][a]}
+                      for j, share in zip(picked, row_shares, strict=True)]
+                     for a, (event, picked, row_shares) in enumerate(zip(observed, top, shares, strict=True))]
+        if self._entities:
+            for event, picked, row in zip(observed, top, documents, strict=True):
+                for j, document in zip(picked, row, strict=True):
+                    if j in self._entities:
+                        document["text"] = self._words(j, document["observed"], document["expected"], event)
+        return documents
+
+    def _words(self, j: int, observed: Any, expected: Any, event: Mapping[str, Any]) -> str:
+        """Window feature `j` in words; the entity is the event's own value of the entity's field(s)."""
+        parts = [category(event.get(name), name) for name in self._entities[j]]
+        entity = "+".join(parts) if all(isinstance(p, str) for p in parts) else None  # type: ignore[arg-type]
+        return explain(self.schema.names[j], observed if isinstance(observed, int | float) else None,
+                       expected if isinstance(expected, int | float) else None, entity)
 
     def _ranked(self, scores: Scores, rows: Sequence[int], top_k: int
                 ) -> tuple[list[list[int]], list[list[float]], dict[int, list[Any]]]:
@@ -178,6 +208,8 @@ class Scorer:
 def score_frame(bundle: Bundle, frame: pd.DataFrame, source: Path = Path("<frame>"), first_row: int = 1) -> Scores:
     """Score every row of a frame with a loaded bundle: the values are checked and encoded as `anomaly-score`
     does (a `DataError` names `source`, the column and the row). Columns besides the features are ignored;
-    compare `Scores.score` with `bundle.threshold.value` for the verdict."""
-    check_columns(frame, bundle.schema, [str(c) for c in frame.columns], source)
-    return cast(Scores, bundle.scorer.score(encode_frame(bundle.schema, frame, source, first_row)))
+    compare `Scores.score` with `bundle.threshold.value` for the verdict. A windowed bundle's window features
+    are computed over the frame's rows in order, as one partition would see them."""
+    check_columns(frame, bundle.schema, [str(c) for c in frame.columns], source, bundle.windows)
+    windows = file_windows(bundle.windows)
+    return cast(Scores, bundle.scorer.score(encode_frame(bundle.schema, frame, source, first_row, windows)))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,16 @@ import pandas as pd
 
 from training import report
 from training.bundle import BundleContents, Manifest
-from training.data import Labels, file_sha256, infer_kinds, instant_warnings, raw_columns, read_frame
+from training.data import (
+    Labels,
+    file_sha256,
+    frame_window_inputs,
+    infer_kinds,
+    instant_warnings,
+    raw_columns,
+    read_frame,
+    with_windows,
+)
 from training.errors import ConfigError, DataError
 from training.evaluate import Evaluation, evaluate
 from training.features import CATEGORICAL, field_histograms, fit_schema
@@ -28,9 +37,38 @@ from training.model import Combination, FitConfig, ScoreConfig, export_saved_mod
 from training.repository import Destination
 from training.scoring import Scorer
 from training.threshold import Threshold, ThresholdConfig, calibrate, score_histogram
+from training.window_state import WindowInputs, window_features
+from training.windows import (
+    DEFAULT_GRACE_S,
+    PREFIX,
+    RECORD_TIME,
+    WindowSpec,
+    build_spec,
+    parse_entity,
+    parse_window,
+)
 
 WEIGHTINGS = ("none", "normalized")
 MIN_NORMAL_ROWS = 20
+
+
+@dataclass(frozen=True)
+class WindowOptions:
+    """Per-entity window features to compute (docs/windows.md): the `anomaly-train` flags as given."""
+
+    entities: tuple[str, ...]
+    windows: tuple[str, ...]
+    time_field: str | None
+    fields: tuple[str, ...] = ()
+    grace_s: float = DEFAULT_GRACE_S
+
+
+@dataclass(frozen=True)
+class StreamOrder:
+    """Rows read from Kafka: each row's partition (a partition's rows in offset order) and record time (epoch s)."""
+
+    partitions: np.ndarray
+    record_times_s: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -44,6 +82,7 @@ class TrainConfig:
     drop: tuple[str, ...] = ()
     labels: Labels | None = None
     weighting: str = "normalized"
+    windows: WindowOptions | None = None
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
@@ -89,9 +128,79 @@ def feature_weights(errors: np.ndarray, weighting: str) -> np.ndarray:
     return (weights / weights.mean()).astype(np.float32)
 
 
+def window_options(entities: Sequence[str], windows: Sequence[str], time_field: str | None, fields: Sequence[str],
+                   grace_s: float | None) -> WindowOptions | None:
+    """The window flags of `anomaly-train` -> options (None without --window or --entity); refuses a half-given set."""
+    if not entities and not windows:
+        if time_field or fields or grace_s is not None:
+            raise ConfigError("--event-time, --window-field and --window-grace go with --entity and --window")
+        return None
+    if not entities:
+        raise ConfigError("--window needs --entity FIELD: the windows count events per entity")
+    if not windows:
+        raise ConfigError("--entity needs --window DURATION (e.g. --window 2s --window 60s)")
+    if not time_field:
+        raise ConfigError(f"window features need event time: name its field with --event-time FIELD "
+                          f"(or {RECORD_TIME} for the Kafka record's timestamp with --from-kafka)")
+    for entity in entities:
+        parse_entity(entity)
+    for window in windows:
+        parse_window(window)
+    grace = DEFAULT_GRACE_S if grace_s is None else grace_s
+    if not 0 <= grace <= 86_400:
+        raise ConfigError(f"--window-grace must be between 0 and 86400 seconds, got {grace:g}")
+    return WindowOptions(tuple(entities), tuple(windows), time_field, tuple(fields), grace)
+
+
+def window_spec(frame: pd.DataFrame, kinds: dict[str, str], options: WindowOptions, source: Path,
+                stream: StreamOrder | None) -> WindowSpec:
+    """The spec from the flags, checked against the data: every entity and time field must be a column."""
+    fields = [name for entity in options.entities for name in parse_entity(entity)]
+    if unknown := [name for name in dict.fromkeys(fields) if name not in frame.columns]:
+        raise ConfigError(f"--entity {unknown[0]}: no such field in {source}; fields are "
+                          f"{', '.join(map(str, frame.columns[:10]))}")
+    if options.time_field == RECORD_TIME and stream is None:
+        raise ConfigError(f"--event-time {RECORD_TIME} is the Kafka record's timestamp: only with --from-kafka; "
+                          f"name the file's time field instead")
+    if options.time_field and options.time_field != RECORD_TIME and options.time_field not in frame.columns:
+        raise ConfigError(f"--event-time {options.time_field}: no such field in {source}; fields are "
+                          f"{', '.join(map(str, frame.columns[:10]))}")
+    if dropped := [name for name in options.fields if name in frame.columns and name not in kinds]:
+        raise ConfigError(f"--window-field {dropped[0]} is dropped (--drop or --label-column); windows summarise "
+                          f"the model's fields")
+    return build_spec(options.entities, options.windows, options.time_field, kinds, options.fields, options.grace_s)
+
+
+def window_columns(spec: WindowSpec, frame: pd.DataFrame, columns: dict[str, np.ndarray],
+                   stream: StreamOrder | None) -> tuple[np.ndarray, dict[str, int]]:
+    """Every row's window features (rows x spec.names) and the events by outcome.
+
+    All rows count, anomalous ones too: the windows describe the traffic, the labels only choose the rows
+    trained on. A file is windowed in event-time order (a stable sort: equal times keep the file's order,
+    rows without a usable time come last); a Kafka window partition by partition in offset order, as the
+    worker reads it.
+    """
+    inputs: WindowInputs = frame_window_inputs(spec, frame, columns,
+                                               stream.record_times_s if stream is not None else None)
+    if stream is None:
+        groups = [np.argsort(inputs.times, kind="stable")]
+    else:
+        groups = [np.flatnonzero(stream.partitions == p) for p in np.unique(stream.partitions)]
+    features = np.full((len(frame), len(spec.names)), np.nan)
+    counts: dict[str, int] = {}
+    for rows in groups:
+        features[rows], group_counts = window_features(spec, inputs.take(rows.tolist()))
+        for outcome, n in group_counts.items():
+            counts[outcome] = counts.get(outcome, 0) + n
+    return features, counts
+
+
 def train_frame(frame: pd.DataFrame, out_dir: Path | Destination, config: TrainConfig, data_sha256: str,
-                source: Path = Path("<data>"), log: Callable[[str], None] = print) -> TrainResult:
-    """Train a bundle from an in-memory frame (the CLI and the benchmarks both come through here)."""
+                source: Path = Path("<data>"), log: Callable[[str], None] = print,
+                stream: StreamOrder | None = None) -> TrainResult:
+    """Train a bundle from an in-memory frame (the CLI and the benchmarks both come through here).
+
+    `stream`: the frame's rows came from Kafka (windows are then computed per partition, in offset order)."""
     started = time.perf_counter()
     destination = out_dir if isinstance(out_dir, Destination) else Destination(out_dir)
     destination.check()
@@ -103,8 +212,30 @@ def train_frame(frame: pd.DataFrame, out_dir: Path | Destination, config: TrainC
     features = frame.drop(columns=[*config.drop, *label_col])
     if features.shape[1] == 0:
         raise DataError(f"{source}: no feature columns left after dropping {', '.join([*config.drop, *label_col])}")
+    if reserved := [str(c) for c in features.columns if str(c).startswith(PREFIX)]:
+        raise DataError(f"{source}: column {reserved[0]!r}: names starting with {PREFIX!r} are reserved for window "
+                        f"features; rename the column or --drop it")
     kinds = infer_kinds(features, config.categorical)
-    columns = raw_columns(features, kinds, source)
+    spec = window_spec(frame, kinds, config.windows, source, stream) if config.windows is not None else None
+    if spec is not None:
+        # Entity and time fields are what the windows are keyed and ordered by, not model fields: an address
+        # or an account id as a one-hot is noise, an absolute time grows past its training range. An entity
+        # named with --categorical is also fed to the model.
+        keys = set(spec.key_fields) - {name for name in config.categorical if name != spec.time_field}
+        kinds = {name: kind for name, kind in kinds.items() if name not in keys}
+        if not kinds:
+            raise DataError(f"{source}: no feature columns left besides the window keys {', '.join(sorted(keys))}")
+    columns = raw_columns(features[list(kinds)], kinds, source)
+    window_facts: dict[str, Any] = {}
+    if spec is not None:
+        window_values, outcomes = window_columns(spec, frame, columns, stream)
+        columns = with_windows(columns, window_values, spec)
+        window_facts = {"window_features": len(spec.names), "window_outcomes": outcomes}
+        log(f"window features: {len(spec.names)} (entities {len(spec.entities)} x windows {len(spec.windows)} x "
+            f"statistics {len(spec.per_window())}) over all {len(frame)} rows "
+            f"{'per partition in offset order' if stream is not None else 'in event-time order'}; "
+            + (", ".join(f"{k} {v}" for k, v in outcomes.items()) if outcomes
+               else "every event windowed at its own time"))
 
     normal_idx = np.flatnonzero(normal_mask)
     splits = split_normals(normal_idx.size, config.fit.seed, with_test=config.labels is not None)
@@ -116,7 +247,7 @@ def train_frame(frame: pd.DataFrame, out_dir: Path | Destination, config: TrainC
         f"({len(schema.categorical_names)} categorical) -> {schema.width} model inputs")
     log(f"splits of normal rows: train {splits.train.size}, validation {splits.validation.size}, "
         f"calibration {splits.calibration.size}, test {splits.test_normal.size}")
-    for warning in instant_warnings(features, kinds):
+    for warning in instant_warnings(features[list(kinds)], kinds):
         log(warning)
 
     def on_epoch(epoch: int, loss: float, val_loss: float) -> None:
@@ -190,7 +321,7 @@ def train_frame(frame: pd.DataFrame, out_dir: Path | Destination, config: TrainC
             "neighbours": neighbours.k if neighbours is not None else 0,
             "bank_rows": len(neighbours.bank) if neighbours is not None else 0,
             "reconstruction_scale": combination.reconstruction_scale, "distance_scale": combination.distance_scale,
-            "score_part_shares": shares,
+            "score_part_shares": shares, **window_facts,
             "seconds": round(seconds, 2),
         }
 
@@ -225,7 +356,7 @@ def train_frame(frame: pd.DataFrame, out_dir: Path | Destination, config: TrainC
             schema=schema, threshold=threshold, histogram=score_histogram(reference), data_sha256=data_sha256,
             field_histograms=field_histograms(schema, {k: v[train_rows] for k, v in columns.items()}),
             write_saved_model=lambda path: shutil.copytree(final, path), write_report=write_report,
-            training=training_facts, metrics=evaluation.to_dict() if evaluation else {},
+            training=training_facts, metrics=evaluation.to_dict() if evaluation else {}, windows=spec,
             columns={"ignored": [*config.drop, *label_col], "label": config.labels.column if config.labels else None,
                      "normal_value": config.labels.normal_value if config.labels else None}))
     return TrainResult(manifest=manifest, evaluation=evaluation, out_dir=written,
