@@ -23,8 +23,9 @@ import numpy as np
 
 from training.bundle import Bundle
 from training.contract import Invalid, Reason, event_columns
+from training.data import input_kinds, with_windows
 from training.window_state import DEFAULT_MAX_ENTITIES
-from training.windows import WindowSpec, is_window_feature, window_inputs
+from training.windows import WindowSpec, window_inputs
 from worker.alerts import build_alert
 from worker.decode import decode_events
 from worker.errors import ModelFailure
@@ -108,7 +109,7 @@ class Pipeline:
             windows = PartitionWindows(self.spec, DEFAULT_MAX_ENTITIES, DEFAULT_MAX_BYTES)
         self.windows = windows
         # The contract parses the event's own fields; window features are computed, never read from the event.
-        self._kinds = {name: kind for name, kind in bundle.schema.kinds.items() if not is_window_feature(name)}
+        self._kinds = input_kinds(bundle.schema)
 
     def warm_up(self) -> None:
         """Ready for the first batch: trace the model once, then `settle_heap`, so batches pay for neither."""
@@ -219,10 +220,8 @@ class Pipeline:
         columns: dict[str, np.ndarray] = {}
         if valid:
             # window features join the parsed fields -> scale -> model -> score: one model call for the batch.
-            columns = dict(batch.columns)
-            if self.spec is not None:
-                rows = windows[[positions[v] for v in valid]]
-                columns.update({name: rows[:, j] for j, name in enumerate(self.spec.names)})
+            columns = batch.columns if self.spec is None else \
+                with_windows(batch.columns, windows[[positions[v] for v in valid]], self.spec)
             encoded = schema.encode(columns)
             result = self.scorer.score(encoded.matrix)
             scores = result.score
