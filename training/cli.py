@@ -194,7 +194,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 def train_from_kafka(args: argparse.Namespace, destination: Any, config: Any, log: Callable[[str], None]) -> Any:
     """anomaly-train --from-kafka: read the window, say what was skipped, train as from a file."""
     from training.kafka_window import parse_since, read_window, skip_contract_breaches
-    from training.train import train_frame
+    from training.train import StreamOrder, train_frame
     from worker.config import env_fallback
     from worker.kafka.connection import Connection
 
@@ -204,12 +204,17 @@ def train_from_kafka(args: argparse.Namespace, destination: Any, config: Any, lo
     since = parse_since(args.since) if args.since else None
     window = read_window(Connection.from_args(get, client_id="anomaly-train"), args.topic, args.max_events, since)
     ignored = [*config.drop, *([config.labels.column] if config.labels else [])]
+    if config.windows is not None:  # window keys are not model fields: a bad value is missing, never a skip
+        ignored += [name for name in config.windows.key_fields if name not in config.categorical]
     window = skip_contract_breaches(window, ignored, config.categorical, log)
     skipped = sum(window.skipped.values())
     log(f"{window.source}: {len(window.frame)} events read"
         + (f"; {skipped} records skipped ({', '.join(f'{k} {v}' for k, v in window.skipped.items())})"
            if skipped else ""))
-    return train_frame(window.frame, destination, config, window.sha256, source=Path(window.source), log=log)
+    stream = StreamOrder(partitions=np.array([partition for partition, _ in window.positions]),
+                         record_times_s=np.array([np.nan if t is None else t / 1000.0 for t in window.timestamps_ms]))
+    return train_frame(window.frame, destination, config, window.sha256, source=Path(window.source), log=log,
+                       stream=stream)
 
 
 def window_summary(state: Any) -> str:

@@ -39,7 +39,8 @@ class Window:
     """The events of a window as a frame, their digest, and what was skipped (by reason).
 
     `values` and `positions` are each event's record value and (partition, offset), row by row: what the
-    digest covers and what a skip names.
+    digest covers and what a skip names; `timestamps_ms` each record's timestamp (window features read it
+    for `--event-time @record`).
     """
 
     frame: pd.DataFrame
@@ -48,6 +49,7 @@ class Window:
     source: str
     values: list[bytes] = field(repr=False)
     positions: list[tuple[int, int]] = field(repr=False)
+    timestamps_ms: list[int | None] = field(default_factory=list, repr=False)
 
 
 def read_window(connection: Connection, topic: str, max_events: int, since_ms: int | None = None,
@@ -63,6 +65,7 @@ def read_window(connection: Connection, topic: str, max_events: int, since_ms: i
     rows: list[dict[str, Any]] = []
     values: list[bytes] = []
     positions: list[tuple[int, int]] = []
+    timestamps: list[int | None] = []
     skipped: Counter[str] = Counter()
     try:
         reader = open_topic_reader(connection)
@@ -75,6 +78,7 @@ def read_window(connection: Connection, topic: str, max_events: int, since_ms: i
                 rows.append(event)
                 values.append(message.value or b"")
                 positions.append((message.partition, message.offset))
+                timestamps.append(message.timestamp_ms)
         finally:
             reader.close()
     except WindowTooSlow as exc:
@@ -84,7 +88,7 @@ def read_window(connection: Connection, topic: str, max_events: int, since_ms: i
     if not rows:
         raise DataError(f"{source}: the window holds no JSON events (skipped: {dict(skipped) or 'none'})")
     return Window(frame=object_frame(rows), sha256=_digest(values), skipped=skipped, source=source, values=values,
-                  positions=positions)
+                  positions=positions, timestamps_ms=timestamps)
 
 
 def skip_contract_breaches(window: Window, ignored: Sequence[str], categorical: Sequence[str],
@@ -96,6 +100,7 @@ def skip_contract_breaches(window: Window, ignored: Sequence[str], categorical: 
     repeats until no row breaks the contract. One line per reason names the first such record.
     """
     frame, values, positions, skipped = window.frame, window.values, window.positions, Counter(window.skipped)
+    timestamps = window.timestamps_ms
     first: dict[str, str] = {}
     while True:
         features = frame.drop(columns=[name for name in ignored if name in frame.columns])
@@ -111,6 +116,7 @@ def skip_contract_breaches(window: Window, ignored: Sequence[str], categorical: 
             first.setdefault(problem.reason.value, f"{describe(window.source, partition, offset)}: {problem.message}")
         keep = [row for row in range(len(frame)) if row not in problems]
         values, positions = [values[row] for row in keep], [positions[row] for row in keep]
+        timestamps = [timestamps[row] for row in keep] if timestamps else timestamps
         frame = object_frame([_event(value) for value in values])  # as if the skipped records were never read
     if len(frame) == len(window.frame):
         return window
@@ -120,7 +126,8 @@ def skip_contract_breaches(window: Window, ignored: Sequence[str], categorical: 
     if frame.empty:
         raise DataError(f"{window.source}: no event of the window fits the data contract "
                         f"(skipped: {dict(skipped)})")
-    return replace(window, frame=frame, sha256=_digest(values), skipped=skipped, values=values, positions=positions)
+    return replace(window, frame=frame, sha256=_digest(values), skipped=skipped, values=values, positions=positions,
+                   timestamps_ms=timestamps)
 
 
 def _event(value: bytes) -> dict[str, Any]:

@@ -62,6 +62,14 @@ class WindowOptions:
     fields: tuple[str, ...] = ()
     grace_s: float = DEFAULT_GRACE_S
 
+    @property
+    def key_fields(self) -> list[str]:
+        """The entity fields and the time field (unless it is the record's timestamp)."""
+        fields = [name for entity in self.entities for name in parse_entity(entity)]
+        if self.time_field is not None and self.time_field != RECORD_TIME:
+            fields.append(self.time_field)
+        return list(dict.fromkeys(fields))
+
 
 @dataclass(frozen=True)
 class StreamOrder:

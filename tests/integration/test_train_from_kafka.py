@@ -4,6 +4,7 @@ with either Kafka client (`kafka_client`, tests/integration/conftest.py), which 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +128,41 @@ def send(bootstrap: str, topic: str, values: list[bytes | None]) -> None:
         producer.flush(timeout=60)
     finally:
         producer.close(timeout=10)
+
+
+def test_window_features_from_a_topic_read_the_record_timestamps_partition_by_partition(
+        kafka_bootstrap: str, kafka_client: str, tmp_path: Path) -> None:
+    """Issue 21: --event-time @record windows each partition in offset order at its records' timestamps; with
+    timestamps equal to the events' own time field the features are those of --event-time ts."""
+    from kafka import KafkaProducer
+
+    from tests.unit.test_windows_training import START, traffic
+
+    rows = traffic(hosts=4, seconds=300.0, bursts=2)
+    rows["ts"] += round(time.time() - 3600 - START)  # within the broker's retention, which goes by timestamp
+    topic = unique_topic("windows")
+    create_topics(kafka_bootstrap, [topic], partitions=2)
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", linger_ms=20)
+    try:  # keyed by host, as producers usually key: each host's events on one partition, in time order
+        for row in rows.to_dict(orient="records"):
+            producer.send(topic, value=orjson.dumps(row), key=row["src_host"].encode(),
+                          partition=int(row["src_host"].rsplit(".", 1)[1]) % 2,
+                          timestamp_ms=round(row["ts"] * 1000))
+        producer.flush(timeout=60)
+    finally:
+        producer.close(timeout=10)
+
+    bundles = {}
+    for time_field in ("@record", "ts"):
+        out = tmp_path / time_field.strip("@")
+        _check_run([BIN / "anomaly-train", "--from-kafka", "--bootstrap-servers", kafka_bootstrap, "--topic", topic,
+                    "--kafka-client", kafka_client, "--out", out, "--entity", "src_host", "--window", "2s",
+                    "--window", "60s", "--event-time", time_field, "--drop", "ts", *COMMON])
+        bundles[time_field] = load_bundle(out)
+    record, own = bundles["@record"], bundles["ts"]
+    assert record.windows is not None and record.windows.time_field == "@record"
+    assert record.manifest.training["window_outcomes"] == {}  # every record had a usable timestamp
+    assert record.manifest.training["rows"] == len(rows)
+    fields = {f["name"]: f for f in json.loads((record.path / "features.json").read_text())["fields"]}
+    assert {f["name"]: f for f in json.loads((own.path / "features.json").read_text())["fields"]} == fields
+    assert fields["win:src_host:60s:count"]["high"] >= 10  # a host's history, counted within its partition

@@ -35,6 +35,7 @@ class Message:
     partition: int
     offset: int
     value: bytes | None
+    timestamp_ms: int | None = None  # the record's timestamp (None when the broker has none)
 
 
 class TopicReader(Protocol):

@@ -86,7 +86,8 @@ class ConfluentReader:
         for m in polled:
             error, partition, offset = m.error(), int(m.partition() or 0), int(m.offset() or 0)
             if error is None:
-                messages.append(Message(partition, offset, m.value()))
+                kind, stamp = m.timestamp()
+                messages.append(Message(partition, offset, m.value(), stamp if kind and stamp >= 0 else None))
                 self._next[partition] = offset + 1
             elif error.code() == KafkaError._PARTITION_EOF:  # also past transaction markers at the end
                 self._next[partition] = max(self._next.get(partition, 0), offset)

@@ -59,7 +59,8 @@ class KafkaPythonReader:
     def poll(self, timeout_s: float) -> list[Message]:
         with self._translated(self._topic):
             batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000))
-        return [Message(tp.partition, m.offset, m.value) for tp, batch in batches.items() for m in batch]
+        return [Message(tp.partition, m.offset, m.value, m.timestamp if (m.timestamp or 0) > 0 else None)
+                for tp, batch in batches.items() for m in batch]
 
     def position(self, topic: str, partition: int) -> int:
         with self._translated(topic):
