@@ -139,7 +139,7 @@ def test_windowed_worker_alerts_equal_anomaly_score(
     for event_id, alert in alerted.items():
         assert alert["score"] == pytest.approx(scored.loc[event_id, "score"], rel=1e-5), event_id
     window_explained = [f for a in alerts for f in a["top_features"] if f["field"].startswith("win:")]
-    assert window_explained and all(f["observed"] is not None for f in window_explained)
+    assert window_explained and all(f["observed"] is not None and "the last " in f["text"] for f in window_explained)
 
     metrics = scrape(worker)
     assert metrics[("anomaly_window_state_entities", ())] > 0

@@ -244,8 +244,10 @@ def test_pipeline_scores_equal_the_training_path_batch_after_batch(bundle: Bundl
     assert alerts, "the burst should alert"
     explained = [f for a in alerts for f in a.document["top_features"] if f["field"].startswith("win:")]
     assert explained, "window features explain some alerts"
-    for feature in explained:  # the alert carries the window value it was scored with
-        assert feature["observed"] is not None
+    for feature in explained:  # the alert carries the window value it was scored with, in words too
+        assert feature["observed"] is not None and "the last " in feature["text"]
+    burst = [f for a in alerts if a.record.offset >= 300 for f in a.document["top_features"] if "text" in f]
+    assert burst and all("host 10.0.0.1" in f["text"] for f in burst), burst
 
 
 def test_dead_letters_enter_no_window_and_a_bisected_batch_advances_the_state_once(
