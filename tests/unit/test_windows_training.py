@@ -133,6 +133,17 @@ def test_anomaly_score_computes_the_windows_over_the_file_in_order_in_chunks_or_
     assert list(whole["label"]) == list(trained.frame["label"])  # output rows stay in file order
 
 
+def test_anomaly_score_writes_over_its_own_earlier_output_with_or_without_the_explanation(
+        trained: Trained, tmp_path: Path) -> None:
+    out = tmp_path / "scores.csv"
+    plain = scored(trained.plain, trained.csv, out, "--passthrough", "label", "--passthrough", "ts", "src_host")
+    assert "explanation" not in plain.columns
+    assert "explanation" in scored(trained.windowed, trained.csv, out).columns
+    assert "explanation" in scored(trained.windowed, trained.csv, out).columns
+    assert "explanation" not in scored(trained.plain, trained.csv, out, "--passthrough", "label", "--passthrough",
+                                       "ts", "src_host").columns
+
+
 def test_the_burst_host_is_found_with_windows_and_not_without(trained: Trained, tmp_path: Path) -> None:
     attack = (trained.frame["label"] == "attack").to_numpy()
     with_windows_ = scored(trained.windowed, trained.csv, tmp_path / "w.csv", "--passthrough", "label")
