@@ -35,6 +35,11 @@ Because step 4 runs before the next poll, a rebalance (which happens inside poll
 delivered offset committed (or, with the confluent source, its commit on the way); offsets left pending
 by a failed commit are dropped for revoked partitions (their next owner re-reads them). A stop request
 finishes the current batch first.
+
+With window state (a model with window features), every commit carries the partition's restore point as
+metadata, a partition assigned is first replayed from the point its commit names, and a batch read again
+first rebuilds the state it had entered: worker/restore.py. Records replayed are never scored, published or
+committed; a poll that holds only those is an idle pass.
 """
 
 from __future__ import annotations
@@ -44,17 +49,21 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
 from worker.errors import CommitError, DeliveryError, RebalanceInProgress
 from worker.health import BrokerStatus, Health
-from worker.kafka.core import Offsets, describe
+from worker.kafka.core import Offsets, Restore, TopicKey, describe
 from worker.metrics import WorkerMetrics
 from worker.pipeline import BatchResult, Pipeline
 from worker.plugin import Plugin
 from worker.records import Alert, DeadLetter, Record
+from worker.restore import Restorer
+
+if TYPE_CHECKING:
+    from worker.windows import PartitionWindows
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +93,13 @@ class TransactionalSink(Sink, Protocol):
 
     def publish_and_commit(self, alerts: Sequence[Alert], dead_letters: Sequence[DeadLetter],
                            offsets: Offsets) -> None: ...
+
+
+@runtime_checkable
+class Restoring(Protocol):
+    """A source, or a transactional sink, whose commits carry window restore points (worker/restore.py)."""
+
+    def restore_with(self, restore: Restore) -> None: ...
 
 
 def next_offsets(records: Sequence[Record]) -> dict[tuple[str, int], int]:
@@ -145,6 +161,10 @@ class Worker:
         self.broker_check_interval_s = pacing.broker_check_interval_s
         self.plugins = tuple(plugins)
         self.pending: dict[tuple[str, int], int] = {}
+        #: Window state: partitions being restored, and the metadata commits carry (worker/restore.py).
+        self.restorer = Restorer(self._windows, lambda records: self.pipeline.replay(records))
+        self._restores = False  # whether the source (and a transactional sink) carry restore points yet
+        self._follow_windows()
         self._commit_failing = False
         self._last_lag = 0.0
         self._last_broker_check = time.monotonic()
@@ -159,6 +179,7 @@ class Worker:
             plugin.on_model(pipeline)
         self.metrics.set_model(pipeline.bundle.version, pipeline.threshold)
         self.metrics.record_model_reload("loaded")
+        self._follow_windows()
         log.info("model %s replaced %s between two batches (%.3f ms)", pipeline.bundle.version, old,
                  (time.perf_counter() - started) * 1000)
 
@@ -176,6 +197,27 @@ class Worker:
                         ", ".join(describe(t, p, self.pending[(t, p)]) for t, p in mine))
         for k in mine:
             self.pending.pop(k, None)
+        self.restorer.revoke(partitions)
+
+    def _windows(self) -> PartitionWindows | None:
+        """The live model's window state; None for a model without windows."""
+        return getattr(self.pipeline, "windows", None) if getattr(self.pipeline, "spec", None) is not None else None
+
+    def _follow_windows(self) -> None:
+        """With a model with windows, the source and a transactional sink carry restore points from now on."""
+        if self._restores or self._windows() is None:
+            return
+        restore = Restore(start=self.on_start, metadata=self.restorer.metadata)
+        for end in (self.source, self.sink):
+            if isinstance(end, Restoring):
+                end.restore_with(restore)
+        self._restores = True
+
+    def on_start(self, key: TopicKey, committed: int, metadata: str | None) -> int | None:
+        """Where a partition assigned (or restarted) is read from (worker/restore.py, step 2); called by the
+        source inside poll. Offsets still pending for it are dropped: it is read again from its committed one."""
+        self.pending.pop(key, None)
+        return self.restorer.start(key, committed, metadata)
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -189,6 +231,8 @@ class Worker:
                 self.swap_model(update)
         polled = time.perf_counter()
         records = self.source.poll_batch()                                         # 1
+        if self.restorer and records:
+            records = self.restorer.split(records)                                 # 1: replay restored state
         if not records:
             self._idle(polled)
             return None
@@ -255,6 +299,7 @@ class Worker:
             return False
         self.metrics.record_transaction("committed", time.perf_counter() - started)
         self._stages["publish"] = time.perf_counter() - started
+        self.restorer.committed(next_offsets(records))
         self.metrics.record_commit()
         self.broker.set(True)
         self.backoff.reset()
@@ -265,7 +310,7 @@ class Worker:
         log.error("batch of %d records %s", len(records), why)
         self.metrics.record_kafka_error("produce")
         self.broker.set(False)
-        self.source.rewind(first_offsets(records))
+        self.source.rewind(self.restorer.rewind_points(first_offsets(records)))
         self.backoff.wait()
 
     def _commit_pending(self) -> None:
@@ -287,6 +332,7 @@ class Worker:
         if self._commit_failing:
             log.info("commits succeed again: %s", self._describe(self.pending))
             self._commit_failing = False
+        self.restorer.committed(self.pending)
         self.pending.clear()
         self.metrics.record_commit()
         self.broker.set(True)
@@ -352,7 +398,7 @@ class Worker:
         now = time.monotonic()
         if now - self._last_lag >= 1.0:
             self._last_lag = now
-            self.metrics.set_consumer_lag(self.source.lag())
+            self.metrics.set_consumer_lag(self.restorer.lags(self.source.lag()) if self.restorer else self.source.lag())
 
     @staticmethod
     def _describe(offsets: Offsets) -> str:

@@ -646,7 +646,7 @@ class ResettingConsumer(FakeConfluentConsumer):
             value = self.offsets.get(tp.partition, -1001)
             error = value if isinstance(value, KafkaError) else None
             answer.append(SimpleNamespace(topic=tp.topic, partition=tp.partition,
-                                          offset=-1001 if error else value, error=error))
+                                          offset=-1001 if error else value, error=error, metadata=None))
         return answer
 
     def incremental_unassign(self, partitions: list) -> None:

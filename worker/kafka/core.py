@@ -30,14 +30,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
 import orjson
 
 if TYPE_CHECKING:  # only annotations: `worker.records` imports this module for `describe`
     from worker.config import KafkaSecurity, Settings
     from worker.metrics import WorkerMetrics
-    from worker.records import Alert, DeadLetter
+    from worker.records import Alert, DeadLetter, Record
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,18 @@ TopicKey = tuple[str, int]
 Offsets = Mapping[TopicKey, int]
 #: A monotonic clock in seconds; tests pass one they advance.
 Clock = Callable[[], float]
+#: The commit metadata to send with a partition's next offset (its window state's restore point), or None.
+CommitMetadata = Callable[[TopicKey, int], str | None]
+#: Where a newly assigned partition is read from, given its committed offset (negative: none) and that
+#: commit's metadata: an offset before the committed one (its records are replayed), or None for the committed.
+OnStart = Callable[[TopicKey, int, str | None], int | None]
 #: (topic, key, value, headers) of one outgoing record.
 Outgoing = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes | None]]]
 
 DOC = "docs/security.md"
+T = TypeVar("T")
+#: How often a partition whose start is not decided asks again for its committed offset (no answer yet).
+START_RETRY_S = 1.0
 
 
 def describe(topic: str, partition: int, offset: int | None = None) -> str:
@@ -79,7 +88,7 @@ def outgoing_records(settings: Settings, alerts: Sequence[Alert], dead_letters: 
     return out
 
 
-def assigned_only(offsets: Offsets, mine: Container[TopicKey]) -> dict[TopicKey, int]:
+def assigned_only(offsets: Mapping[TopicKey, T], mine: Container[TopicKey]) -> dict[TopicKey, T]:
     """The part of `offsets` for partitions in `mine`: commits and seeks never touch a partition not ours."""
     return {key: offset for key, offset in offsets.items() if key in mine}
 
@@ -261,3 +270,96 @@ def coordinator_answers(question: Callable[[], object],
 
 def log_assigned(keys: Iterable[TopicKey]) -> None:
     log.info("partitions assigned: %s", names(keys))
+
+
+# -- where restored partitions start ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Restore:
+    """The loop's part in restoring window state (worker/loop.py): where a partition starts, and the
+    metadata each committed offset carries (the restore point it is rebuilt from)."""
+
+    start: OnStart
+    metadata: CommitMetadata
+
+
+class Starts:
+    """Assigned partitions whose first offset the loop decides (`Restore.start`), until it has.
+
+    1. A partition assigned, or restarted by the client adapter, is undecided: none of its records is
+       handed out (`hold_back`); the first one held back is remembered.
+    2. The adapter asks for the committed offsets and metadata of those `due()` (again after
+       `START_RETRY_S` for a partition that got no answer) and gives the answers to `decide`.
+    3. `decide` asks the loop for each answered partition and returns where each must be read from now:
+       the loop's offset, or the committed offset (or the first held back, with nothing committed) when
+       records were held back. The adapter seeks there before the next fetch is handed out.
+
+    Without a `Restore` (no window state) nothing is ever undecided and the adapters ask nothing.
+    """
+
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        self.clock = clock
+        self.restore: Restore | None = None
+        self._due: dict[TopicKey, float] = {}
+        self._held: dict[TopicKey, int] = {}
+        self._unanswered: set[TopicKey] = set()
+
+    def add(self, keys: Iterable[TopicKey]) -> None:
+        """`keys` start over: ask for them at once."""
+        if self.restore is None:
+            return
+        now = self.clock()
+        self._due.update({key: now for key in keys})
+
+    def remove(self, keys: Iterable[TopicKey]) -> None:
+        for key in keys:
+            self._due.pop(key, None)
+            self._held.pop(key, None)
+            self._unanswered.discard(key)
+
+    def __bool__(self) -> bool:
+        return bool(self._due)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._due
+
+    def hold_back(self, records: list[Record]) -> list[Record]:
+        """`records` without those of undecided partitions (step 1)."""
+        if not self._due:
+            return records
+        kept = []
+        for record in records:
+            key = (record.topic, record.partition)
+            if key in self._due:
+                self._held[key] = min(self._held.get(key, record.offset), record.offset)
+            else:
+                kept.append(record)
+        return kept
+
+    def due(self) -> list[TopicKey]:
+        now = self.clock()
+        return sorted(key for key, due in self._due.items() if due <= now)
+
+    def asked_before(self, keys: Iterable[TopicKey]) -> bool:
+        """Whether every one of `keys` was asked for and got no answer (the adapter asks more briefly then)."""
+        return all(key in self._unanswered for key in keys)
+
+    def decide(self, answers: Mapping[TopicKey, tuple[int, str | None]]) -> dict[TopicKey, int]:
+        """Step 3: where each answered partition is read from now (only those that must seek)."""
+        assert self.restore is not None, "nothing is undecided without a Restore"
+        seeks: dict[TopicKey, int] = {}
+        for key in self.due():
+            if key not in answers:
+                self._due[key] = self.clock() + START_RETRY_S
+                self._unanswered.add(key)
+                continue
+            self._unanswered.discard(key)
+            committed, metadata = answers[key]
+            start = self.restore.start(key, committed, metadata)
+            held = self._held.pop(key, None)
+            del self._due[key]
+            if start is not None and start != committed:
+                seeks[key] = start
+            elif held is not None:
+                seeks[key] = committed if committed >= 0 else held
+        return seeks

@@ -1,7 +1,8 @@
 """kafka-python at the edge: the consumer (micro-batches, commits, lag) and the producer (alerts, dead letters).
 
 A thin adapter over `worker/kafka/core.py` (`worker/kafka/confluent/` is the same on confluent-kafka;
-`worker/kafka/__init__.py` picks one). Every blocking call has a timeout.
+`worker/kafka/__init__.py` picks one). Every blocking call has a timeout. With window state (`restore_with`),
+commits carry restore points as metadata and assigned partitions start where the loop says (`core.Starts`).
 """
 
 from __future__ import annotations
@@ -68,7 +69,9 @@ class _Rebalance(ConsumerRebalanceListener):
         self.source.handle_revoked({(tp.topic, tp.partition) for tp in revoked})
 
     def on_partitions_assigned(self, assigned: Any) -> None:
-        core.log_assigned((tp.topic, tp.partition) for tp in assigned)
+        keys = [(tp.topic, tp.partition) for tp in assigned]
+        core.log_assigned(keys)
+        self.source.starts.add(keys)
         self.source.handle_assigned()
 
 
@@ -80,8 +83,10 @@ class KafkaSource:
                  clock: Clock = time.monotonic, quarantine: Quarantine | None = None) -> None:
         self.settings = settings
         self.quarantine = quarantine or Quarantine()
+        #: Partitions whose first offset the loop decides (window state restore; none without `restore_with`).
+        self.starts = core.Starts(clock)
         #: Called inside poll() before partitions go; the loop forgets offsets it failed to commit for them.
-        self.handle_revoked = core.Revocations(self.quarantine, on_revoke)
+        self.handle_revoked = core.Revocations(self.quarantine, on_revoke, forget=self.starts.remove)
         self._factory = consumer_factory
         self._clock = clock
         self._unstable_since: float | None = None
@@ -165,15 +170,45 @@ class KafkaSource:
                 self._access_log.error(denied(self.settings, exc, self.settings.input_topic, "READ"))
                 time.sleep(max(0.0, deadline - time.monotonic()))
                 break
-            for tp, batch in polled.items():
-                records.extend(Record(topic=tp.topic, partition=tp.partition, offset=m.offset, key=m.key,
-                                      value=m.value, timestamp_ms=m.timestamp, headers=tuple(m.headers or ()),
-                                      timestamp_type=m.timestamp_type) for m in batch)
+            fetched = [Record(topic=tp.topic, partition=tp.partition, offset=m.offset, key=m.key, value=m.value,
+                              timestamp_ms=m.timestamp, headers=tuple(m.headers or ()), timestamp_type=m.timestamp_type)
+                       for tp, batch in polled.items() for m in batch]
+            records.extend(self._start_undecided(fetched) if self.starts else fetched)
             if remaining_ms == 0:
                 break
         self._check_membership()
         self._assignment.replace(self._owned())
         return records
+
+    def restore_with(self, restore: core.Restore) -> None:
+        """Commit offsets with `restore.metadata`; `restore.start` decides where partitions assigned from now start."""
+        self.starts.restore = restore
+        self.starts.add(self._owned())
+
+    def _start_undecided(self, records: list[Record]) -> list[Record]:
+        """`core.Starts` steps 1-3: hold back records of undecided partitions, ask, and seek where the loop says."""
+        records = self.starts.hold_back(records)
+        due = self.starts.due()
+        if due:
+            timeout_ms = int(min(core.START_RETRY_S / 2 if self.starts.asked_before(due) else 2.0,
+                                 self.settings.kafka_timeout_s) * 1000)
+            for (topic, partition), offset in self.starts.decide(self._committed_points(due, timeout_ms)).items():
+                self.consumer.seek(TopicPartition(topic, partition), offset)
+        return records
+
+    def _committed_points(self, keys: list[TopicKey], timeout_ms: int) -> dict[TopicKey, tuple[int, str | None]]:
+        """The committed offset (-1: none) and its metadata of each of `keys` that got an answer."""
+        out: dict[TopicKey, tuple[int, str | None]] = {}
+        for key in keys:
+            try:
+                answer = self.consumer.committed(TopicPartition(*key), metadata=True, timeout_ms=timeout_ms)
+            except KafkaError as exc:
+                log.warning("asking for the committed offset of %s failed, asked again later: %s", core.describe(*key),
+                            exc)
+                continue
+            # librdkafka writes metadata with a terminating NUL, which kafka-python keeps.
+            out[key] = (-1, None) if answer is None else (answer.offset, (answer.metadata or "").rstrip("\x00") or None)
+        return out
 
     def _hold_undecodable(self, exc: Exception) -> None:
         """Pause the partition whose next batch raised `exc` (see worker/kafka/core.py for the policy).
@@ -203,8 +238,10 @@ class KafkaSource:
         return {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
 
     def commit(self, offsets: Offsets) -> None:
-        """Commit next-offsets for partitions still assigned; raises CommitError on failure or timeout."""
-        payload = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
+        """Commit next-offsets for partitions still assigned (with their restore points as metadata, if any);
+        raises CommitError on failure or timeout."""
+        metadata = self.starts.restore.metadata if self.starts.restore is not None else None
+        payload = {TopicPartition(t, p): OffsetAndMetadata(o, (metadata((t, p), o) if metadata else None) or "", -1)
                    for (t, p), o in core.assigned_only(offsets, self._owned()).items()}
         if not payload:
             return

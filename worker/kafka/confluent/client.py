@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from worker.config import Settings
 from worker.errors import BrokerUnavailable
@@ -33,6 +33,13 @@ def producer_config(settings: Settings) -> dict[str, Any]:
             "message.max.bytes": partition_fetch_bytes(settings),
             "request.timeout.ms": int(settings.kafka_timeout_s * 1000),
             "message.timeout.ms": int(settings.kafka_timeout_s * 1000) + 5_000}
+
+
+def offset_with(topic: str, partition: int, offset: int, metadata: str | None) -> TopicPartition:
+    """A next offset to commit, with its commit metadata if any (the binding takes no None for it)."""
+    if metadata is None:
+        return TopicPartition(topic, partition, offset)
+    return TopicPartition(topic, partition, offset, metadata=metadata)
 
 
 class LoginWatch:

@@ -10,12 +10,19 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from worker.config import Settings
 from worker.errors import BrokerUnavailable, DeliveryError, TransactionAborted, WorkerError
-from worker.kafka.confluent.client import LoginWatch, check_reachable, denied, kafka_error, producer_config
-from worker.kafka.core import Clock, Offsets, outgoing_records
+from worker.kafka.confluent.client import (
+    LoginWatch,
+    check_reachable,
+    denied,
+    kafka_error,
+    offset_with,
+    producer_config,
+)
+from worker.kafka.core import Clock, CommitMetadata, Offsets, Restore, outgoing_records
 from worker.kafka.core import denied as missing_acl
 from worker.records import Alert, DeadLetter
 
@@ -127,7 +134,8 @@ class ConfluentTransactionalSink:
     2. produce every alert and dead letter into it;
     3. add the batch's next offsets with the consumer's current group metadata (KIP-447): the group
        coordinator refuses them if this member's generation is stale, which fences a zombie (a worker
-       paused while its partitions moved) whatever its transactional id;
+       paused while its partitions moved) whatever its transactional id. With window state
+       (`restore_with`), each offset carries its restore point as metadata, committed with it;
     4. commit the transaction (which flushes). Consumers reading the output with
        `isolation.level=read_committed` see the batch's records only now, and all of them.
 
@@ -152,6 +160,7 @@ class ConfluentTransactionalSink:
         self.transactional_id = settings.transactional_id_or_default
         self._factory = producer_factory
         self._fatal_at: list[float] = []
+        self._metadata: CommitMetadata | None = None
         self.producer: Any = None
         try:
             self.producer = self._start_producer()
@@ -172,6 +181,10 @@ class ConfluentTransactionalSink:
         producer.init_transactions(self.settings.kafka_timeout_s)
         return producer
 
+    def restore_with(self, restore: Restore) -> None:
+        """Send each offset with `restore.metadata` (the partition's restore point)."""
+        self._metadata = restore.metadata
+
     def publish(self, alerts: Sequence[Alert], dead_letters: Sequence[DeadLetter]) -> None:
         """Records that belong to no input offsets (suppression summaries) in a transaction of their own."""
         self.publish_and_commit(alerts, dead_letters, {})
@@ -190,8 +203,10 @@ class ConfluentTransactionalSink:
                 self._produce(target, key, value, headers)
             steps["send offsets"] = self._clock()
             if offsets:                                                                    # 3
+                metadata = self._metadata
                 self.producer.send_offsets_to_transaction(
-                    [TopicPartition(t, p, o) for (t, p), o in offsets.items()], self.group_metadata(), timeout)
+                    [offset_with(t, p, o, metadata((t, p), o) if metadata else None) for (t, p), o in offsets.items()],
+                    self.group_metadata(), timeout)
         except (KafkaException, BufferError) as exc:
             self._abort(f"publishing {len(outgoing)} records and {len(offsets)} offsets failed", exc)
         steps["commit"] = self._clock()

@@ -14,6 +14,9 @@ A crash loses at most the commits in flight, so their records are read again: du
 alert ids, never a gap.
 
 Where a partition starts, and restarting one that never starts fetching, is `start_guard.StartGuard`'s job.
+With window state (`restore_with`), each commit carries the partition's restore point as its metadata, and
+a partition assigned is read first from the point its committed metadata names (`core.Starts`), so the loop
+can rebuild its state before it scores anything new.
 """
 
 from __future__ import annotations
@@ -34,14 +37,23 @@ from confluent_kafka import (
 
 from worker.config import Settings
 from worker.errors import BrokerUnavailable, CommitError, RebalanceInProgress, WorkerError
-from worker.kafka.confluent.client import LoginWatch, check_reachable, client_config, denied, kafka_error
+from worker.kafka.confluent.client import (
+    LoginWatch,
+    check_reachable,
+    client_config,
+    denied,
+    kafka_error,
+    offset_with,
+)
 from worker.kafka.confluent.start_guard import StartGuard
 from worker.kafka.core import (
     Assignment,
     Clock,
     Offsets,
     Quarantine,
+    Restore,
     Revocations,
+    Starts,
     Throttled,
     TopicKey,
     assigned_only,
@@ -80,9 +92,12 @@ class ConfluentSource:
         #: The current assignment: when each partition was assigned (or last re-added, `restart_unfetched`).
         #: `assigned()` is read by the readiness probe's thread too.
         self._assignment = Assignment(clock)
-        self.start_guard = StartGuard(settings, self._assignment, self.quarantine, clock)
-        #: Offsets handed to librdkafka whose commit is not confirmed yet, and those among them that failed.
-        self._unconfirmed: dict[TopicKey, int] = {}
+        #: Partitions whose first offset the loop decides (window state restore; none without `restore_with`).
+        self._starts = Starts(clock)
+        self.start_guard = StartGuard(settings, self._assignment, self.quarantine, clock, on_restart=self._starts.add)
+        #: Offsets (and their metadata) handed to librdkafka whose commit is not confirmed yet, and those among
+        #: them that failed.
+        self._unconfirmed: dict[TopicKey, tuple[int, str | None]] = {}
         self._failed: set[TopicKey] = set()
         self._commit_failure: str | None = None  # the first failure since the last `commit` call
         #: Partitions this source paused at an undecodable batch (librdkafka keeps a pause until resumed).
@@ -135,6 +150,7 @@ class ConfluentSource:
         keys = [(tp.topic, tp.partition) for tp in partitions]
         log_assigned(keys)
         self._assignment.add(keys)
+        self._starts.add(keys)
         # Given back still paused by this source though nothing holds them now (`core.stale_pauses`).
         stale = stale_pauses([key for key in keys if key in self._paused], self.quarantine)
         if stale:
@@ -155,6 +171,7 @@ class ConfluentSource:
     def _forget(self, partitions: set[TopicKey]) -> None:
         """This source's records of partitions going (`core.Revocations` step 2)."""
         self._assignment.remove(partitions)
+        self._starts.remove(partitions)
         for key in partitions:
             self._unconfirmed.pop(key, None)  # the next owner decides; a late result for it is ignored
             self._failed.discard(key)
@@ -196,6 +213,29 @@ class ConfluentSource:
             self.start_guard.start_reset(resets)
         if self._fatal is not None:
             raise WorkerError(f"the Kafka client failed fatally: {self._fatal}")
+        if self._starts:
+            records = self._start_undecided(records)
+        return records
+
+    def restore_with(self, restore: Restore) -> None:
+        """Commit offsets with `restore.metadata`; `restore.start` decides where partitions assigned from now start."""
+        self._starts.restore = restore
+        self._starts.add(self._assignment.partitions())
+
+    def _start_undecided(self, records: list[Record]) -> list[Record]:
+        """`core.Starts` steps 1-3: hold back records of undecided partitions, ask, and seek where the loop says.
+
+        The seek is a re-add at the offset (`StartGuard.re_add`): it works whether or not the partition has
+        started fetching, and librdkafka drops what it had prefetched from before."""
+        records = self._starts.hold_back(records)
+        due = self._starts.due()
+        if not due:
+            return records
+        answers = self.start_guard.committed_points(due, again=self._starts.asked_before(due))
+        seeks = self._starts.decide(answers)
+        self.start_guard.forget(answers)  # started here: nothing left for the guard to wait for
+        if seeks:
+            self.start_guard.re_add([TopicPartition(t, p, o) for (t, p), o in sorted(seeks.items())])
         return records
 
     def _consume(self) -> list[Any]:
@@ -260,9 +300,11 @@ class ConfluentSource:
     def _send_commit(self, offsets: Offsets) -> None:
         """Commit `offsets` and the failed unconfirmed ones asynchronously, for partitions still assigned."""
         mine = self.assigned()
+        metadata = self._starts.restore.metadata if self._starts.restore is not None else None
         wanted = {key: self._unconfirmed[key] for key in self._failed}
-        wanted.update(offsets)
-        payload = [TopicPartition(t, p, o) for (t, p), o in assigned_only(wanted, mine).items()]
+        wanted.update({key: (offset, metadata(key, offset) if metadata else None)
+                       for key, offset in assigned_only(offsets, mine).items()})
+        payload = [offset_with(t, p, o, m) for (t, p), (o, m) in assigned_only(wanted, mine).items()]
         if not payload:
             return
         try:
@@ -273,7 +315,7 @@ class ConfluentSource:
                 raise RebalanceInProgress(f"consumer group is rebalancing: {error}") from exc
             raise CommitError(f"offset commit failed: {exc}") from exc
         for tp in payload:
-            self._unconfirmed[(tp.topic, tp.partition)] = tp.offset
+            self._unconfirmed[(tp.topic, tp.partition)] = (tp.offset, tp.metadata)
             self._failed.discard((tp.topic, tp.partition))
 
     def _retry_failed_commits(self) -> None:
@@ -285,7 +327,7 @@ class ConfluentSource:
 
     def _confirm_unconfirmed(self, partitions: set[TopicKey], what: str) -> None:
         """Commit the unconfirmed offsets of `partitions` synchronously (a revoke, or close)."""
-        offsets = [TopicPartition(t, p, o) for (t, p), o in self._unconfirmed.items() if (t, p) in partitions]
+        offsets = [offset_with(t, p, o, m) for (t, p), (o, m) in self._unconfirmed.items() if (t, p) in partitions]
         if not offsets:
             return
         try:
@@ -311,7 +353,7 @@ class ConfluentSource:
             return
         for tp in partitions or []:
             key = (tp.topic, tp.partition)
-            if self._unconfirmed.get(key) != tp.offset:
+            if self._unconfirmed.get(key, (None, None))[0] != tp.offset:
                 continue  # revoked since, or a later commit of the partition is on its way: that one decides
             failure = error if error is not None and error.code() != KafkaError._NO_OFFSET else tp.error
             if failure is None:

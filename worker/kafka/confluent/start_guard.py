@@ -8,7 +8,7 @@ an open transaction, whenever the assignment changes while it asks for it. Time 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import orjson
@@ -39,8 +39,12 @@ class StartGuard:
     `stats_cb` is `on_stats`.
     """
 
-    def __init__(self, settings: Settings, assignment: Assignment, quarantine: Quarantine, clock: Clock) -> None:
+    def __init__(self, settings: Settings, assignment: Assignment, quarantine: Quarantine, clock: Clock,
+                 on_restart: Callable[[Iterable[TopicKey]], None] | None = None) -> None:
         self.settings, self.assignment, self.quarantine, self.clock = settings, assignment, quarantine, clock
+        #: Told which partitions this guard started again from their committed offsets (`Starts.add`: their
+        #: window state is restored again, since a replay under way would be cut short).
+        self.on_restart = on_restart
         self.consumer: Any = None
         self._next_fetch_check = 0.0
         #: librdkafka's fetch state of each partition of the input topic, from its latest statistics, and when.
@@ -61,8 +65,8 @@ class StartGuard:
         now = self.clock()
         return [key for key, due in self._parked.items() if due <= now]
 
-    def forget(self, keys: set[TopicKey]) -> None:
-        """Partitions revoked: the next owner decides where they start."""
+    def forget(self, keys: Iterable[TopicKey]) -> None:
+        """Partitions revoked (the next owner decides where they start), or started by the source itself."""
         for key in keys:
             self._parked.pop(key, None)
 
@@ -118,6 +122,7 @@ class StartGuard:
                     _names(unfetched), wait_s,
                     sorted({self._fetch_states.get((tp.topic, tp.partition), "unknown") for tp in unfetched}))
         self.re_add(unfetched)
+        self._restarted(unfetched)
 
     def re_add(self, partitions: list[TopicPartition]) -> None:
         """Take `partitions` out of the assignment and add them back, each at its offset (none: the committed)."""
@@ -190,6 +195,12 @@ class StartGuard:
             self._parked.pop((tp.topic, tp.partition), None)
         if starts:
             self.re_add(starts)
+            # Out of range, the earliest offset is the best start a restore can have too: it is kept.
+            self._restarted([tp for tp in starts if (tp.topic, tp.partition) not in out_of_range])
+
+    def _restarted(self, partitions: list[TopicPartition]) -> None:
+        if self.on_restart is not None and partitions:
+            self.on_restart([(tp.topic, tp.partition) for tp in partitions])
 
     def stable_committed(self, keys: list[TopicKey]) -> dict[TopicKey, int]:
         """The group's committed offsets of `keys` (negative: none); a partition whose offset an open
@@ -207,18 +218,22 @@ class StartGuard:
         asked is parked (an open transaction makes each question last its whole bound, every
         `PARKED_RETRY_S`: so the loop keeps two thirds of its time for the other partitions).
         """
+        parked = all(key in self._parked for key in keys)
+        return {key: offset for key, (offset, _) in self.committed_points(keys, again=parked).items()}
+
+    def committed_points(self, keys: list[TopicKey], again: bool = False) -> dict[TopicKey, tuple[int, str | None]]:
+        """`stable_committed`'s answer with each commit's metadata; `again`: the keys were asked before."""
         if not keys:
             return {}
-        parked = all(key in self._parked for key in keys)
-        timeout = min(PARKED_ASK_S if parked else COMMITTED_TIMEOUT_S, self.settings.kafka_timeout_s)
+        timeout = min(PARKED_ASK_S if again else COMMITTED_TIMEOUT_S, self.settings.kafka_timeout_s)
         try:
             answer = self.consumer.committed([TopicPartition(*key) for key in keys], timeout=timeout)
         except KafkaException as exc:  # timed out (still unstable, or no coordinator yet): asked again later
             # Once per partition, not every retry of a parked one (a broker outage would repeat it each second).
-            (log.debug if parked else log.warning)(
+            (log.debug if again else log.warning)(
                 "asking for the committed offsets of %s failed: %s", names(keys), exc)
             return {}
-        return {(tp.topic, tp.partition): tp.offset for tp in answer if tp.error is None}
+        return {(tp.topic, tp.partition): (tp.offset, tp.metadata or None) for tp in answer if tp.error is None}
 
     def _low_watermark(self, key: TopicKey) -> int | None:
         try:
