@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+from bisect import bisect_right
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from training.window_history import History
+from training.window_history import TIME_BITS, History, distinct_counts, window_stats
 from training.windows import WindowSpec
 
 MIN_TIME_MS = 946_684_800_000  # 2000-01-01
@@ -147,6 +148,7 @@ class WindowState:
         self._per_window = len(spec.per_window())
         self._grace = round(spec.grace_s * 1000)
         self._horizon = spec.longest_ms + self._grace
+        self._longest = spec.longest_ms
 
     @property
     def width(self) -> int:
@@ -161,38 +163,155 @@ class WindowState:
         return self.entity_count() * ENTITY_BYTES + self.entries * per_entry
 
     def advance(self, inputs: WindowInputs, offsets: Sequence[int] | None = None) -> np.ndarray:
-        """The window features of `inputs`' events, in order (n x width, NaN where unknown); they join the state."""
+        """The window features of `inputs`' events, in order (n x width, NaN where unknown); they join the state.
+
+        1. Each event's effective time, in order (moves the watermark; module docstring, steps 2-4).
+        2. Per entity definition, events grouped by entity. An entity whose events of this call are in time
+           order after its history (the usual case) has all its windows computed at once, with every such
+           entity's, by `window_stats`; any other entity's events are inserted and computed one by one.
+        3. Then the limits: expired entries and entities leave, the oldest entries of an entity over
+           `max_events` leave, the least recently seen entities over `max_entities` or `max_bytes` are evicted.
+        """
         n = inputs.rows
-        blank = [math.nan] * self.width
-        out = [blank] * n  # rows of events that enter no window share the blank row
+        out = np.full((n, self.width), np.nan)
         before = (self.watermark, self.ahead)
-        newest: int | None = None
-        numeric = [tuple(row) for row in inputs.numeric.tolist()] if self.spec.numeric else [()] * n
-        for row, seconds in enumerate(inputs.times.tolist()):
-            time = self._effective_time(seconds)
-            if time is None:
-                continue
-            cutoff = self.watermark - self._horizon  # type: ignore[operator]  # set with the first usable time
-            categorical = tuple(values[row] for values in inputs.categorical)
-            stored = False
-            features = out[row] = blank.copy()
-            for e, keys in enumerate(inputs.keys):
-                key, hashed = entity_key(keys[row])
-                if key is None:
+        times = [self._effective_time(value) for value in inputs.times.tolist()]
+        stored = np.zeros(n, dtype=bool)
+        for e, keys in enumerate(inputs.keys):
+            groups: dict[str, list[int]] = {}
+            for row, key in enumerate(keys):
+                if times[row] is None:
+                    continue
+                kept, hashed = entity_key(key)
+                if kept is None:
                     self.counts.add("no_entity")
                     continue
                 if hashed:
                     self.counts.add("long_key")
-                self._one(e, key, time, cutoff, numeric[row], categorical, features)
-                stored = True
-            if stored:
-                newest = time if newest is None else max(newest, time)
-        self._expire()
+                groups.setdefault(kept, []).append(row)
+                stored[row] = True
+            self._entity_groups(e, groups, times, inputs, out)
+        newest = max((t for t, keep in zip(times, stored.tolist(), strict=True) if keep and t is not None),
+                     default=None)
+        self._limit()
         if offsets is not None and n:
             self._checkpoints.append(_Checkpoint(offsets[0], offsets[-1], before[0], before[1], self.watermark,
                                                  self.ahead, newest))
             self._merge_checkpoints()
-        return np.array(out, dtype=np.float64).reshape(n, self.width)
+        return out
+
+    def _entity_groups(self, e: int, groups: dict[str, list[int]], times: list[int | None], inputs: WindowInputs,
+                       out: np.ndarray) -> None:
+        """Step 2 for one entity definition: every group's events join its history and get their features."""
+        table = self.entities[e]
+        in_order: list[tuple[History, list[int], list[int]]] = []
+        for key, rows in groups.items():
+            history = table.get(key)
+            if history is None:
+                history = table[key] = History(len(self.spec.numeric))
+            else:
+                table.move_to_end(key)
+            stamps: list[int] = [times[row] for row in rows]  # type: ignore[misc]  # rows have a time
+            if (not len(history) or stamps[0] >= history.latest) and all(
+                    a <= b for a, b in zip(stamps, stamps[1:], strict=False)):
+                in_order.append((history, rows, stamps))
+            else:
+                for row, stamp in zip(rows, stamps, strict=True):
+                    self._one_by_one(e, history, row, stamp, inputs, out)
+            self.entries += len(rows)
+        if in_order:
+            self._at_once(e, in_order, inputs, out)
+
+    def _columns(self, e: int, w: int) -> int:
+        return (e * len(self._windows) + w) * self._per_window
+
+    def _at_once(self, e: int, groups: list[tuple[History, list[int], list[int]]], inputs: WindowInputs,
+                 out: np.ndarray) -> None:
+        """Windows of in-order events: each entity's recent entries and new events laid end to end, then one
+        `window_stats` call per window for every event of every entity."""
+        n_numeric, n_categorical = len(self.spec.numeric), len(self.spec.categorical)
+        keys_parts, value_parts, positions, rows_all, starts = [], [], [], [], []
+        categorical: list[tuple[str | None, ...]] = []
+        offset = 0
+        for index, (history, rows, stamps) in enumerate(groups):
+            first = bisect_right(history.times, stamps[0] - self._longest, history.start)
+            own = history.times[first:] + stamps
+            keys_parts.append((np.asarray(own, dtype=np.int64) - MIN_TIME_MS) | (index << TIME_BITS))
+            new_values = inputs.numeric[rows] if n_numeric else np.empty((len(rows), 0))
+            value_parts.append(history.rows(first))
+            value_parts.append(new_values)
+            new_categorical = [tuple(values[row] for values in inputs.categorical) for row in rows]
+            if n_categorical:
+                categorical.extend(history.categorical[first:])
+                categorical.extend(new_categorical)
+            held = len(history.times) - first
+            positions.append(np.arange(offset + held, offset + held + len(rows)))
+            starts.append(np.full(len(rows), offset))
+            rows_all.extend(rows)
+            offset += held + len(rows)
+            history.extend(stamps, new_values, new_categorical)
+        keys = np.concatenate(keys_parts)
+        values = np.vstack(value_parts) if n_numeric else np.empty((offset, 0))
+        position = np.concatenate(positions)
+        start = np.concatenate(starts)
+        target = np.asarray(rows_all, dtype=np.intp)
+        for w, length in enumerate(self._windows):
+            low = np.maximum(np.searchsorted(keys, keys[position] - length, side="right"), start)
+            at = self._columns(e, w)
+            out[target, at] = position - low + 1
+            if n_categorical:
+                runs = list(zip(low.tolist(), (position + 1).tolist(), strict=True))
+                distinct = _distinct_by_entity(categorical, runs, start.tolist(), n_categorical)
+                out[target, at + 1:at + 1 + n_categorical] = distinct
+            if n_numeric:
+                mean, maxima, ratio = window_stats(values, np.column_stack([low, position + 1]),
+                                                   values[position])
+                first = at + 1 + n_categorical
+                out[target, first:first + 3 * n_numeric:3] = mean
+                out[target, first + 1:first + 3 * n_numeric:3] = maxima
+                out[target, first + 2:first + 3 * n_numeric:3] = ratio
+
+    def _one_by_one(self, e: int, history: History, row: int, stamp: int, inputs: WindowInputs,
+                    out: np.ndarray) -> None:
+        """An event before its entity's latest (within the grace): inserted, its windows computed from its run."""
+        n_numeric, n_categorical = len(self.spec.numeric), len(self.spec.categorical)
+        value = inputs.numeric[row] if n_numeric else np.empty(0)
+        position = history.insert(stamp, value, tuple(values[row] for values in inputs.categorical))
+        for w, length in enumerate(self._windows):
+            low = bisect_right(history.times, stamp - length, history.start, position)
+            at = self._columns(e, w)
+            out[row, at] = position - low + 1
+            if n_categorical:
+                out[row, at + 1:at + 1 + n_categorical] = distinct_counts(
+                    history.categorical, [(low, position + 1)], n_categorical)[0]
+            if n_numeric:
+                run = history.rows(low)[:position + 1 - low]
+                mean, maxima, ratio = window_stats(run, np.array([[0, len(run)]]), value.reshape(1, -1))
+                first = at + 1 + n_categorical
+                out[row, first:first + 3 * n_numeric:3] = mean[0]
+                out[row, first + 1:first + 3 * n_numeric:3] = maxima[0]
+                out[row, first + 2:first + 3 * n_numeric:3] = ratio[0]
+
+    def _limit(self) -> None:
+        """Step 3 of `advance`."""
+        cutoff = None if self.watermark is None else self.watermark - self._horizon
+        for table in self.entities:
+            for key in list(table):
+                history = table[key]
+                if cutoff is not None:
+                    self.entries -= history.drop_until(cutoff)
+                if len(history) > self.spec.max_events:
+                    extra = len(history) - self.spec.max_events
+                    history.drop_oldest(extra)
+                    self.entries -= extra
+                    self.counts.add("truncated", extra)
+                if not len(history):
+                    del table[key]
+            while len(table) > self.max_entities or (
+                    self.max_bytes is not None and len(table) > 1 and self.estimated_bytes() > self.max_bytes):
+                _, evicted = table.popitem(last=False)
+                self.entries -= len(evicted)
+                self.counts.add("evicted")
 
     def _effective_time(self, value: float) -> int | None:
         """Steps 2-4 of the module docstring for one event; moves the watermark."""
@@ -219,39 +338,6 @@ class WindowState:
             return self.watermark - self._grace
         self.watermark = max(self.watermark, t)
         return t
-
-    def _one(self, e: int, key: str, time: int, cutoff: int, numeric: tuple[float, ...],
-             categorical: tuple[str | None, ...], out: list[float]) -> None:
-        table = self.entities[e]
-        history = table.get(key)
-        if history is None:
-            history = table[key] = History()
-            while len(table) > self.max_entities or (
-                    self.max_bytes is not None and len(table) > 1 and self.estimated_bytes() > self.max_bytes):
-                _, evicted = table.popitem(last=False)
-                self.entries -= len(evicted)
-                self.counts.add("evicted")
-        else:
-            table.move_to_end(key)
-        if len(history) >= self.spec.max_events:
-            history.drop_oldest()
-            self.entries -= 1
-            self.counts.add("truncated")
-        history.add(time, numeric, categorical, self._windows, out, e * len(self._windows) * self._per_window)
-        self.entries += 1 - history.drop_until(cutoff)
-
-    def _expire(self) -> None:
-        """Drop entries no future window can hold; drop entities left empty (least recently seen first)."""
-        if self.watermark is None:
-            return
-        cutoff = self.watermark - self._horizon
-        for table in self.entities:
-            while table:
-                key, history = next(iter(table.items()))
-                if len(history) and history.latest > cutoff:
-                    break
-                self.entries -= len(history)
-                del table[key]
 
     def _merge_checkpoints(self) -> None:
         while len(self._checkpoints) > MAX_CHECKPOINTS:
@@ -285,6 +371,18 @@ class WindowState:
         point = self.restore_point(next_offset)
         while self._checkpoints and self._checkpoints[0].last < point.offset:
             self._checkpoints.popleft()
+
+
+def _distinct_by_entity(categorical: list[tuple[str | None, ...]], runs: list[tuple[int, int]], starts: list[int],
+                        n_fields: int) -> list[list[int]]:
+    """`distinct_counts` of each entity's runs (consecutive runs with the same start belong to one entity)."""
+    out: list[list[int]] = []
+    begin = 0
+    for i in range(1, len(runs) + 1):
+        if i == len(runs) or starts[i] != starts[begin]:
+            out.extend(distinct_counts(categorical, runs[begin:i], n_fields))
+            begin = i
+    return out
 
 
 def window_features(spec: WindowSpec, inputs: WindowInputs) -> tuple[np.ndarray, dict[str, int]]:

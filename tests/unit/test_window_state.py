@@ -10,7 +10,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from training.errors import BundleError, ConfigError
-from training.window_history import GRID, on_grid
 from training.window_state import (
     MAX_AHEAD_MS,
     MAX_KEY_BYTES,
@@ -69,11 +68,11 @@ def reference(s: WindowSpec, data: WindowInputs) -> np.ndarray:
         for window in s.windows:
             members = [m for m in stored if m[1] == key and t - window.ms < m[0] <= t]
             sizes = [m[2] for m in members if not math.isnan(m[2])]
-            earlier = [on_grid(m[2]) / GRID for m in members[:-1] if not math.isnan(m[2])]
+            earlier = [m[2] for m in members[:-1] if not math.isnan(m[2])]
             out[i, column] = len(members)
             out[i, column + 1] = len({m[3] for m in members if m[3] is not None})
             if sizes:
-                out[i, column + 2] = math.fsum(on_grid(v) / GRID for v in sizes) / len(sizes)  # sums on 2**-60
+                out[i, column + 2] = math.fsum(sizes) / len(sizes)
                 out[i, column + 3] = max(sizes)
             if not math.isnan(size):
                 out[i, column + 4] = 1.0 if not earlier else (size + 1) / (math.fsum(earlier) / len(earlier) + 1)
