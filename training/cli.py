@@ -180,6 +180,11 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             print(f"  promoted: {args.repo} now serves {m.model_version}")
         print(f"  epochs run {m.training['epochs_run']} (best {m.training['best_epoch']}), "
               f"hidden {m.training['hidden']}, threshold {load_threshold(result.out_dir):.6g}")
+        if "window_features" in m.training:
+            outcomes = m.training["window_outcomes"]
+            print(f"  window features {m.training['window_features']}: "
+                  + (", ".join(f"{k} {v}" for k, v in outcomes.items()) + " (docs/windows.md)" if outcomes
+                     else "every event windowed at its own time"))
         if result.evaluation is not None:
             e = result.evaluation
             print(f"  test: ROC-AUC {e.roc_auc:.4f}  PR-AUC {e.pr_auc:.4f}  precision {e.precision:.3f}  "

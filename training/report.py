@@ -68,6 +68,11 @@ def describe_shares(shares: Mapping[str, float], rows: int) -> str:
     return ", ".join(f"{name} {100 * share:.0f} %" for name, share in shares.items()) + f" ({rows} rows)"
 
 
+def describe_counts(counts: Mapping[str, int], none: str) -> str:
+    """{"late": 3, "no_time": 1} -> "late 3, no_time 1" (`none` when empty)."""
+    return ", ".join(f"{k} {v}" for k, v in counts.items()) or none
+
+
 def score_parts(path: Path, groups: Mapping[str, Mapping[str, float]]) -> None:
     """Stacked bars: for each group of rows, the mean share of the score from each term."""
     fig, ax = plt.subplots(figsize=(6, 3.2))

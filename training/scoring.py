@@ -149,7 +149,11 @@ class Scorer:
 
     def explain_rows(self, scores: Scores, rows: Sequence[int], observed: Sequence[Mapping[str, Any]],
                      top_k: int = 3) -> list[list[Contribution]]:
-        """`explain` for many rows at once: ranking, shares and decoding are vectorised over the rows."""
+        """`explain` for many rows at once: ranking, shares and decoding are vectorised over the rows.
+
+        `observed`: each row's own fields by name and, for a windowed model, each window feature's value under
+        its column name (`win:src_host:2s:count`); a window feature's words name the entity by the row's value
+        of the entity's field(s)."""
         names = self.schema.names
         top, shares, expected = self._ranked(scores, rows, top_k)
         return [[Contribution(names[j], share, value := _plain(event.get(names[j])), expected[j][a],

@@ -242,8 +242,7 @@ def train_frame(frame: pd.DataFrame, out_dir: Path | Destination, config: TrainC
         log(f"window features: {len(spec.names)} (entities {len(spec.entities)} x windows {len(spec.windows)} x "
             f"statistics {len(spec.per_window())}) over all {len(frame)} rows "
             f"{'per partition in offset order' if stream is not None else 'in event-time order'}; "
-            + (", ".join(f"{k} {v}" for k, v in outcomes.items()) if outcomes
-               else "every event windowed at its own time"))
+            + report.describe_counts(outcomes, "every event windowed at its own time"))
 
     normal_idx = np.flatnonzero(normal_mask)
     splits = split_normals(normal_idx.size, config.fit.seed, with_test=config.labels is not None)
@@ -354,6 +353,9 @@ def train_frame(frame: pd.DataFrame, out_dir: Path | Destination, config: TrainC
                                      "calibration false-positive rate": threshold.calibration_fpr,
                                      **{k: v for k, v in training_facts.items()
                                         if k not in ("feature_weights", "score_part_shares")}}
+            if spec is not None:
+                facts["window_outcomes"] = report.describe_counts(window_facts["window_outcomes"],
+                                                                  "every event windowed at its own time")
             facts.update({f"score parts, {group}": report.describe_shares(shares[group], rows)
                           for group, (_, rows) in part_groups.items() if shares[group]})
             if evaluation is not None:
