@@ -22,6 +22,7 @@ from training.bundle import Bundle, load_bundle
 from training.cli import evaluate_main, score_main, train_main
 from training.contract import decode_event, event_columns
 from training.data import file_windows, frame_columns, input_kinds, iter_frames, raw_columns, read_frame, with_windows
+from training.features import NumericField
 from training.train import StreamOrder, window_columns
 from training.window_state import WindowState, window_features
 from training.windows import window_inputs
@@ -205,6 +206,25 @@ def _window_values(frame: pd.DataFrame, stream: StreamOrder | None = None) -> np
     spec = build_spec(["src_host"], ["2s", "60s"], "ts", {"bytes": "numeric", "service": "categorical"})
     columns = raw_columns(frame, {"bytes": "numeric", "service": "categorical"}, Path("<frame>"))
     return window_columns(spec, frame, columns, stream)[0]
+
+
+def test_training_windows_count_the_anomalous_rows_too(tmp_path: Path) -> None:
+    """The windows describe the traffic; the labels only choose the rows trained on."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for i in range(60):  # each normal event comes 0.1 s after five labelled anomalies of the same host
+        t = START + 10.0 * i
+        rows += [(round(t + 0.01 * k, 3), "x", float(rng.integers(1, 100)), "attack") for k in range(5)]
+        rows.append((round(t + 0.1, 3), "x", float(rng.integers(1, 100)), "normal"))
+    data = tmp_path / "mixed.csv"
+    pd.DataFrame(rows, columns=["ts", "host", "bytes", "label"]).to_csv(data, index=False)
+    out = tmp_path / "model"
+    assert train_main(["--data", str(data), "--out", str(out), *LABEL_ARGS, "--entity", "host", "--window", "2s",
+                       "--event-time", "ts", *TRAIN_ARGS, "--ensemble", "1"]) == 0
+    schema = load_bundle(out).schema
+    count = schema.fields[schema.names.index("win:host:2s:count")]
+    # Every normal row trained on saw the five anomalies before it.
+    assert isinstance(count, NumericField) and count.low == count.high == 6
 
 
 def test_training_windows_a_file_in_event_time_order_whatever_the_row_order() -> None:
