@@ -21,16 +21,79 @@ import numpy as np
 TIME_BITS = 42  # 2**42 ms is 139 years, more than the 100 years of usable times
 
 
-class History:
-    """One entity's events within the horizon (entries before `start` have left and are compacted in bulk)."""
+class _Distinct:
+    """Value counts of each categorical field over the entries [lo, hi) of a history."""
 
-    __slots__ = ("times", "values", "categorical", "start")
+    __slots__ = ("lo", "hi", "counts")
+
+    def __init__(self, lo: int, n_fields: int) -> None:
+        self.lo = self.hi = lo
+        self.counts: list[dict[str, int]] = [{} for _ in range(n_fields)]
+
+    def enter(self, values: tuple[str | None, ...]) -> None:
+        for field, value in zip(self.counts, values, strict=True):
+            if value is not None:
+                field[value] = field.get(value, 0) + 1
+
+    def leave(self, values: tuple[str | None, ...]) -> None:
+        for field, value in zip(self.counts, values, strict=True):
+            if value is not None:
+                left = field[value] - 1
+                if left:
+                    field[value] = left
+                else:
+                    del field[value]
+
+
+class History:
+    """One entity's events within the horizon (entries before `start` have left and are compacted in bulk).
+
+    `distinct` keeps, per window, the value counts of the entity's latest window between calls, so an event
+    costs O(1) dictionary steps per categorical field; an out-of-order insert drops them (rebuilt when needed).
+    """
+
+    __slots__ = ("times", "values", "categorical", "start", "distinct")
 
     def __init__(self, n_numeric: int) -> None:
         self.times: list[int] = []
         self.values = np.empty((4, n_numeric))
         self.categorical: list[tuple[str | None, ...]] = []
         self.start = 0
+        self.distinct: list[_Distinct | None] | None = None
+
+    def distinct_runs(self, w: int, n_windows: int, n_fields: int, lows: Sequence[int], highs: Sequence[int]
+                      ) -> list[list[int]]:
+        """Distinct present values per categorical field over runs [lo, hi) of this history (both ends
+        non-decreasing), continuing window `w`'s counts from the previous call where they still apply."""
+        if self.distinct is None:
+            self.distinct = [None] * n_windows
+        kept = self.distinct[w]
+        if kept is None or kept.lo > lows[0]:
+            kept = self.distinct[w] = _Distinct(lows[0], n_fields)
+        entries = self.categorical
+        out: list[list[int]] = []
+        for lo, hi in zip(lows, highs, strict=True):
+            if lo >= kept.hi:
+                kept = self.distinct[w] = _Distinct(lo, n_fields)
+            while kept.hi < hi:
+                kept.enter(entries[kept.hi])
+                kept.hi += 1
+            while kept.lo < lo:
+                kept.leave(entries[kept.lo])
+                kept.lo += 1
+            out.append([len(field) for field in kept.counts])
+        return out
+
+    def _forget(self) -> None:
+        """Entries before `start` left: they leave the kept counts too."""
+        for kept in self.distinct or ():
+            if kept is None:
+                continue
+            while kept.lo < min(self.start, kept.hi):
+                kept.leave(self.categorical[kept.lo])
+                kept.lo += 1
+            kept.lo = max(kept.lo, self.start)
+            kept.hi = max(kept.hi, kept.lo)
 
     def __len__(self) -> int:
         return len(self.times) - self.start
@@ -59,6 +122,7 @@ class History:
         self.values[position] = values
         self.times.insert(position, time)
         self.categorical.insert(position, categorical)
+        self.distinct = None
         return position
 
     def _room(self, size: int) -> None:
@@ -72,11 +136,13 @@ class History:
         end = bisect_right(self.times, cutoff, self.start)
         dropped = end - self.start
         self.start = end
+        self._forget()
         self._compact()
         return dropped
 
     def drop_oldest(self, n: int) -> None:
         self.start += n
+        self._forget()
         self._compact()
 
     def _compact(self) -> None:
@@ -86,6 +152,10 @@ class History:
         self.values[:end - shift] = self.values[shift:end].copy()
         del self.times[:shift], self.categorical[:shift]
         self.start = 0
+        for kept in self.distinct or ():
+            if kept is not None:
+                kept.lo -= shift
+                kept.hi -= shift
 
 
 def window_stats(values: np.ndarray, runs: np.ndarray, current: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -113,12 +183,20 @@ def window_stats(values: np.ndarray, runs: np.ndarray, current: np.ndarray) -> t
 
 def distinct_counts(categorical: Sequence[tuple[str | None, ...]], runs: Sequence[tuple[int, int]],
                     n_fields: int) -> list[list[int]]:
-    """Per run [lo, hi) (both ends non-decreasing, as for one entity's events in time order), the number of
-    distinct present values of each categorical field: two pointers over value counts, O(1) per step."""
+    """Per run [lo, hi), the number of distinct present values of each categorical field.
+
+    Both ends must be non-decreasing from run to run (one entity's events in time order, or several entities'
+    laid end to end): two pointers over value counts, each entry entering and leaving at most once; a run
+    that starts past the previous one's end starts from empty counts.
+    """
     counts: list[dict[str, int]] = [{} for _ in range(n_fields)]
     out: list[list[int]] = []
-    lo = hi = runs[0][0] if runs else 0
+    lo = hi = 0
     for start, end in runs:
+        if start >= hi:
+            for field in counts:
+                field.clear()
+            lo = hi = start
         while hi < end:
             for field, value in zip(counts, categorical[hi], strict=True):
                 if value is not None:

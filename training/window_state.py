@@ -230,46 +230,57 @@ class WindowState:
         """Windows of in-order events: each entity's recent entries and new events laid end to end, then one
         `window_stats` call per window for every event of every entity."""
         n_numeric, n_categorical = len(self.spec.numeric), len(self.spec.categorical)
-        keys_parts, value_parts, positions, rows_all, starts = [], [], [], [], []
-        categorical: list[tuple[str | None, ...]] = []
-        offset = 0
+        keys: list[int] = []  # entity index << TIME_BITS | time since MIN_TIME_MS, sorted
+        held: list[tuple[History, int, int]] = []  # (history, its first entry used, where it goes)
+        new_at: list[int] = []  # where each new event goes
+        starts: list[int] = []  # where its entity's run starts
+        rows_all: list[int] = []
+        rows_categorical = list(zip(*inputs.categorical, strict=True)) if n_categorical else []
         for index, (history, rows, stamps) in enumerate(groups):
             first = bisect_right(history.times, stamps[0] - self._longest, history.start)
-            own = history.times[first:] + stamps
-            keys_parts.append((np.asarray(own, dtype=np.int64) - MIN_TIME_MS) | (index << TIME_BITS))
-            new_values = inputs.numeric[rows] if n_numeric else np.empty((len(rows), 0))
-            value_parts.append(history.rows(first))
-            value_parts.append(new_values)
-            new_categorical = [tuple(values[row] for values in inputs.categorical) for row in rows]
-            if n_categorical:
-                categorical.extend(history.categorical[first:])
-                categorical.extend(new_categorical)
-            held = len(history.times) - first
-            positions.append(np.arange(offset + held, offset + held + len(rows)))
-            starts.append(np.full(len(rows), offset))
+            base = index << TIME_BITS
+            begin = len(keys)
+            keys.extend([base + t - MIN_TIME_MS for t in history.times[first:]])
+            held.append((history, first, begin))
+            new_at.extend(range(len(keys), len(keys) + len(rows)))
+            keys.extend([base + t - MIN_TIME_MS for t in stamps])
+            starts.extend([begin] * len(rows))
             rows_all.extend(rows)
-            offset += held + len(rows)
-            history.extend(stamps, new_values, new_categorical)
-        keys = np.concatenate(keys_parts)
-        values = np.vstack(value_parts) if n_numeric else np.empty((offset, 0))
-        position = np.concatenate(positions)
-        start = np.concatenate(starts)
         target = np.asarray(rows_all, dtype=np.intp)
+        position = np.asarray(new_at, dtype=np.intp)
+        start = np.asarray(starts, dtype=np.intp)
+        spans, shifts, done = [], [], 0  # each entity's events among all new events; global -> history index
+        for (_, rows, _), (_, first, begin) in zip(groups, held, strict=True):
+            spans.append((done, done + len(rows)))
+            shifts.extend([first - begin] * len(rows))
+            done += len(rows)
+        shift = np.asarray(shifts, dtype=np.intp)
+        values = np.empty((len(keys), n_numeric))
+        new_values = inputs.numeric[target] if n_numeric else values[:0]
+        if n_numeric:
+            for history, first, begin in held:
+                values[begin:begin + len(history.times) - first] = history.rows(first)
+            values[position] = new_values
+        sorted_keys = np.asarray(keys, dtype=np.int64)
+        for history, rows, stamps in groups:  # the new events join their histories
+            history.extend(stamps, inputs.numeric[rows] if n_numeric else np.empty((len(rows), 0)),
+                           [rows_categorical[row] for row in rows] if n_categorical else [()] * len(rows))
         for w, length in enumerate(self._windows):
-            low = np.maximum(np.searchsorted(keys, keys[position] - length, side="right"), start)
+            low = np.maximum(np.searchsorted(sorted_keys, sorted_keys[position] - length, side="right"), start)
             at = self._columns(e, w)
             out[target, at] = position - low + 1
             if n_categorical:
-                runs = list(zip(low.tolist(), (position + 1).tolist(), strict=True))
-                distinct = _distinct_by_entity(categorical, runs, start.tolist(), n_categorical)
-                out[target, at + 1:at + 1 + n_categorical] = distinct
+                lows, highs = (low + shift).tolist(), (position + 1 + shift).tolist()
+                out[target, at + 1:at + 1 + n_categorical] = [
+                    counts for (history, _, _), (lo, hi) in zip(held, spans, strict=True)
+                    for counts in history.distinct_runs(w, len(self._windows), n_categorical, lows[lo:hi],
+                                                        highs[lo:hi])]
             if n_numeric:
-                mean, maxima, ratio = window_stats(values, np.column_stack([low, position + 1]),
-                                                   values[position])
-                first = at + 1 + n_categorical
-                out[target, first:first + 3 * n_numeric:3] = mean
-                out[target, first + 1:first + 3 * n_numeric:3] = maxima
-                out[target, first + 2:first + 3 * n_numeric:3] = ratio
+                mean, maxima, ratio = window_stats(values, np.column_stack([low, position + 1]), new_values)
+                first_column = at + 1 + n_categorical
+                out[target, first_column:first_column + 3 * n_numeric:3] = mean
+                out[target, first_column + 1:first_column + 3 * n_numeric:3] = maxima
+                out[target, first_column + 2:first_column + 3 * n_numeric:3] = ratio
 
     def _one_by_one(self, e: int, history: History, row: int, stamp: int, inputs: WindowInputs,
                     out: np.ndarray) -> None:
@@ -371,18 +382,6 @@ class WindowState:
         point = self.restore_point(next_offset)
         while self._checkpoints and self._checkpoints[0].last < point.offset:
             self._checkpoints.popleft()
-
-
-def _distinct_by_entity(categorical: list[tuple[str | None, ...]], runs: list[tuple[int, int]], starts: list[int],
-                        n_fields: int) -> list[list[int]]:
-    """`distinct_counts` of each entity's runs (consecutive runs with the same start belong to one entity)."""
-    out: list[list[int]] = []
-    begin = 0
-    for i in range(1, len(runs) + 1):
-        if i == len(runs) or starts[i] != starts[begin]:
-            out.extend(distinct_counts(categorical, runs[begin:i], n_fields))
-            begin = i
-    return out
 
 
 def window_features(spec: WindowSpec, inputs: WindowInputs) -> tuple[np.ndarray, dict[str, int]]:
