@@ -34,6 +34,8 @@ RECORD_TIME = "@record"
 DEFAULT_GRACE_S = 10.0
 #: At most this many events per entity are kept; beyond it the oldest leave early (counted as truncated).
 DEFAULT_MAX_EVENTS = 10_000
+#: An entity value is shown in explanations up to this many characters.
+MAX_SHOWN_KEY = 64
 STATISTICS = ("count", "distinct", "mean", "max", "ratio")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
@@ -182,6 +184,8 @@ def explain(name: str, observed: float | None, expected: float | None, entity: s
         return name
     entity_fields, window, stat = parts[0], parts[1], parts[2]
     target = parts[3] if len(parts) > 3 else ""
+    if entity is not None and len(entity) > MAX_SHOWN_KEY:
+        entity = entity[:MAX_SHOWN_KEY] + "..."  # an alert stays small whatever key a producer sends
     who = f"{entity_fields} {entity}" if entity is not None else entity_fields
     shown, wanted = _number(observed), _number(expected)
     text = {

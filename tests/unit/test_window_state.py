@@ -279,3 +279,8 @@ def test_long_runs_with_compaction_and_kept_counts_match_the_definition() -> Non
         start = end
     assert close(np.vstack(parts), expected)
     assert same(np.vstack(parts), window_features(s, data)[0])
+
+
+def test_an_explanation_shows_at_most_64_characters_of_the_entity() -> None:
+    words = explain("win:src:2s:count", 2.0, 1.0, "x" * 1_048_576)
+    assert len(words) < 200 and "x" * 64 + "..." in words
