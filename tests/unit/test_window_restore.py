@@ -251,8 +251,9 @@ def test_starts_holds_back_undecided_partitions_and_seeks_where_the_loop_says() 
     assert not starts, "without a Restore nothing waits"
     starts.restore = Restore(start=start, metadata=lambda key, offset: None)
     starts.add([(TOPIC, 0), (TOPIC, 1), (TOPIC, 2)])
-    kept = starts.hold_back([record(0, 10), record(1, 7), record(1, 8), record(2, 5)])
-    assert kept == []
+    kept = starts.hold_back([record(0, 10), record(1, 7), record(1, 8), record(2, 5), record(3, 1), record(4, 2)],
+                            assigned={(TOPIC, 0), (TOPIC, 1), (TOPIC, 2), (TOPIC, 3)})
+    assert kept == [record(3, 1)], "partition 4 was revoked: its record is dropped"
     seeks = starts.decide({(TOPIC, 0): (10, "w1:3::0"), (TOPIC, 1): (7, None)})
     assert seeks == {(TOPIC, 0): 3, (TOPIC, 1): 7}, "to the point; back to the committed offset (records held)"
     assert asked == [((TOPIC, 0), 10, "w1:3::0"), ((TOPIC, 1), 7, None)]

@@ -287,7 +287,7 @@ class Starts:
     """Assigned partitions whose first offset the loop decides (`Restore.start`), until it has.
 
     1. A partition assigned, or restarted by the client adapter, is undecided: none of its records is
-       handed out (`hold_back`); the first one held back is remembered.
+       handed out (`hold_back`); the first one held back is remembered. Nor are those of a partition revoked.
     2. The adapter asks for the committed offsets and metadata of those `due()` (again after
        `START_RETRY_S` for a partition that got no answer) and gives the answers to `decide`.
     3. `decide` asks the loop for each answered partition and returns where each must be read from now:
@@ -323,16 +323,18 @@ class Starts:
     def __contains__(self, key: object) -> bool:
         return key in self._due
 
-    def hold_back(self, records: list[Record]) -> list[Record]:
-        """`records` without those of undecided partitions (step 1)."""
-        if not self._due:
-            return records
+    def hold_back(self, records: list[Record], assigned: Container[TopicKey]) -> list[Record]:
+        """`records` without those of undecided partitions (step 1), nor of partitions no longer `assigned`.
+
+        A record of a partition revoked during the poll would be scored without its window state (the next
+        owner scores it with the state); and dropping it skips nothing, since a partition assigned again is
+        always read from where the loop says."""
         kept = []
         for record in records:
             key = (record.topic, record.partition)
             if key in self._due:
                 self._held[key] = min(self._held.get(key, record.offset), record.offset)
-            else:
+            elif key in assigned:
                 kept.append(record)
         return kept
 

@@ -152,7 +152,9 @@ class KafkaSource:
         Records are never dropped, even when a rebalance inside poll() revokes their partition: the
         batch is still delivered (the next owner may deliver them again, with the same alert ids), and
         `commit` only commits partitions still assigned. Dropping them is not safe: kafka-python may
-        keep a partition's position across a rebalance that hands it back, which would skip them.
+        keep a partition's position across a rebalance that hands it back, which would skip them. With
+        window state (`restore_with`) they are dropped: a partition handed back is read from where the
+        loop says, and a record scored without its partition's state could alert where the owner would not.
         """
         deadline = time.monotonic() + self.settings.max_wait_ms / 1000.0
         records: list[Record] = []
@@ -170,10 +172,13 @@ class KafkaSource:
                 self._access_log.error(denied(self.settings, exc, self.settings.input_topic, "READ"))
                 time.sleep(max(0.0, deadline - time.monotonic()))
                 break
-            fetched = [Record(topic=tp.topic, partition=tp.partition, offset=m.offset, key=m.key, value=m.value,
-                              timestamp_ms=m.timestamp, headers=tuple(m.headers or ()), timestamp_type=m.timestamp_type)
-                       for tp, batch in polled.items() for m in batch]
-            records.extend(self._start_undecided(fetched) if self.starts else fetched)
+            records.extend(Record(topic=tp.topic, partition=tp.partition, offset=m.offset, key=m.key, value=m.value,
+                                  timestamp_ms=m.timestamp, headers=tuple(m.headers or ()),
+                                  timestamp_type=m.timestamp_type) for tp, batch in polled.items() for m in batch)
+            if self.starts.restore is not None:
+                # Also what an earlier poll of this batch gave of a partition assigned again since: it is read
+                # again from where the loop says (kafka-python's eager rebalance revokes and re-assigns all).
+                records = self._start_undecided(records)
             if remaining_ms == 0:
                 break
         self._check_membership()
@@ -187,7 +192,7 @@ class KafkaSource:
 
     def _start_undecided(self, records: list[Record]) -> list[Record]:
         """`core.Starts` steps 1-3: hold back records of undecided partitions, ask, and seek where the loop says."""
-        records = self.starts.hold_back(records)
+        records = self.starts.hold_back(records, self._owned())
         due = self.starts.due()
         if due:
             timeout_ms = int(min(core.START_RETRY_S / 2 if self.starts.asked_before(due) else 2.0,

@@ -182,6 +182,7 @@ class ConfluentSource:
 
         As with kafka-python, records of a partition revoked during the poll are still delivered (the
         next owner may deliver them again, with the same alert ids); `commit` skips revoked partitions.
+        With window state they are dropped (`core.Starts.hold_back`).
         """
         self.start_guard.restart_unfetched()
         records: list[Record] = []
@@ -213,7 +214,7 @@ class ConfluentSource:
             self.start_guard.start_reset(resets)
         if self._fatal is not None:
             raise WorkerError(f"the Kafka client failed fatally: {self._fatal}")
-        if self._starts:
+        if self._starts.restore is not None:
             records = self._start_undecided(records)
         return records
 
@@ -227,7 +228,7 @@ class ConfluentSource:
 
         The seek is a re-add at the offset (`StartGuard.re_add`): it works whether or not the partition has
         started fetching, and librdkafka drops what it had prefetched from before."""
-        records = self._starts.hold_back(records)
+        records = self._starts.hold_back(records, self._assignment)
         due = self._starts.due()
         if not due:
             return records
