@@ -197,19 +197,21 @@ class KafkaSource:
         if due:
             timeout_ms = int(min(core.START_RETRY_S / 2 if self.starts.asked_before(due) else 2.0,
                                  self.settings.kafka_timeout_s) * 1000)
-            for (topic, partition), offset in self.starts.decide(self._committed_points(due, timeout_ms)).items():
+            answers = self._committed_points(due, timeout_ms, again=self.starts.asked_before(due))
+            for (topic, partition), offset in self.starts.decide(answers).items():
                 self.consumer.seek(TopicPartition(topic, partition), offset)
         return records
 
-    def _committed_points(self, keys: list[TopicKey], timeout_ms: int) -> dict[TopicKey, tuple[int, str | None]]:
+    def _committed_points(self, keys: list[TopicKey], timeout_ms: int,
+                          again: bool = False) -> dict[TopicKey, tuple[int, str | None]]:
         """The committed offset (-1: none) and its metadata of each of `keys` that got an answer."""
         out: dict[TopicKey, tuple[int, str | None]] = {}
         for key in keys:
             try:
                 answer = self.consumer.committed(TopicPartition(*key), metadata=True, timeout_ms=timeout_ms)
-            except KafkaError as exc:
-                log.warning("asking for the committed offset of %s failed, asked again later: %s", core.describe(*key),
-                            exc)
+            except KafkaError as exc:  # once per partition, not every retry (an outage would repeat it each second)
+                (log.debug if again else log.warning)(
+                    "asking for the committed offset of %s failed, asked again later: %s", core.describe(*key), exc)
                 continue
             # librdkafka writes metadata with a terminating NUL, which kafka-python keeps.
             out[key] = (-1, None) if answer is None else (answer.offset, (answer.metadata or "").rstrip("\x00") or None)
