@@ -94,8 +94,8 @@ def test_outcomes_and_size_are_metrics() -> None:
     def outcome(name: str) -> float | None:
         return registry.get_sample_value("anomaly_window_events_total", {"outcome": name})
 
-    # a, b, c: a evicted; the timeless a comes back: b evicted
-    assert (outcome("evicted"), outcome("no_entity"), outcome("no_time"), outcome("late")) == (2, 1, 1, 1)
+    # a, b, c in one batch; the limits apply after it: the least recently seen of three (a) is evicted
+    assert (outcome("evicted"), outcome("no_entity"), outcome("no_time"), outcome("late")) == (1, 1, 1, 1)
     assert outcome("long_key") == 0  # declared at 0
     assert registry.get_sample_value("anomaly_window_state_entities") == windows.entity_count() == 2
     assert registry.get_sample_value("anomaly_window_state_bytes") == windows.estimated_bytes() > 0
