@@ -454,3 +454,17 @@ def test_restorer_ignores_a_point_past_the_committed_offset_and_a_model_without_
     assert restorer.restoring[(TOPIC, 0)].until == 10
     plain = Restorer(lambda: None, lambda records: None)
     assert plain.start((TOPIC, 0), 10, "w1:4::0") is None and plain.metadata((TOPIC, 0), 10) is None
+
+
+def test_replayed_records_are_gathered_into_chunks_and_those_of_a_revoked_partition_dropped() -> None:
+    windows, chunks = PartitionWindows(SPEC, 1000, None), []
+    restorer = Restorer(lambda: windows, lambda records: chunks.append([(r.partition, r.offset) for r in records]))
+    values = stream(0, 40)
+    assert restorer.start((TOPIC, 0), 30, "w1:0::0") == 0 and restorer.start((TOPIC, 1), 30, "w1:0::0") == 0
+    polled = [Record(TOPIC, p, o, None, values[o]) for o in range(10) for p in (0, 1)]
+    assert restorer.split(polled) == [] and chunks == [], "gathered, not replayed yet"
+    restorer.revoke({(TOPIC, 1)})
+    live = restorer.split([Record(TOPIC, 0, o, None, values[o]) for o in range(10, 32)])
+    assert [r.offset for r in live] == [30, 31]
+    assert chunks == [[(0, o) for o in range(30)]], "one chunk, before any record of the partition is scored"
+    assert not restorer
