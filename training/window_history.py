@@ -17,9 +17,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-#: Entity index and time are packed into one sortable int64: entity << TIME_BITS | (time - MIN_TIME_MS).
-TIME_BITS = 42  # 2**42 ms is 139 years, more than the 100 years of usable times
-
 
 class _Distinct:
     """Value counts of each categorical field over the entries [lo, hi) of a history."""

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from training.window_history import TIME_BITS, History, distinct_counts, window_stats
+from training.window_history import History, distinct_counts, window_stats
 from training.windows import WindowSpec
 
 MIN_TIME_MS = 946_684_800_000  # 2000-01-01
@@ -162,7 +162,8 @@ class WindowState:
         per_entry = ENTRY_BYTES + 8 * len(self.spec.numeric) + 8 * len(self.spec.categorical)
         return self.entity_count() * ENTITY_BYTES + self.entries * per_entry
 
-    def advance(self, inputs: WindowInputs, offsets: Sequence[int] | None = None) -> np.ndarray:
+    def advance(self, inputs: WindowInputs, offsets: Sequence[int] | None = None, features: bool = True
+                ) -> np.ndarray:
         """The window features of `inputs`' events, in order (n x width, NaN where unknown); they join the state.
 
         1. Each event's effective time, in order (moves the watermark; module docstring, steps 2-4).
@@ -171,12 +172,16 @@ class WindowState:
            entity's, by `window_stats`; any other entity's events are inserted and computed one by one.
         3. Then the limits: expired entries and entities leave, the oldest entries of an entity over
            `max_events` leave, the least recently seen entities over `max_entities` or `max_bytes` are evicted.
+
+        `features=False` (a restore's replay) changes the state exactly as `True` would and skips computing
+        the features (the array returned is all NaN).
         """
         n = inputs.rows
         out = np.full((n, self.width), np.nan)
         before = (self.watermark, self.ahead)
         times = [self._effective_time(value) for value in inputs.times.tolist()]
         stored = np.zeros(n, dtype=bool)
+        touched: list[list[str]] = []
         for e, keys in enumerate(inputs.keys):
             groups: dict[str, list[int]] = {}
             for row, key in enumerate(keys):
@@ -190,10 +195,11 @@ class WindowState:
                     self.counts.add("long_key")
                 groups.setdefault(kept, []).append(row)
                 stored[row] = True
-            self._entity_groups(e, groups, times, inputs, out)
+            self._entity_groups(e, groups, times, inputs, out, features)
+            touched.append(list(groups))
         newest = max((t for t, keep in zip(times, stored.tolist(), strict=True) if keep and t is not None),
                      default=None)
-        self._limit()
+        self._limit(touched)
         if offsets is not None and n:
             self._checkpoints.append(_Checkpoint(offsets[0], offsets[-1], before[0], before[1], self.watermark,
                                                  self.ahead, newest))
@@ -201,7 +207,7 @@ class WindowState:
         return out
 
     def _entity_groups(self, e: int, groups: dict[str, list[int]], times: list[int | None], inputs: WindowInputs,
-                       out: np.ndarray) -> None:
+                       out: np.ndarray, features: bool) -> None:
         """Step 2 for one entity definition: every group's events join its history and get their features."""
         table = self.entities[e]
         in_order: list[tuple[History, list[int], list[int]]] = []
@@ -217,77 +223,85 @@ class WindowState:
                 in_order.append((history, rows, stamps))
             else:
                 for row, stamp in zip(rows, stamps, strict=True):
-                    self._one_by_one(e, history, row, stamp, inputs, out)
+                    self._one_by_one(e, history, row, stamp, inputs, out, features)
             self.entries += len(rows)
         if in_order:
-            self._at_once(e, in_order, inputs, out)
+            self._at_once(e, in_order, inputs, out, features)
 
     def _columns(self, e: int, w: int) -> int:
         return (e * len(self._windows) + w) * self._per_window
 
     def _at_once(self, e: int, groups: list[tuple[History, list[int], list[int]]], inputs: WindowInputs,
-                 out: np.ndarray) -> None:
-        """Windows of in-order events: each entity's recent entries and new events laid end to end, then one
-        `window_stats` call per window for every event of every entity."""
+                 out: np.ndarray, features: bool = True) -> None:
+        """Windows of in-order events: they join their histories; each entity's entries that a window can hold
+        are laid end to end, and one `window_stats` call per window computes every event's numeric statistics."""
         n_numeric, n_categorical = len(self.spec.numeric), len(self.spec.categorical)
-        keys: list[int] = []  # entity index << TIME_BITS | time since MIN_TIME_MS, sorted
-        held: list[tuple[History, int, int]] = []  # (history, its first entry used, where it goes)
-        new_at: list[int] = []  # where each new event goes
-        starts: list[int] = []  # where its entity's run starts
-        rows_all: list[int] = []
-        rows_categorical = list(zip(*inputs.categorical, strict=True)) if n_categorical else []
-        for index, (history, rows, stamps) in enumerate(groups):
-            first = bisect_right(history.times, stamps[0] - self._longest, history.start)
-            base = index << TIME_BITS
-            begin = len(keys)
-            keys.extend([base + t - MIN_TIME_MS for t in history.times[first:]])
-            held.append((history, first, begin))
-            new_at.extend(range(len(keys), len(keys) + len(rows)))
-            keys.extend([base + t - MIN_TIME_MS for t in stamps])
-            starts.extend([begin] * len(rows))
-            rows_all.extend(rows)
+        n_windows = len(self._windows)
+        rows_all = [row for _, rows, _ in groups for row in rows]
         target = np.asarray(rows_all, dtype=np.intp)
-        position = np.asarray(new_at, dtype=np.intp)
-        start = np.asarray(starts, dtype=np.intp)
-        spans, shifts, done = [], [], 0  # each entity's events among all new events; global -> history index
-        for (_, rows, _), (_, first, begin) in zip(groups, held, strict=True):
-            spans.append((done, done + len(rows)))
-            shifts.extend([first - begin] * len(rows))
+        new_values = inputs.numeric[target] if n_numeric else np.empty((len(rows_all), 0))
+        rows_categorical = list(zip(*inputs.categorical, strict=True)) if n_categorical else []
+        if not features:  # the histories' kept value counts stay valid: appending leaves their runs as they are
+            done = 0
+            for history, rows, stamps in groups:
+                history.extend(stamps, new_values[done:done + len(rows)],
+                               [rows_categorical[row] for row in rows] if n_categorical else [()] * len(rows))
+                done += len(rows)
+            return
+        held: list[tuple[History, int, int]] = []  # (history, its first entry a window can hold, where it goes)
+        position: list[int] = []  # where each new event goes
+        lows: list[list[int]] = [[] for _ in range(n_windows)]  # where each event's window starts, per window
+        local: list[list[int]] = [[] for _ in range(n_windows)]  # the same as an index into its history
+        total = done = 0
+        for history, rows, stamps in groups:
+            first = bisect_right(history.times, stamps[0] - self._longest, history.start)
+            joined = len(history.times)
+            history.extend(stamps, new_values[done:done + len(rows)],
+                           [rows_categorical[row] for row in rows] if n_categorical else [()] * len(rows))
+            times, begin = history.times, total - first
+            for k, stamp in enumerate(stamps):
+                position.append(begin + joined + k)
+                for w, length in enumerate(self._windows):
+                    low = bisect_right(times, stamp - length, first, joined + k)
+                    lows[w].append(begin + low)
+                    local[w].append(low)
+            held.append((history, first, total))
+            total += len(times) - first
             done += len(rows)
-        shift = np.asarray(shifts, dtype=np.intp)
-        values = np.empty((len(keys), n_numeric))
-        new_values = inputs.numeric[target] if n_numeric else values[:0]
+        at_position = np.asarray(position, dtype=np.intp)
+        values = np.empty((total, n_numeric))
         if n_numeric:
             for history, first, begin in held:
-                values[begin:begin + len(history.times) - first] = history.rows(first)
-            values[position] = new_values
-        sorted_keys = np.asarray(keys, dtype=np.int64)
-        for history, rows, stamps in groups:  # the new events join their histories
-            history.extend(stamps, inputs.numeric[rows] if n_numeric else np.empty((len(rows), 0)),
-                           [rows_categorical[row] for row in rows] if n_categorical else [()] * len(rows))
-        for w, length in enumerate(self._windows):
-            low = np.maximum(np.searchsorted(sorted_keys, sorted_keys[position] - length, side="right"), start)
+                values[begin:begin + len(history.times) - first] = history.values[first:len(history.times)]
+        for w in range(n_windows):
+            low = np.asarray(lows[w], dtype=np.intp)
             at = self._columns(e, w)
-            out[target, at] = position - low + 1
+            out[target, at] = at_position - low + 1
             if n_categorical:
-                lows, highs = (low + shift).tolist(), (position + 1 + shift).tolist()
-                out[target, at + 1:at + 1 + n_categorical] = [
-                    counts for (history, _, _), (lo, hi) in zip(held, spans, strict=True)
-                    for counts in history.distinct_runs(w, len(self._windows), n_categorical, lows[lo:hi],
-                                                        highs[lo:hi])]
+                ends = [p + 1 for p in position]
+                counts: list[list[int]] = []
+                done = 0
+                for (history, first, begin), (_, rows, _) in zip(held, groups, strict=True):
+                    shift = first - begin
+                    counts.extend(history.distinct_runs(w, n_windows, n_categorical, local[w][done:done + len(rows)],
+                                                        [end + shift for end in ends[done:done + len(rows)]]))
+                    done += len(rows)
+                out[target, at + 1:at + 1 + n_categorical] = counts
             if n_numeric:
-                mean, maxima, ratio = window_stats(values, np.column_stack([low, position + 1]), new_values)
+                mean, maxima, ratio = window_stats(values, np.column_stack([low, at_position + 1]), new_values)
                 first_column = at + 1 + n_categorical
                 out[target, first_column:first_column + 3 * n_numeric:3] = mean
                 out[target, first_column + 1:first_column + 3 * n_numeric:3] = maxima
                 out[target, first_column + 2:first_column + 3 * n_numeric:3] = ratio
 
     def _one_by_one(self, e: int, history: History, row: int, stamp: int, inputs: WindowInputs,
-                    out: np.ndarray) -> None:
+                    out: np.ndarray, features: bool = True) -> None:
         """An event before its entity's latest (within the grace): inserted, its windows computed from its run."""
         n_numeric, n_categorical = len(self.spec.numeric), len(self.spec.categorical)
         value = inputs.numeric[row] if n_numeric else np.empty(0)
         position = history.insert(stamp, value, tuple(values[row] for values in inputs.categorical))
+        if not features:
+            return
         for w, length in enumerate(self._windows):
             low = bisect_right(history.times, stamp - length, history.start, position)
             at = self._columns(e, w)
@@ -303,11 +317,13 @@ class WindowState:
                 out[row, first + 1:first + 3 * n_numeric:3] = maxima[0]
                 out[row, first + 2:first + 3 * n_numeric:3] = ratio[0]
 
-    def _limit(self) -> None:
-        """Step 3 of `advance`."""
+    def _limit(self, touched: list[list[str]]) -> None:
+        """Step 3 of `advance`: the entities of this call drop what left their windows and what is over
+        `max_events`; entities seen least recently leave once all their entries have expired (an entity not
+        seen keeps expired entries until then: they are in no window, only in the byte estimate)."""
         cutoff = None if self.watermark is None else self.watermark - self._horizon
-        for table in self.entities:
-            for key in list(table):
+        for table, keys in zip(self.entities, touched, strict=True):
+            for key in keys:
                 history = table[key]
                 if cutoff is not None:
                     self.entries -= history.drop_until(cutoff)
@@ -316,8 +332,12 @@ class WindowState:
                     history.drop_oldest(extra)
                     self.entries -= extra
                     self.counts.add("truncated", extra)
-                if not len(history):
-                    del table[key]
+            while table and cutoff is not None:
+                key, history = next(iter(table.items()))
+                if len(history) and history.latest > cutoff:
+                    break
+                self.entries -= len(history)
+                del table[key]
             while len(table) > self.max_entities or (
                     self.max_bytes is not None and len(table) > 1 and self.estimated_bytes() > self.max_bytes):
                 _, evicted = table.popitem(last=False)

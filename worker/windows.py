@@ -93,7 +93,7 @@ class PartitionWindows:
             state = self.states.get(key)
             if state is None:
                 state = self.states[key] = self._new_state(None)
-            state.advance(part, [records[i].offset for i in rows])
+            state.advance(part, [records[i].offset for i in rows], features=False)
             self._check_keyed(key, part)
             state.counts.take()  # counted by whoever scored them first
         if self.metrics is not None:
