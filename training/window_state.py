@@ -274,9 +274,9 @@ class WindowState:
             for history, first, begin in held:
                 values[begin:begin + len(history.times) - first] = history.values[first:len(history.times)]
         for w in range(n_windows):
-            low = np.asarray(lows[w], dtype=np.intp)
+            run_start = np.asarray(lows[w], dtype=np.intp)
             at = self._columns(e, w)
-            out[target, at] = at_position - low + 1
+            out[target, at] = at_position - run_start + 1
             if n_categorical:
                 ends = [p + 1 for p in position]
                 counts: list[list[int]] = []
@@ -288,7 +288,7 @@ class WindowState:
                     done += len(rows)
                 out[target, at + 1:at + 1 + n_categorical] = counts
             if n_numeric:
-                mean, maxima, ratio = window_stats(values, np.column_stack([low, at_position + 1]), new_values)
+                mean, maxima, ratio = window_stats(values, np.column_stack([run_start, at_position + 1]), new_values)
                 first_column = at + 1 + n_categorical
                 out[target, first_column:first_column + 3 * n_numeric:3] = mean
                 out[target, first_column + 1:first_column + 3 * n_numeric:3] = maxima
