@@ -32,6 +32,7 @@ import os
 import platform
 import pstats
 import statistics
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -214,8 +215,8 @@ def run_network(workdir: Path, seed: int, hosts: int, seconds: float, log: Calla
                                                       span_s=("ts", lambda t: float(t.max() - t.min())))
     return {"events": len(frame), "hosts": hosts, "seconds": seconds, "train_rows": int(train.size),
             "test_rows": int(test.size), "results": results,
-            "attacks": [{"kind": r.kind, "events": int(r.events), "span_s": round(r.span_s, 2)}
-                        for r in attacks.itertuples()]}
+            "attacks": [{"kind": kind, "events": int(events), "span_s": round(float(span), 2)}
+                        for kind, events, span in attacks[["kind", "events", "span_s"]].to_numpy().tolist()]}
 
 
 # --- memory and speed of the state --------------------------------------------------------------------------
@@ -290,7 +291,7 @@ def run_speed(hosts: int, seconds: float, seed: int, log: Callable[[str], None],
     from training.window_state import WindowState
 
     spec = net_spec()
-    results = {}
+    results: dict[str, dict[str, Any]] = {}
     profiled: list[Any] = []
     for name, frame in (("scenario", netscenario.scenario(hosts=hosts, seconds=seconds, seed=seed)),
                         ("normal only", netscenario.scenario(hosts=hosts, seconds=seconds, seed=seed,
@@ -397,9 +398,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--entities", type=int, default=100_000)
     parser.add_argument("--passes", type=int, default=5)
     args = parser.parse_args(argv)
+    command = "python -m benchmarks.windows " + " ".join(argv if argv is not None else sys.argv[1:])
     report: dict[str, Any] = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
-                              "seed": args.seed, "command": "python -m benchmarks.windows " + " ".join(
-                                  argv if argv is not None else __import__("sys").argv[1:])}
+                              "seed": args.seed}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "windows.json"
     if path.is_file():  # parts run separately accumulate in one report
@@ -418,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 report[part] = run_speed(args.hosts, args.seconds, args.seed, print)
             else:
                 report[part] = run_throughput(work, args.hosts, args.seconds, args.seed, args.passes, print)
-            report[part]["command"] = report["command"]
+            report[part]["command"] = command
             report[part]["date"] = report["date"]
             report[part]["wall_s"] = round(time.perf_counter() - started, 1)
             path.write_text(json.dumps(report, indent=2, default=str) + "\n")
