@@ -45,10 +45,11 @@ MAX_KEY_BYTES = 128
 DEFAULT_MAX_ENTITIES = 100_000
 #: Restore checkpoints kept per partition before neighbours are merged (merging only moves restores earlier).
 MAX_CHECKPOINTS = 256
-#: Estimated bytes of an entity with no entries, and of one entry besides 8 bytes per summarised field
-#: (measured with tracemalloc by benchmarks/windows.py; the state's byte limit is checked against these).
-ENTITY_BYTES = 400
-ENTRY_BYTES = 120
+#: Estimated bytes of an entity with no entries, and of one entry besides 8 bytes per summarised field, as
+#: measured with tracemalloc (`python -m benchmarks.windows --parts memory`: 2,080 and 239 on the network
+#: spec; benchmarks/results/windows.md); the state's byte limit is checked against these.
+ENTITY_BYTES = 2_100
+ENTRY_BYTES = 240
 OUTCOMES = ("no_time", "absurd_time", "ahead", "late", "no_entity", "long_key", "evicted", "truncated")
 
 
