@@ -19,12 +19,14 @@ if TYPE_CHECKING:
     from training.repository import load_model
     from training.scoring import Scores, score_frame
     from training.threshold import ThresholdConfig
-    from training.train import TrainConfig, TrainResult, train_file, train_frame
+    from training.train import TrainConfig, TrainResult, WindowOptions, train_file, train_frame
+    from training.windows import WindowSpec
 
 #: Each supported name and the module that defines it.
 _HOMES = {
     "read_frame": "training.data", "Labels": "training.data",
-    "TrainConfig": "training.train", "TrainResult": "training.train",
+    "TrainConfig": "training.train", "TrainResult": "training.train", "WindowOptions": "training.train",
+    "WindowSpec": "training.windows",
     "train_frame": "training.train", "train_file": "training.train",
     "FitConfig": "training.model", "ScoreConfig": "training.model", "ThresholdConfig": "training.threshold",
     "Bundle": "training.bundle", "load_model": "training.repository",
@@ -35,8 +37,8 @@ _HOMES = {
 
 __all__ = [
     "AnomalyError", "Bundle", "BundleError", "ConfigError", "DataError", "FitConfig", "Labels", "ScoreConfig",
-    "Scores", "ThresholdConfig", "TrainConfig", "TrainResult", "load_model", "read_frame", "score_frame",
-    "train_file", "train_frame",
+    "Scores", "ThresholdConfig", "TrainConfig", "TrainResult", "WindowOptions", "WindowSpec", "load_model",
+    "read_frame", "score_frame", "train_file", "train_frame",
 ]
 
 
