@@ -220,7 +220,10 @@ def window_inputs(spec: WindowSpec, raw: Mapping[str, Any], parsed: Mapping[str,
 
     def column(name: str, kind: str) -> Any:
         if name in parsed:
-            return parsed[name]
+            values = parsed[name]
+            if (kind == NUMERIC) == (values.dtype == np.float64):
+                return values
+            return parse_column(values, name, kind).values  # e.g. a numeric model field used as an entity key
         if name not in raw:
             return np.full(rows, np.nan) if kind == NUMERIC else np.full(rows, None, dtype=object)
         return parse_column(raw[name], name, kind).values  # problems are already None/NaN in values

@@ -284,3 +284,10 @@ def test_long_runs_with_compaction_and_kept_counts_match_the_definition() -> Non
 def test_an_explanation_shows_at_most_64_characters_of_the_entity() -> None:
     words = explain("win:src:2s:count", 2.0, 1.0, "x" * 1_048_576)
     assert len(words) < 200 and "x" * 64 + "..." in words
+
+
+def test_a_numeric_field_as_an_entity_key_is_read_as_text() -> None:
+    s = build_spec(["port"], ["2s"], "ts", {**KINDS, "port": "numeric"})
+    data = window_inputs(s, {}, {"port": np.array([22.0, np.nan]), "ts": np.array([T0, T0])}, 2)
+    assert data.keys[0][0] is not None and isinstance(data.keys[0][0], str) and data.keys[0][1] is None
+    assert window_features(s, data)[0][0, 0] == 1
