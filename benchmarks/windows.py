@@ -329,30 +329,43 @@ def run_speed(hosts: int, seconds: float, seed: int, log: Callable[[str], None],
 # --- worker pipeline ----------------------------------------------------------------------------------------
 
 
+#: The network events' fields as the worker receives them (JSON records).
+NET_COLUMNS = ["ts", "id.orig_h", *NET_FIELDS]
+
+
+def net_bundles(frame: pd.DataFrame, seconds: float, workdir: Path, seed: int) -> dict[str, Path]:
+    """Two bundles trained on the normal events of the scenario's first half: "none" on the single-event fields,
+    "windows" on the same fields with windows per `id.orig_h` (`TrainConfig(windows=...)`, as
+    `anomaly-train --entity id.orig_h --window 2s --window 60s --event-time ts`)."""
+    from benchmarks.quality import frame_sha256
+    from training.data import Labels
+    from training.model import FitConfig
+    from training.train import TrainConfig, WindowOptions, train_frame
+
+    first = frame[frame["ts"] < netscenario.START + seconds / 2][[*NET_COLUMNS, "label"]]
+    options = WindowOptions(entities=("id.orig_h",), windows=NET_WINDOWS, time_field="ts")
+    paths = {}
+    for name, chosen, windows in (("none", [*NET_FIELDS, "label"], None), ("windows", list(first.columns), options)):
+        config = TrainConfig(fit=FitConfig(seed=seed), categorical=NET_CATEGORICAL, labels=Labels("label", "normal"),
+                             windows=windows)
+        paths[name] = workdir / f"tp-{name}"
+        train_frame(first[chosen], paths[name], config, data_sha256=frame_sha256(first[chosen]), log=lambda _: None)
+    return paths
+
+
 def run_throughput(workdir: Path, hosts: int, seconds: float, seed: int, passes: int,
                    log: Callable[[str], None]) -> dict[str, Any]:
     """Pipeline.process over the scenario's events as JSON records (the same records for both pipelines), with a
     bundle trained on the single-event fields and one trained on the same fields with windows per `id.orig_h`
     (`TrainConfig(windows=...)`, as `anomaly-train --entity id.orig_h --window 2s --window 60s --event-time ts`),
     alternating, `passes` times; the windowed pipeline starts each pass with an empty state."""
-    from benchmarks.quality import frame_sha256
     from training.bundle import load_bundle
-    from training.data import Labels
-    from training.model import FitConfig
-    from training.train import TrainConfig, WindowOptions, train_frame
     from worker.pipeline import Pipeline
     from worker.records import Record
 
     frame = netscenario.scenario(hosts=hosts, seconds=seconds, seed=seed)
-    columns = ["ts", "id.orig_h", *NET_FIELDS]
-    first = frame[frame["ts"] < netscenario.START + seconds / 2][[*columns, "label"]]
-    options = WindowOptions(entities=("id.orig_h",), windows=NET_WINDOWS, time_field="ts")
-    for name, chosen, windows in (("none", [*NET_FIELDS, "label"], None), ("windows", list(first.columns), options)):
-        config = TrainConfig(fit=FitConfig(seed=seed), categorical=NET_CATEGORICAL, labels=Labels("label", "normal"),
-                             windows=windows)
-        train_frame(first[chosen], workdir / f"tp-{name}", config, data_sha256=frame_sha256(first[chosen]),
-                    log=lambda _: None)
-    bundles = {name: load_bundle(workdir / f"tp-{name}") for name in ("none", "windows")}
+    columns = NET_COLUMNS
+    bundles = {name: load_bundle(path) for name, path in net_bundles(frame, seconds, workdir, seed).items()}
     out: dict[str, Any] = {"batch": BATCH, "passes": passes,
                            "model_inputs": {name: b.schema.width for name, b in bundles.items()}}
     for traffic, rows in (("scenario", frame), ("normal only", frame[frame["label"] == "normal"])):
