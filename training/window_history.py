@@ -178,35 +178,7 @@ def window_stats(values: np.ndarray, runs: np.ndarray, current: np.ndarray) -> t
     return mean, maxima, ratio
 
 
-def distinct_counts(categorical: Sequence[tuple[str | None, ...]], runs: Sequence[tuple[int, int]],
-                    n_fields: int) -> list[list[int]]:
-    """Per run [lo, hi), the number of distinct present values of each categorical field.
-
-    Both ends must be non-decreasing from run to run (one entity's events in time order, or several entities'
-    laid end to end): two pointers over value counts, each entry entering and leaving at most once; a run
-    that starts past the previous one's end starts from empty counts.
-    """
-    counts: list[dict[str, int]] = [{} for _ in range(n_fields)]
-    out: list[list[int]] = []
-    lo = hi = 0
-    for start, end in runs:
-        if start >= hi:
-            for field in counts:
-                field.clear()
-            lo = hi = start
-        while hi < end:
-            for field, value in zip(counts, categorical[hi], strict=True):
-                if value is not None:
-                    field[value] = field.get(value, 0) + 1
-            hi += 1
-        while lo < start:
-            for field, value in zip(counts, categorical[lo], strict=True):
-                if value is not None:
-                    left = field[value] - 1
-                    if left:
-                        field[value] = left
-                    else:
-                        del field[value]
-            lo += 1
-        out.append([len(field) for field in counts])
-    return out
+def distinct_in(categorical: Sequence[tuple[str | None, ...]], lo: int, hi: int, n_fields: int) -> list[int]:
+    """The number of distinct present values of each categorical field over the entries [lo, hi)."""
+    run = categorical[lo:hi]
+    return [len({entry[j] for entry in run} - {None}) for j in range(n_fields)]

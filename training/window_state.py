@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from training.window_history import History, distinct_counts, window_stats
+from training.window_history import History, distinct_in, window_stats
 from training.windows import WindowSpec
 
 MIN_TIME_MS = 946_684_800_000  # 2000-01-01
@@ -308,8 +308,8 @@ class WindowState:
             at = self._columns(e, w)
             out[row, at] = position - low + 1
             if n_categorical:
-                out[row, at + 1:at + 1 + n_categorical] = distinct_counts(
-                    history.categorical, [(low, position + 1)], n_categorical)[0]
+                out[row, at + 1:at + 1 + n_categorical] = distinct_in(
+                    history.categorical, low, position + 1, n_categorical)
             if n_numeric:
                 run = history.rows(low)[:position + 1 - low]
                 mean, maxima, ratio = window_stats(run, np.array([[0, len(run)]]), value.reshape(1, -1))
