@@ -248,10 +248,16 @@ class BlockingCollector:
     def __init__(self) -> None:
         self.scraping = threading.Event()
         self.go = threading.Event()
+        self.inside = 0  # scrapes waiting in collect() now
+        self._lock = threading.Lock()
 
     def collect(self) -> list:
+        with self._lock:
+            self.inside += 1
         self.scraping.set()
         self.go.wait(DEADLINE_S)
+        with self._lock:
+            self.inside -= 1
         return []
 
 
@@ -546,7 +552,8 @@ def test_a_connection_is_refused_only_when_every_slot_is_answering_a_request(hea
     try:
         for scraper in scrapers:  # two scrapes held inside the collector: both slots are answering
             scraper.sendall(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
-        wait_until(lambda: len(threads_since(baseline)) == 2 and collector.scraping.is_set(), "both scraping")
+        # Both requests inside the collector (one scraping and the other still being read would be evictable).
+        wait_until(lambda: len(threads_since(baseline)) == 2 and collector.inside == 2, "both scraping")
         with connect(srv) as refused:
             reply = read_until_closed(refused)
         assert reply.startswith(b"HTTP/1.1 503 Service Unavailable\r\n") and b"Connection: close" in reply
