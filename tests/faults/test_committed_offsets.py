@@ -24,6 +24,7 @@ from pathlib import Path
 import orjson
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import KafkaException as ConfluentKafkaException
 from kafka.admin import KafkaAdminClient
 from kafka.errors import KafkaError
 
@@ -102,7 +103,18 @@ def loop_topic(cluster: Cluster) -> Iterator[tuple[str, str]]:
             producer.produce(topic, value=b"%d" % i, partition=partition)
     assert producer.flush(30) == 0
     committer = Consumer({"bootstrap.servers": cluster.bootstrap, "group.id": group})
-    committer.commit(offsets=[TopicPartition(topic, p, o) for p, o in COMMITTED.items()], asynchronous=False)
+    offsets = [TopicPartition(topic, p, o) for p, o in COMMITTED.items()]
+
+    def committed() -> bool:  # a fresh cluster's coordinator may still be loading its offsets
+        try:
+            committer.commit(offsets=offsets, asynchronous=False)
+        except ConfluentKafkaException as exc:
+            if not exc.args[0].retriable():
+                raise
+            return False
+        return True
+
+    wait_for(committed, 60, "the group's first commit")
     committer.close()
     try:
         yield topic, group
