@@ -34,11 +34,12 @@ from training.contract import (
 )
 from training.errors import DataError
 from training.features import FeatureSchema
+from training.nested import FieldClash, plain, plain_record
 from training.window_state import WindowInputs, WindowState
 from training.windows import WindowSpec, is_window_feature, window_inputs
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet",
-           ".pq": "parquet"}
+           ".pq": "parquet", ".avro": "avro"}
 #: A column without a declared kind is numeric when at least this share of its present values parse as numbers.
 NUMERIC_SHARE = 0.5
 
@@ -77,19 +78,59 @@ def _read_chunks(path: Path, chunk_rows: int | None) -> Iterator[pd.DataFrame]:
                 yield from pd.read_csv(path, chunksize=chunk_rows, **opts)
         elif fmt == "jsonl":
             yield from _read_jsonl(path, chunk_rows)
+        elif fmt == "avro":
+            yield from _read_avro(path, chunk_rows)
         else:
-            import pyarrow.parquet as pq
-
-            parquet = pq.ParquetFile(path)
-            _unique(parquet.schema_arrow.names, path)
-            for batch in parquet.iter_batches(batch_size=chunk_rows or 65_536):
-                yield batch.to_pandas(date_as_object=False)  # dates as datetime64, instants like timestamps
+            yield from _read_parquet(path, chunk_rows)
     except pd.errors.EmptyDataError as exc:
         raise DataError(f"{path}: file is empty") from exc
-    except (ValueError, pd.errors.ParserError, OSError) as exc:
+    except (ValueError, EOFError, pd.errors.ParserError, OSError) as exc:
         if isinstance(exc, DataError):
             raise
         raise DataError(f"{path}: cannot be read as {fmt}: {str(exc).splitlines()[0]}") from exc
+
+
+def _read_parquet(path: Path, chunk_rows: int | None) -> Iterator[pd.DataFrame]:
+    """Parquet row groups as frames; struct columns become one column per member (training/nested.py's rule)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    _unique(parquet.schema_arrow.names, path)
+    for batch in parquet.iter_batches(batch_size=chunk_rows or 65_536):
+        table = pa.Table.from_batches([batch])
+        while any(pa.types.is_struct(column.type) for column in table.schema):
+            nested = {str(column.name) for column in table.schema if pa.types.is_struct(column.type)}
+            table = table.flatten()  # one level: "a" -> "a.b" (pyarrow names members as the rule does)
+            clashes = [name for name, count in Counter(table.column_names).items() if count > 1]
+            if clashes:
+                raise DataError(f"{path}: {FieldClash(clashes[0])} (struct {', '.join(sorted(nested))})")
+        yield table.to_pandas(date_as_object=False)  # dates as datetime64, instants like timestamps
+
+
+def _read_avro(path: Path, chunk_rows: int | None) -> Iterator[pd.DataFrame]:
+    """An Avro container file's records as object columns, each as its JSON value (training/nested.py)."""
+    import fastavro
+
+    rows: list[dict[str, Any]] = []
+    with path.open("rb") as fh:
+        try:
+            reader = fastavro.reader(fh)
+        except (ValueError, EOFError) as exc:
+            raise DataError(f"{path}: not an Avro container file: {exc}") from exc
+        for number, record in enumerate(reader, start=1):
+            if not isinstance(record, dict):
+                raise DataError(f"{path}: record {number}: the file's schema is not a record, "
+                                f"got {type(record).__name__}")
+            try:
+                rows.append(plain_record(record))
+            except FieldClash as exc:
+                raise DataError(f"{path}: record {number}: {exc}") from exc
+            if chunk_rows is not None and len(rows) >= chunk_rows:
+                yield object_frame(rows)
+                rows = []
+    if rows or chunk_rows is None:
+        yield object_frame(rows)
 
 
 def _unique(names: Iterable[object], path: Path) -> None:
@@ -175,7 +216,18 @@ def raw_values(values: pd.Series) -> np.ndarray:
     if not isinstance(values.dtype, pd.api.extensions.ExtensionDtype) and (
             pd.api.types.is_bool_dtype(values.dtype) or pd.api.types.is_numeric_dtype(values.dtype)):
         return values.to_numpy()
-    return values.to_numpy(dtype=object, na_value=None)  # type: ignore[call-overload]
+    objects = values.to_numpy(dtype=object, na_value=None)  # type: ignore[call-overload]
+    if any(isinstance(value, bytes) for value in objects[:1000].tolist()):  # Parquet binary: base64, as in Avro
+        texts = np.empty(len(objects), dtype=object)
+        texts[:] = [plain(value) for value in objects.tolist()]
+        return texts
+    return objects
+
+
+def array_columns(frame: pd.DataFrame) -> list[str]:
+    """Columns holding arrays (JSON arrays, Avro/Parquet lists): never features (training/nested.py)."""
+    return [str(name) for name in frame.columns if frame[name].dtype == object
+            and any(isinstance(value, list | tuple | np.ndarray) for value in frame[name].tolist())]
 
 
 def infer_kinds(frame: pd.DataFrame, categorical: Sequence[str]) -> dict[str, str]:

@@ -22,6 +22,7 @@ from training import report
 from training.bundle import BundleContents, Manifest
 from training.data import (
     Labels,
+    array_columns,
     file_sha256,
     frame_window_inputs,
     infer_kinds,
@@ -218,6 +219,9 @@ def train_frame(frame: pd.DataFrame, out_dir: Path | Destination, config: TrainC
     label_col = [config.labels.column] if config.labels else []
     normal_mask = config.labels.is_normal(frame, source) if config.labels else np.ones(len(frame), dtype=bool)
     features = frame.drop(columns=[*config.drop, *label_col])
+    if arrays := [name for name in array_columns(features) if name not in config.categorical]:
+        log(f"ignoring {len(arrays)} column(s) that hold arrays (not features): {', '.join(arrays[:5])}")
+        features = features.drop(columns=arrays)
     if features.shape[1] == 0:
         raise DataError(f"{source}: no feature columns left after dropping {', '.join([*config.drop, *label_col])}")
     if reserved := [str(c) for c in features.columns if str(c).startswith(PREFIX)]:
@@ -367,7 +371,8 @@ def train_frame(frame: pd.DataFrame, out_dir: Path | Destination, config: TrainC
             field_histograms=field_histograms(schema, {k: v[train_rows] for k, v in columns.items()}),
             write_saved_model=lambda path: shutil.copytree(final, path), write_report=write_report,
             training=training_facts, metrics=evaluation.to_dict() if evaluation else {}, windows=spec,
-            columns={"ignored": [*config.drop, *label_col], "label": config.labels.column if config.labels else None,
+            columns={"ignored": [*config.drop, *label_col, *arrays],
+                     "label": config.labels.column if config.labels else None,
                      "normal_value": config.labels.normal_value if config.labels else None}))
     return TrainResult(manifest=manifest, evaluation=evaluation, out_dir=written,
                        seconds=time.perf_counter() - started)

@@ -43,7 +43,7 @@ def test_format_follows_extension(tmp_path: Path, name: str, fmt: str) -> None:
 
 
 def test_unknown_missing_and_empty_files_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"unknown file type '\.txt'; use one of \.csv"):
+    with pytest.raises(DataError, match=r"unknown file type '\.txt'; use one of \.avro, \.csv"):
         file_format(_write(tmp_path / "events.txt", "a,b\n1,2\n"))
     with pytest.raises(DataError, match="no such file"):
         file_format(tmp_path / "absent.csv")

@@ -23,7 +23,9 @@ OVERSIZED, NON_FINITE = Reason.OVERSIZED, Reason.NON_FINITE
     (b'{"a": 1, "b": "x"}', {"a": 1, "b": "x"}),
     ('{"caf\u00e9": "\u00fcber", "n": null}'.encode(), {"caf\u00e9": "\u00fcber", "n": None}),
     (b"{}", {}),
-    (b'  {"nested": {"k": [1, 2]}}\n', {"nested": {"k": [1, 2]}}),
+    (b'  {"nested": {"k": [1, 2]}}\n', {"nested.k": [1, 2]}),  # nested objects are paths (training/nested.py)
+    (b'{"flow": {"pkts": 3, "tcp": {"syn": true}}, "id.orig_h": "10.0.0.1", "e": {}}',
+     {"flow.pkts": 3, "flow.tcp.syn": True, "id.orig_h": "10.0.0.1"}),
     (b'\xef\xbb\xbf{"a": 1}', {"a": 1}),  # a UTF-8 byte-order mark some producers write
 ])
 def test_json_objects_decode_to_dicts(value: bytes, expected: dict) -> None:
@@ -32,6 +34,8 @@ def test_json_objects_decode_to_dicts(value: bytes, expected: dict) -> None:
 
 @pytest.mark.parametrize("value, reason", [
     (None, Reason.TOMBSTONE),
+    (b'{"id": {"orig_h": "a"}, "id.orig_h": "b"}', Reason.FIELD_CLASH),  # one field reached twice
+    (b'{"a.b": 1, "a": {"b": 1}}', Reason.FIELD_CLASH),
     (b"[1, 2]", NOT_AN_OBJECT),
     (b'"text"', NOT_AN_OBJECT),
     (b"42", NOT_AN_OBJECT),
