@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.integration.registry_fixture import schema_registry as schema_registry  # re-exported fixture
 from tests.integration.test_worker_e2e import BIN, SAMPLE, Topics, WorkerProcess, _check_run, _free_port, event_values
 from worker.config import KAFKA_CLIENTS
 
