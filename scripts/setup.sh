@@ -6,6 +6,7 @@
 #   4. Prometheus + promtool (Debian package) when WITH_PROMETHEUS=1
 #   5. kcat (Debian package), an independent Kafka client for the interoperability tests, when WITH_KCAT=1
 #   6. jemalloc (Debian package libjemalloc2), the allocator the image preloads, when WITH_JEMALLOC=1
+#   7. a schema registry (Apicurio, from Maven Central jars into deploy/registry/target/) when WITH_REGISTRY=1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,5 +50,13 @@ if [ "${WITH_JEMALLOC:-0}" = 1 ] \
         && ! .venv/bin/python -c "import ctypes.util, sys; sys.exit(ctypes.util.find_library('jemalloc') is None)"; then
     echo "setup: installing jemalloc (libjemalloc2)" >&2
     apt_install libjemalloc2
+fi
+if [ "${WITH_REGISTRY:-0}" = 1 ]; then
+    # The registry (Quarkus 2.16) needs a Java 17 even where the default java is newer.
+    if [ -z "${REGISTRY_JAVA_HOME:-}" ] && ! compgen -G "/usr/lib/jvm/*17*/bin/java" >/dev/null; then
+        echo "setup: installing Java 17 for the schema registry" >&2
+        apt_install openjdk-17-jdk-headless
+    fi
+    bash deploy/registry/registry-local.sh fetch >&2
 fi
 echo "setup: ready" >&2

@@ -3,7 +3,7 @@
 # tests against a real Kafka broker and a real Prometheus started by the project's own scripts (kcat too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WITH_PROMETHEUS=1 WITH_KCAT=1 WITH_JEMALLOC=1 bash scripts/setup.sh
+WITH_PROMETHEUS=1 WITH_KCAT=1 WITH_JEMALLOC=1 WITH_REGISTRY=1 bash scripts/setup.sh
 
 echo "== ruff"
 .venv/bin/ruff check training worker tests benchmarks scripts
