@@ -28,6 +28,7 @@ from kafka.admin import KafkaAdminClient
 from kafka.errors import KafkaError
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.alert_schema import assert_valid_alerts
 from tests.kafka_broker import REPO_ROOT, create_topics, unique_topic, wait_for
 from worker.config import KAFKA_CLIENTS
 from worker.replay import events as replay_events
@@ -294,6 +295,7 @@ def test_alerts_match_anomaly_score_and_bad_events_are_dead_lettered(
 
     # Parity: the alerted events are exactly the rows anomaly-score flags, with the same scores.
     alerts = [orjson.loads(r.value) for r in read_all(kafka_bootstrap, topics.alerts)]
+    assert_valid_alerts(alerts)
     alerted = {a["event_id"]: a for a in alerts}
     assert set(alerted) == anomalous_ids(model)
     same_id: dict[str, set] = {}
@@ -388,6 +390,7 @@ def test_sigkill_mid_stream_loses_nothing(model: Model, kafka_bootstrap: str, ba
     wait_all_committed(kafka_bootstrap, t, second, timeout=150)
 
     alerts = [orjson.loads(r.value) for r in read_all(kafka_bootstrap, t.alerts)]
+    assert_valid_alerts(alerts)
     ids_by_source: dict[tuple[int, int], set[str]] = defaultdict(set)
     for a in alerts:
         ids_by_source[(a["source"]["partition"], a["source"]["offset"])].add(a["alert_id"])
@@ -439,6 +442,7 @@ def test_sigterm_finishes_the_batch_commits_and_exits_zero(
         elif orjson.loads(s.value)["id"].split("/")[0] in anomalous:
             expected_alerts.add((s.partition, s.offset))
     alerts = [orjson.loads(r.value) for r in read_all(kafka_bootstrap, t.alerts)]
+    assert_valid_alerts(alerts)
     got_alerts = [(a["source"]["partition"], a["source"]["offset"]) for a in alerts]
     assert len(got_alerts) == len(set(got_alerts)), "no duplicates in a clean shutdown"
     assert set(got_alerts) == expected_alerts
