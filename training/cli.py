@@ -87,12 +87,13 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--topic", help="with --from-kafka: the topic to read")
     p.add_argument("--max-events", type=int, default=100_000, help="with --from-kafka: at most this many events")
     p.add_argument("--since", help="with --from-kafka: start at this time (ISO-8601) or this long ago (24h, 7d)")
-    from worker.config import add_security_arguments
+    from worker.config import add_security_arguments, add_value_arguments
 
     def kafka_flag(flag: str, **kw: Any) -> None:
         p.add_argument(flag, **{**kw, "help": f"with --from-kafka: {kw['help']}"})
 
     add_security_arguments(kafka_flag, with_servers=True)
+    add_value_arguments(kafka_flag)
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", type=Path, help="bundle directory to write (replaced atomically)")
     where.add_argument("--repo", type=Path, help="model repository: write a new version under REPO/versions/")
@@ -199,15 +200,17 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 def train_from_kafka(args: argparse.Namespace, destination: Any, config: Any, log: Callable[[str], None]) -> Any:
     """anomaly-train --from-kafka: read the window, say what was skipped, train as from a file."""
     from training.kafka_window import parse_since, read_window, skip_contract_breaches
+    from training.schema_registry import value_decoder
     from training.train import StreamOrder, train_frame
-    from worker.config import env_fallback
+    from worker.config import env_fallback, values_from_args
     from worker.kafka.connection import Connection
 
     get = env_fallback(args, os.environ)
     if not get("bootstrap_servers") or not args.topic:
         raise ConfigError("--from-kafka needs --bootstrap-servers (or ANOMALY_BOOTSTRAP_SERVERS) and --topic")
     since = parse_since(args.since) if args.since else None
-    window = read_window(Connection.from_args(get, client_id="anomaly-train"), args.topic, args.max_events, since)
+    window = read_window(Connection.from_args(get, client_id="anomaly-train"), args.topic, args.max_events, since,
+                         decoder=value_decoder(values_from_args(get)))  # as the worker decodes
     ignored = [*config.drop, *([config.labels.column] if config.labels else [])]
     if config.windows is not None:  # window keys are not model fields: a bad value is missing, never a skip
         ignored += [name for name in config.windows.key_fields if name not in config.categorical]

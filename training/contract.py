@@ -11,8 +11,9 @@ numeric field      finite number -> float; ``true``/``false`` (JSON booleans or 
                    text, null, NaN -> missing; infinite or too large -> ``non_finite``; other
                    text, arrays, objects -> ``wrong_type``.
 categorical field  text with surrounding whitespace removed; NA-like text, null, NaN -> missing;
-                   a number -> its text (80, 80.0 and the text "80.0" -> "80"); a boolean ->
-                   "true"/"false"; arrays, objects -> ``wrong_type``.
+                   a number -> its text (80, 80.0 and the text "80.0" -> "80"); ISO 8601 text of an
+                   instant -> the text of its epoch seconds; a boolean -> "true"/"false"; arrays,
+                   objects -> ``wrong_type``.
 a row or event     with no schema field present (all absent or missing) -> ``no_features``.
 =================  ==========================================================================
 
@@ -286,7 +287,13 @@ def category(value: Any, field: str) -> str | None | Invalid:
         if text in NA_STRINGS:
             return None
         # "80.0" is how many writers render the number 80 (pandas, Spark): the same category as 80 and 80.0.
-        return text.split(".", 1)[0] if _WHOLE_NUMBER_TEXT.fullmatch(text) else text
+        if _WHOLE_NUMBER_TEXT.fullmatch(text):
+            return text.split(".", 1)[0]
+        # An instant is one value in every format: ISO 8601 text is the category of its epoch seconds, as a
+        # Parquet or Avro timestamp of the same instant is.
+        if len(text) >= 10 and text[:4].isdigit() and (seconds := instant(text)) is not None:
+            return category(seconds, field)
+        return text
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):

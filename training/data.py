@@ -12,6 +12,8 @@ import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import time
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, cast
 
@@ -217,7 +219,8 @@ def raw_values(values: pd.Series) -> np.ndarray:
             pd.api.types.is_bool_dtype(values.dtype) or pd.api.types.is_numeric_dtype(values.dtype)):
         return values.to_numpy()
     objects = values.to_numpy(dtype=object, na_value=None)  # type: ignore[call-overload]
-    if any(isinstance(value, bytes) for value in objects[:1000].tolist()):  # Parquet binary: base64, as in Avro
+    # Parquet binary, decimal, time: the JSON value each stands for (training/nested.py), as from Avro.
+    if any(isinstance(value, bytes | Decimal | time) for value in objects[:1000].tolist()):
         texts = np.empty(len(objects), dtype=object)
         texts[:] = [plain(value) for value in objects.tolist()]
         return texts

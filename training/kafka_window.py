@@ -1,11 +1,11 @@
-"""Training data from Kafka: a bounded window of JSON events, under the same data contract as files.
+"""Training data from Kafka: a bounded window of events, under the same data contract as files.
 
 The records come through the worker's topic reader (worker/kafka/reader.py), so either Kafka client
 (`--kafka-client`) with the worker's security settings reads the same records in the same order; the window
 is a pure function of them. It is fixed when reading starts: from `since` (or the beginning of each
 partition) up to each partition's end offset at that moment, at most `max_events` events in all; records
-are decoded exactly as the worker decodes them,
-and records that are not JSON objects are skipped and counted (a stream's dead letters), never trained on.
+are decoded exactly as the worker decodes them (`--value-format`: JSON, or a schema registry format), and
+records that do not decode to events are skipped and counted (a stream's dead letters), never trained on.
 `skip_contract_breaches` then skips, and counts by reason, the events whose values break the data
 contract (`training.contract`) under the kinds training infers, such as an array where a feature
 belongs: the worker would dead-letter them, so a file would be refused but a stream is not.
@@ -22,9 +22,10 @@ from typing import Any
 
 import pandas as pd
 
-from training.contract import Invalid, build_columns, decode_event
+from training.contract import Invalid, build_columns
 from training.data import infer_kinds, object_frame, raw_values
 from training.errors import DataError
+from training.value_formats import Decoder, JsonDecoder, RegistryUnavailable
 from worker.kafka.clients import open_reader
 from worker.kafka.connection import Connection
 from worker.kafka.core import describe
@@ -50,15 +51,20 @@ class Window:
     values: list[bytes] = field(repr=False)
     positions: list[tuple[int, int]] = field(repr=False)
     timestamps_ms: list[int | None] = field(default_factory=list, repr=False)
+    events: list[dict[str, Any]] = field(default_factory=list, repr=False)  # each value decoded
 
 
 def read_window(connection: Connection, topic: str, max_events: int, since_ms: int | None = None,
-                open_topic_reader: Callable[[Connection], TopicReader] = open_reader) -> Window:
+                open_topic_reader: Callable[[Connection], TopicReader] = open_reader,
+                decoder: Decoder | None = None) -> Window:
     """Read a bounded window of `topic` (partitions in order, offsets ascending within each).
 
     `connection`: where Kafka is, which client and the worker's security settings (TLS, SASL); the principal
-    needs READ on `topic` and no group ACL (no consumer group is used).
+    needs READ on `topic` and no group ACL (no consumer group is used). `decoder`: the `--value-format`'s
+    (training/value_formats.py; JSON by default), as the worker decodes; a schema registry that does not
+    answer stops the command with a one-line error (nothing is trained on part of a window).
     """
+    decoder = JsonDecoder() if decoder is None else decoder
     if max_events < 1:
         raise DataError(f"--max-events must be at least 1, got {max_events}")
     source = f"kafka:{topic}"
@@ -71,7 +77,7 @@ def read_window(connection: Connection, topic: str, max_events: int, since_ms: i
         reader = open_topic_reader(connection)
         try:
             for message in read_records(reader, topic, max_events, since_ms, max(connection.timeout_s, 1.0) * 10):
-                event = decode_event(message.value, MAX_EVENT_BYTES)
+                event = decoder.decode([message.value], MAX_EVENT_BYTES)[0]
                 if isinstance(event, Invalid):
                     skipped[event.reason.value] += 1
                     continue
@@ -85,10 +91,13 @@ def read_window(connection: Connection, topic: str, max_events: int, since_ms: i
         raise DataError(f"{source}: {exc}; use a smaller --max-events") from exc
     except ReadError as exc:
         raise DataError(f"{source}: {exc}") from exc
+    except RegistryUnavailable as exc:
+        raise DataError(f"{source}: {exc}; nothing was trained, run it again when the registry answers") from None
     if not rows:
-        raise DataError(f"{source}: the window holds no JSON events (skipped: {dict(skipped) or 'none'})")
+        raise DataError(f"{source}: the window holds no {decoder.value_format} events "
+                        f"(skipped: {dict(skipped) or 'none'})")
     return Window(frame=object_frame(rows), sha256=_digest(values), skipped=skipped, source=source, values=values,
-                  positions=positions, timestamps_ms=timestamps)
+                  positions=positions, timestamps_ms=timestamps, events=rows)
 
 
 def skip_contract_breaches(window: Window, ignored: Sequence[str], categorical: Sequence[str],
@@ -100,6 +109,7 @@ def skip_contract_breaches(window: Window, ignored: Sequence[str], categorical: 
     repeats until no row breaks the contract. One line per reason names the first such record.
     """
     frame, values, positions, skipped = window.frame, window.values, window.positions, Counter(window.skipped)
+    events = window.events
     timestamps = window.timestamps_ms
     first: dict[str, str] = {}
     while True:
@@ -117,7 +127,8 @@ def skip_contract_breaches(window: Window, ignored: Sequence[str], categorical: 
         keep = [row for row in range(len(frame)) if row not in problems]
         values, positions = [values[row] for row in keep], [positions[row] for row in keep]
         timestamps = [timestamps[row] for row in keep] if timestamps else timestamps
-        frame = object_frame([_event(value) for value in values])  # as if the skipped records were never read
+        events = [events[row] for row in keep]
+        frame = object_frame(events)  # as if the skipped records were never read
     if len(frame) == len(window.frame):
         return window
     for reason, example in first.items():
@@ -127,14 +138,7 @@ def skip_contract_breaches(window: Window, ignored: Sequence[str], categorical: 
         raise DataError(f"{window.source}: no event of the window fits the data contract "
                         f"(skipped: {dict(skipped)})")
     return replace(window, frame=frame, sha256=_digest(values), skipped=skipped, values=values, positions=positions,
-                   timestamps_ms=timestamps)
-
-
-def _event(value: bytes) -> dict[str, Any]:
-    """A record value of the window, decoded again (it decoded to an object when the window was read)."""
-    event = decode_event(value, MAX_EVENT_BYTES)
-    assert not isinstance(event, Invalid), "a window keeps only records that decode to JSON objects"
-    return event
+                   timestamps_ms=timestamps, events=events)
 
 
 def _digest(values: Sequence[bytes]) -> str:

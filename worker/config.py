@@ -18,8 +18,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from training.errors import ConfigError
+from training.value_formats import VALUE_FORMATS
 from training.window_state import DEFAULT_MAX_ENTITIES
 from worker.config_decl import (
     ENV_PREFIX,
@@ -39,8 +41,9 @@ from worker.config_decl import (
 __all__ = [
     "ALL", "AT_LEAST_ONCE", "COMPRESSION_CODECS", "DEFAULT_WINDOW_MAX_BYTES", "DELIVERY_MODES", "ENV_PREFIX",
     "EXACTLY_ONCE", "ISOLATION_LEVELS", "KAFKA_CLIENTS", "KAFKA_CONNECTION", "LOG_LEVELS", "PASSWORD_FILE",
-    "SASL_MECHANISMS", "SECURITY", "SECURITY_PROTOCOLS", "TF_LOG", "WORKER", "KafkaSecurity", "Secret", "Settings",
-    "add_security_arguments", "env_fallback", "from_args", "markdown", "parser", "security_from_args",
+    "SASL_MECHANISMS", "SECURITY", "SECURITY_PROTOCOLS", "TF_LOG", "VALUES", "VALUE_OPTIONS", "WORKER", "KafkaSecurity",
+    "Secret", "Settings", "ValueSettings", "add_security_arguments", "add_value_arguments", "env_fallback",
+    "from_args", "markdown", "parser", "security_from_args", "values_from_args",
 ]
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
@@ -130,6 +133,56 @@ class KafkaSecurity:
 
 
 @dataclass(frozen=True)
+class ValueSettings:
+    """How record values are written: a format, and for the registry formats the schema registry to ask
+    (docs/value-formats.md); shared by the worker and `anomaly-train --from-kafka`."""
+
+    value_format: str = setting("record value format: json, or avro / protobuf / json-schema in the schema "
+                                "registry wire format (magic byte, schema id, payload)", "json",
+                                choices=VALUE_FORMATS, case=str.lower)
+    schema_registry_url: str | None = setting("schema registry base URL (the Confluent API; Apicurio: "
+                                              "http://host:8080/apis/ccompat/v7); needed by avro, protobuf and "
+                                              "json-schema; credentials go in the user/password settings, not here",
+                                              None)
+    schema_registry_user: str | None = setting("schema registry basic-auth user", None)
+    schema_registry_password: Secret | None = setting("schema registry basic-auth password; "
+                                                      "--schema-registry-password-file wins when both are set", None,
+                                                      flag=False)
+    schema_registry_cafile: str | None = setting("CA bundle for the schema registry's TLS", None)
+    schema_registry_certfile: str | None = setting("client certificate for mutual TLS with the schema registry", None)
+    schema_registry_keyfile: str | None = setting("client key for mutual TLS with the schema registry", None)
+    schema_registry_timeout_s: float = setting("timeout of one schema registry request; a registry that does not "
+                                               "answer within it is down (back off, not ready, nothing committed)",
+                                               10.0, check=positive_seconds)
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+        if self.value_format != "json" and not self.schema_registry_url:
+            raise ConfigError(f"--value-format {self.value_format} needs --schema-registry-url (or "
+                              f"{ENV_PREFIX}SCHEMA_REGISTRY_URL)")
+        if self.schema_registry_url and urlsplit(self.schema_registry_url).password is not None:
+            raise ConfigError("--schema-registry-url must not hold credentials: use --schema-registry-user and "
+                              f"{ENV_PREFIX}SCHEMA_REGISTRY_PASSWORD (or --schema-registry-password-file)")
+        if bool(self.schema_registry_user) != (self.schema_registry_password is not None):
+            raise ConfigError("schema registry basic auth needs both --schema-registry-user and a password "
+                              f"({ENV_PREFIX}SCHEMA_REGISTRY_PASSWORD or --schema-registry-password-file)")
+
+    def registry_config(self) -> dict[str, Any]:
+        """confluent-kafka `SchemaRegistryClient` settings. No retries inside the client: a failed request
+        fails the batch at once and the worker's own backoff retries it (with heartbeats in between)."""
+        conf: dict[str, Any] = {"url": self.schema_registry_url, "timeout": self.schema_registry_timeout_s,
+                                "max.retries": 0}
+        if self.schema_registry_user and self.schema_registry_password is not None:
+            conf["basic.auth.user.info"] = f"{self.schema_registry_user}:{self.schema_registry_password.reveal()}"
+        for key, value in (("ssl.ca.location", self.schema_registry_cafile),
+                           ("ssl.certificate.location", self.schema_registry_certfile),
+                           ("ssl.key.location", self.schema_registry_keyfile)):
+            if value:
+                conf[key] = value
+        return conf
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the worker needs to run; validated at construction."""
 
@@ -194,6 +247,7 @@ class Settings:
     client_id: str = setting("Kafka client id", "anomaly-worker")
     log_level: str = setting("log level", "INFO", choices=LOG_LEVELS, case=str.upper)
     security: KafkaSecurity = field(default_factory=KafkaSecurity)  # declared in KafkaSecurity
+    values: ValueSettings = field(default_factory=ValueSettings)  # declared in ValueSettings
     kafka_client: str = setting("Kafka client library: confluent (librdkafka) or kafka-python (pure Python)",
                                 "confluent", choices=KAFKA_CLIENTS, case=str.lower)
     isolation_level: str = setting("read_committed skips records of aborted upstream transactions",
@@ -267,17 +321,23 @@ class _Process:
 
     sasl_password_file: Path | None = setting("file holding the SASL password (surrounding whitespace stripped); "
                                               "without it, the password comes from the environment", None)
+    schema_registry_password_file: Path | None = setting("file holding the schema registry password (surrounding "
+                                                         "whitespace stripped); without it, the password comes "
+                                                         "from the environment", None)
     tf_log: bool = setting("1: let TensorFlow's native log lines through to stderr, as --log-level DEBUG does "
                            "(every command; training/tf_runtime.py)", False, flag=False)
 
 
 WORKER = options(Settings)
 SECURITY = options(KafkaSecurity)
-PASSWORD_FILE, TF_LOG = options(_Process)
+VALUES = options(ValueSettings)
+PASSWORD_FILE, REGISTRY_PASSWORD_FILE, TF_LOG = options(_Process)
 #: What `anomaly-replay` and `anomaly-train --from-kafka` share with the worker: where Kafka is, which client
 #: talks to it and how to log in (`--bootstrap-servers` first).
 KAFKA_CONNECTION = (*(o for o in WORKER if o.attr in ("bootstrap_servers", "kafka_client")), *SECURITY, PASSWORD_FILE)
-ALL = (*WORKER, *SECURITY, PASSWORD_FILE, TF_LOG)
+#: How record values are read (`--value-format` and the schema registry): the worker and `anomaly-train --from-kafka`.
+VALUE_OPTIONS = (*VALUES, REGISTRY_PASSWORD_FILE)
+ALL = (*WORKER, *SECURITY, PASSWORD_FILE, *VALUE_OPTIONS, TF_LOG)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -289,7 +349,7 @@ def parser() -> argparse.ArgumentParser:
                f"{', '.join(o.flag for o in WORKER if o.required)}. Environment only: "
                f"{'; '.join(f'{o.env} ({o.decl.help})' for o in ALL if not o.decl.flag)}. "
                f"All settings: docs/settings.md.")
-    add_arguments(p.add_argument, (*WORKER, *SECURITY, PASSWORD_FILE))
+    add_arguments(p.add_argument, (*WORKER, *SECURITY, PASSWORD_FILE, *VALUE_OPTIONS))
     return p
 
 
@@ -301,6 +361,26 @@ def add_security_arguments(add: Callable[..., object], *, with_servers: bool = F
     environment (`security_from_args`).
     """
     add_arguments(add, KAFKA_CONNECTION if with_servers else KAFKA_CONNECTION[1:])
+
+
+def add_value_arguments(add: Callable[..., object]) -> None:
+    """`--value-format` and the schema registry flags, declared once for the worker and `anomaly-train`."""
+    add_arguments(add, VALUE_OPTIONS)
+
+
+def values_from_args(get: Callable[[str], Any]) -> ValueSettings:
+    """ValueSettings from the flags of `add_value_arguments` (`get`: from `env_fallback`). The password: the file
+    `--schema-registry-password-file` names, else `ANOMALY_SCHEMA_REGISTRY_PASSWORD`."""
+    values = {option.attr: value for option in VALUES if (value := get(option.name)) is not None}
+    password_file = get(REGISTRY_PASSWORD_FILE.name)
+    if password_file is not None:
+        try:
+            values["schema_registry_password"] = Secret(Path(password_file).read_text().strip())
+        except OSError as exc:
+            raise ConfigError(f"cannot read schema registry password file {password_file}: {exc.strerror}") from None
+    if "schema_registry_password" in values and not values["schema_registry_password"].reveal():
+        del values["schema_registry_password"]
+    return ValueSettings(**values)
 
 
 def env_fallback(args: argparse.Namespace, environ: Mapping[str, str]) -> Callable[[str], Any]:
@@ -334,7 +414,7 @@ def from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | No
     missing = [option for option in WORKER if option.required and option.attr not in values]
     if missing:
         raise ConfigError("missing required setting(s): " + ", ".join(f"{o.flag} (or {o.env})" for o in missing))
-    return Settings(security=security_from_args(get), **values)
+    return Settings(security=security_from_args(get), values=values_from_args(get), **values)
 
 
 def markdown() -> str:
@@ -343,6 +423,8 @@ def markdown() -> str:
         ("anomaly-worker", "Flags win over variables; an empty variable counts as unset.", WORKER),
         ("Kafka security", "Shared by `anomaly-worker`, `anomaly-replay` and `anomaly-train --from-kafka` "
                            "(which also take `--bootstrap-servers` and `--kafka-client`).", (*SECURITY, PASSWORD_FILE)),
+        ("Value formats and the schema registry", "Shared by `anomaly-worker` and `anomaly-train --from-kafka` "
+                                                  "(docs/value-formats.md).", VALUE_OPTIONS),
         ("Every command", "Environment only.", (TF_LOG,)),
     ]
     parts = ["# Settings", "",

@@ -5,7 +5,10 @@ Order of side effects for every micro-batch (this order is the at-least-once gua
 0. Between two batches: the plugins' housekeeping (heap trim), and a newly promoted model swapped in, if
    the repository watcher has one ready.
 1. Poll a micro-batch from the source (at most `max_batch` records or `max_wait_ms`).
-2. Process it in memory: decode, validate, score, build alerts and dead letters (no I/O); then each
+2. Process it in memory: decode, validate, score, build alerts and dead letters (no I/O; with a registry
+   value format, decoding may ask the schema registry for a writer schema: if it does not answer, nothing
+   of the batch is decided, the source is rewound to its first offsets and it is read again after a
+   backoff, with `registry` (readiness) down until it answers); then each
    plugin sees it in order: a shadow model (if configured) scores it too, for metrics only; flood
    control (if configured) decides which alerts to publish and adds summaries of suppressed ones.
 3. Publish those alerts and every dead letter, flush, and check that each one was acknowledged.
@@ -53,6 +56,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
+from training.value_formats import RegistryUnavailable
 from worker.errors import CommitError, DeliveryError, RebalanceInProgress
 from worker.health import BrokerStatus, Health
 from worker.kafka.core import Offsets, Restore, TopicKey, describe
@@ -152,10 +156,11 @@ class Worker:
 
     def __init__(self, source: Source, sink: Sink, pipeline: Pipeline, metrics: WorkerMetrics, input_topic: str,
                  health: Health, broker: BrokerStatus, stop: threading.Event | None = None,
-                 pacing: Pacing = Pacing(), plugins: Sequence[Plugin] = ()) -> None:
+                 pacing: Pacing = Pacing(), plugins: Sequence[Plugin] = (),
+                 registry: BrokerStatus | None = None) -> None:
         self.source, self.sink, self.pipeline = source, sink, pipeline
         self.metrics, self.input_topic = metrics, input_topic
-        self.health, self.broker = health, broker
+        self.health, self.broker, self.registry = health, broker, registry
         self.stop = stop or threading.Event()
         self.backoff = Backoff(self.stop, initial_s=pacing.backoff_initial_s, maximum_s=pacing.backoff_max_s)
         self.broker_check_interval_s = pacing.broker_check_interval_s
@@ -238,7 +243,13 @@ class Worker:
             return None
         started = time.perf_counter()
         self._stages = {"poll": started - polled}
-        result = self.pipeline.process(records)                                    # 2
+        try:
+            result = self.pipeline.process(records)                                # 2
+        except RegistryUnavailable as exc:
+            self._registry_down(records, exc)
+            return None
+        if self.registry is not None:
+            self.registry.set(True)
         alerts = result.alerts
         for plugin in self.plugins:
             alerts = plugin.on_processed(records, result, alerts)                  # 2: shadow, flood control
@@ -310,6 +321,16 @@ class Worker:
         log.error("batch of %d records %s", len(records), why)
         self.metrics.record_kafka_error("produce")
         self.broker.set(False)
+        self.source.rewind(self.restorer.rewind_points(first_offsets(records)))
+        self.backoff.wait()
+
+    def _registry_down(self, records: Sequence[Record], exc: RegistryUnavailable) -> None:
+        """The schema registry did not answer: nothing of the batch is decided, so it is read again after a
+        backoff, as after a failed delivery; readiness fails until the registry answers."""
+        log.warning("batch of %d records not decoded, will be read again: %s", len(records), exc)
+        self.metrics.record_registry_failure()
+        if self.registry is not None:
+            self.registry.set(False)
         self.source.rewind(self.restorer.rewind_points(first_offsets(records)))
         self.backoff.wait()
 

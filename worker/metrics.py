@@ -26,6 +26,8 @@ from worker.histogram import ArrayHistogram
 DEAD_LETTER_REASONS: tuple[str, ...] = tuple(reason.value for reason in Reason)
 FEEDBACK_REJECTIONS: tuple[str, ...] = tuple(reason.value for reason in Rejection)
 KAFKA_OPERATIONS: tuple[str, ...] = ("poll", "produce", "commit")
+#: How a writer schema first seen on the input topic compares with the fields the model reads (worker/values.py).
+VALUE_SCHEMA_OUTCOMES: tuple[str, ...] = ("complete", "lacks_fields", "open")
 MODEL_RELOAD_RESULTS: tuple[str, ...] = ("loaded", "refused")
 TRANSACTION_RESULTS: tuple[str, ...] = ("committed", "aborted")
 #: Where a batch's time goes: waiting in poll, scoring, publishing with acks, committing offsets
@@ -248,8 +250,18 @@ class WorkerMetrics:
                                        "window features missing; their partitions' state restarted).",
                                        registry=registry)
 
+        self.registry_failures = Counter(
+            "anomaly_schema_registry_failures", "Batches read again because the schema registry did not answer "
+            "(value formats avro, protobuf, json-schema); nothing of them was committed.", registry=registry)
+        self.value_schemas = Counter(
+            "anomaly_value_schemas", "Writer schemas seen on the input topic, by whether they carry every field the "
+            "model reads (complete, lacks_fields: a producer's schema dropped one; open: maps or open JSON Schema).",
+            ["outcome"], registry=registry)
+
         for operation in KAFKA_OPERATIONS:
             self.kafka_errors.labels(operation=operation)
+        for outcome in VALUE_SCHEMA_OUTCOMES:
+            self.value_schemas.labels(outcome=outcome)
         for outcome in WINDOW_OUTCOMES:
             self.window_events.labels(outcome=outcome)
         for result in TRANSACTION_RESULTS:
@@ -470,6 +482,16 @@ class WorkerMetrics:
         """
         self.commit_failures.inc()
         self.kafka_errors.labels(operation="commit").inc()
+
+    def record_registry_failure(self) -> None:
+        """Count a batch left undecided because the schema registry did not answer."""
+        self.registry_failures.inc()
+
+    def record_value_schema(self, outcome: str) -> None:
+        """Count a writer schema seen for the first time, by `VALUE_SCHEMA_OUTCOMES`."""
+        if outcome not in VALUE_SCHEMA_OUTCOMES:
+            raise ValueError(f"unknown schema outcome {outcome!r}; expected one of {VALUE_SCHEMA_OUTCOMES}")
+        self.value_schemas.labels(outcome=outcome).inc()
 
     def record_kafka_error(self, operation: str) -> None:
         """Count a Kafka client error on `operation` (poll, produce or commit)."""

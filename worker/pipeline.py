@@ -4,9 +4,11 @@ decode -> validate -> window features -> features -> scale -> model -> score -> 
 (publishing and committing happen afterwards, in worker/loop.py).
 
 No record can stop the batch: whatever one record holds, it is scored or becomes a dead letter with a
-reason. A failure that belongs to one record (its alert cannot be built) dead-letters that record as
-`processing_error`; a failure of a whole-batch step is isolated by bisecting the batch until the
-record that causes it is found. Only a failure that a known-good row also meets (the model itself is
+reason. Records are decoded by the `--value-format`'s decoder (training/value_formats.py); a schema
+registry that does not answer is no record's fault: `RegistryUnavailable` leaves the whole batch undecided
+(the loop reads it again later). A failure that belongs to one record (its alert cannot be built)
+dead-letters that record as `processing_error`; a failure of a whole-batch step is isolated by bisecting
+the batch until the record that causes it is found. Only a failure that a known-good row also meets (the model itself is
 broken) stops the worker, with nothing committed.
 """
 
@@ -24,10 +26,10 @@ import numpy as np
 from training.bundle import Bundle
 from training.contract import Invalid, Reason, event_columns
 from training.data import input_kinds, with_windows
+from training.value_formats import Decoder, JsonDecoder, RegistryUnavailable
 from training.window_state import DEFAULT_MAX_ENTITIES
 from training.windows import WindowSpec, window_inputs
 from worker.alerts import build_alert
-from worker.decode import decode_events
 from worker.errors import ModelFailure
 from worker.records import Alert, DeadLetter, Record
 from worker.windows import DEFAULT_MAX_BYTES, PartitionWindows
@@ -95,7 +97,8 @@ class Pipeline:
 
     def __init__(self, bundle: Bundle, max_event_bytes: int = 1_048_576, top_features: int = 3,
                  clock: Callable[[], float] = time.time, entity_field: str | None = None,
-                 alert_headers: Sequence[str] = (), windows: PartitionWindows | None = None) -> None:
+                 alert_headers: Sequence[str] = (), windows: PartitionWindows | None = None,
+                 decoder: Decoder | None = None) -> None:
         self.bundle = bundle
         self.entity_field = entity_field
         self.alert_headers = tuple(alert_headers)
@@ -108,6 +111,7 @@ class Pipeline:
         if windows is None:
             windows = PartitionWindows(self.spec, DEFAULT_MAX_ENTITIES, DEFAULT_MAX_BYTES)
         self.windows = windows
+        self.decoder: Decoder = JsonDecoder() if decoder is None else decoder
         # The contract parses the event's own fields; window features are computed, never read from the event.
         self._kinds = input_kinds(bundle.schema)
 
@@ -133,10 +137,15 @@ class Pipeline:
             return
         try:
             self._window_step(records, self._parse(records, letters=False), replay=True)
+        except RegistryUnavailable as exc:  # their windows cannot be rebuilt now: start them afresh, counted
+            self.windows.discard(records, exc)
         except Exception:  # noqa: BLE001 - a record the contract chokes on: one by one, as the bisecting retry would
             for record in records:
                 try:
                     batch = self._parse([record], letters=False)
+                except RegistryUnavailable as exc:
+                    self.windows.discard(records, exc)
+                    return
                 except Exception:  # noqa: BLE001, S112 - it would be a processing_error dead letter: no window
                     continue
                 self._window_step([record], batch, replay=True)
@@ -149,6 +158,8 @@ class Pipeline:
                 batch = self._parse(records)
                 windows = self._window_step(records, batch)
             return self._process(records, batch, windows)
+        except RegistryUnavailable:
+            raise  # a peer's fault, not a record's: the whole batch is read again
         except Exception as exc:  # noqa: BLE001 - isolate whatever one record provokes
             if len(records) > 1:
                 middle = len(records) // 2
@@ -175,7 +186,7 @@ class Pipeline:
         """decode (bytes -> event object, or a dead letter) -> validate (the data contract, the whole batch at once).
 
         `letters=False` (a replay) makes no dead letters of the invalid records, it only leaves them out."""
-        decoded = decode_events([record.value for record in records], self.max_event_bytes)
+        decoded = self.decoder.decode([record.value for record in records], self.max_event_bytes)
         dead = [(position, self._dead_letter(records[position], event)) for position, event in enumerate(decoded)
                 if letters and isinstance(event, Invalid)]
         positions = [position for position, event in enumerate(decoded) if not isinstance(event, Invalid)]

@@ -34,6 +34,7 @@ from worker.plugin import Plugin
 from worker.reload import ModelWatcher
 from worker.shadow import ShadowScorer
 from worker.threads import single_threaded_blas
+from worker.values import ValueDecoding, model_fields
 from worker.windows import PartitionWindows
 
 #: Called with the partitions being revoked (inside the consumer's poll).
@@ -59,6 +60,8 @@ class Runtime:
     #: windows). Every live pipeline shares it: a promoted model with the same windows keeps it, one with other
     #: windows resets it at its first batch.
     windows: PartitionWindows | None = None
+    #: The `--value-format` decoder every pipeline shares, and the schema registry's status (worker/values.py).
+    values: ValueDecoding | None = None
 
 
 def observability(settings: Settings, bundle: Bundle) -> tuple[CollectorRegistry, WorkerMetrics, Health, BrokerStatus]:
@@ -78,17 +81,20 @@ def observability(settings: Settings, bundle: Bundle) -> tuple[CollectorRegistry
 
 
 def readiness(health: Health, broker: BrokerStatus, metrics: WorkerMetrics, source: Source | None = None,
-              quarantine: Quarantine | None = None) -> None:
+              quarantine: Quarantine | None = None, registry: BrokerStatus | None = None) -> None:
     """Register the readiness checks, in the order `/readyz` names them, and point the gauges at them.
 
     Without a source yet no partition is assigned; without a quarantine none is held. A model is loaded:
-    a runtime exists only once its bundle is verified and its pipeline warm.
+    a runtime exists only once its bundle is verified and its pipeline warm. With a registry value format,
+    `schema_registry_ok`: the registry answered the last time a batch needed it.
     """
     health.check("model_loaded", lambda: True)
     health.check("partitions_assigned", (lambda: bool(source.assigned())) if source is not None else lambda: False)
     health.check("broker_ok", lambda: broker.ok)
     held = quarantine.held_count if quarantine is not None else lambda: 0
     health.check("batches_decodable", lambda: held() == 0)
+    if registry is not None:
+        health.check("schema_registry_ok", lambda: registry.ok)
     metrics.follow_readiness(health.is_ready)
     metrics.follow_undecodable_partitions(held)
 
@@ -102,12 +108,17 @@ def build_runtime(settings: Settings, pipeline_class: type[Pipeline] = Pipeline)
     registry, metrics, health, broker = observability(settings, bundle)
     windows = PartitionWindows(bundle.windows, settings.window_max_entities, settings.window_max_bytes, metrics)
     metrics.follow_window_state(windows.entity_count, windows.estimated_bytes)
+    live: list[Pipeline] = []  # the pipeline scoring now (a promotion replaces it)
+    values = ValueDecoding(settings.values, metrics, lambda: model_fields(live[-1].bundle if live else bundle))
 
     def make_pipeline(bundle: Bundle, shared: PartitionWindows = windows) -> Pipeline:
         pipeline = pipeline_class(bundle, settings.max_event_bytes, settings.top_features,
                                   entity_field=settings.alert_key_field, alert_headers=settings.alert_headers,
-                                  windows=shared)
+                                  windows=shared, decoder=values.decoder)
         pipeline.warm_up()
+        if shared is windows:
+            live.append(pipeline)
+            del live[:-1]
         return pipeline
 
     pipeline = make_pipeline(bundle)
@@ -119,7 +130,7 @@ def build_runtime(settings: Settings, pipeline_class: type[Pipeline] = Pipeline)
         own = PartitionWindows(candidate.windows, settings.window_max_entities, settings.window_max_bytes)
         shadow = ShadowScorer(make_pipeline(candidate, own), metrics, settings.input_topic)
     return Runtime(settings=settings, bundle=bundle, pipeline=pipeline, registry=registry, metrics=metrics,
-                   health=health, broker=broker, watcher=watcher, shadow=shadow, windows=windows)
+                   health=health, broker=broker, watcher=watcher, shadow=shadow, windows=windows, values=values)
 
 
 def kafka_connect(settings: Settings, on_revoke: OnRevoke, quarantine: Quarantine | None = None) -> tuple[Source, Sink]:
@@ -154,10 +165,11 @@ def build_worker(runtime: Runtime, connect: Connect | None = None, stop: threadi
     source = wrap_source(source) if wrap_source else source
     pacing = Pacing(backoff_initial_s=settings.retry_backoff_initial_s, backoff_max_s=settings.retry_backoff_max_s,
                     broker_check_interval_s=settings.broker_check_interval_s)
+    registry = runtime.values.registry if runtime.values is not None and runtime.values.uses_registry else None
     worker = Worker(source, sink, runtime.pipeline, runtime.metrics, settings.input_topic, runtime.health,
-                    runtime.broker, stop, pacing=pacing, plugins=plugins(runtime))
+                    runtime.broker, stop, pacing=pacing, plugins=plugins(runtime), registry=registry)
     owner.append(worker)
-    readiness(runtime.health, runtime.broker, runtime.metrics, source, quarantine)
+    readiness(runtime.health, runtime.broker, runtime.metrics, source, quarantine, registry)
     return worker
 
 

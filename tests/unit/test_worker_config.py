@@ -15,10 +15,12 @@ from worker.config import (
     KAFKA_CONNECTION,
     SECURITY,
     TF_LOG,
+    VALUES,
     WORKER,
     KafkaSecurity,
     Secret,
     Settings,
+    ValueSettings,
     env_fallback,
     from_args,
     markdown,
@@ -166,13 +168,13 @@ def test_settings_are_frozen() -> None:
 
 # -- the declaration: each setting written once, everything else derived ----------------------------------------
 
-ENV_ONLY = {"sasl_password", "tf_log"}  # a secret is never argv; TensorFlow's switch is read by every command
+ENV_ONLY = {"sasl_password", "schema_registry_password", "tf_log"}  # a secret is never argv; TF's switch: every command
 
 
 def test_every_field_is_declared_with_a_flag_a_variable_and_help() -> None:
-    declared = {option.attr for option in (*WORKER, *SECURITY)}
-    assert declared == {f.name for f in fields(Settings)} - {"security"} | (
-        {f.name for f in fields(KafkaSecurity)} - {"ssl_check_hostname"})
+    declared = {option.attr for option in (*WORKER, *SECURITY, *VALUES)}
+    assert declared == {f.name for f in fields(Settings)} - {"security", "values"} | (
+        {f.name for f in fields(KafkaSecurity)} - {"ssl_check_hostname"}) | {f.name for f in fields(ValueSettings)}
     for option in ALL:
         assert option.decl.help and option.env.startswith(ENV_PREFIX), option.attr
         assert option.decl.flag == (option.attr not in ENV_ONLY), option.attr
@@ -230,3 +232,31 @@ def test_no_module_reads_an_anomaly_variable_beside_the_declaration() -> None:
     sources = [path for package in ("worker", "training") for path in (root / package).rglob("*.py")]
     found = [str(path.relative_to(root)) for path in sources if reads.search(path.read_text())]
     assert found == [], "read it through a declaration in worker/config.py (docs/settings.md lists them all)"
+
+
+# -- value formats and the schema registry --------------------------------------------------------------------
+
+def test_a_registry_format_needs_a_url_and_the_password_never_leaves_its_secret(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--value-format avro needs --schema-registry-url"):
+        from_args([*REQUIRED_FLAGS, "--value-format", "avro"], {})
+    with pytest.raises(ConfigError, match="must not hold credentials"):
+        from_args([*REQUIRED_FLAGS, "--value-format", "avro", "--schema-registry-url", "http://u:p@sr:8081"], {})
+    with pytest.raises(ConfigError, match="needs both --schema-registry-user and a password"):
+        from_args([*REQUIRED_FLAGS, "--value-format", "avro", "--schema-registry-url", "http://sr:8081",
+                   "--schema-registry-user", "svc"], {})
+    assert not any("password" in option.flag and option.attr == "schema_registry_password" and option.decl.flag
+                   for option in ALL)
+    secret_file = tmp_path / "sr-password"
+    secret_file.write_text(f"  {PASSWORD}\n")
+    settings = from_args([*REQUIRED_FLAGS, "--value-format", "PROTOBUF", "--schema-registry-url", "https://sr:8081",
+                          "--schema-registry-user", "svc", "--schema-registry-password-file", str(secret_file),
+                          "--schema-registry-cafile", "/ca.pem"], {"ANOMALY_SCHEMA_REGISTRY_PASSWORD": "loses"})
+    values = settings.values
+    assert values.value_format == "protobuf"
+    assert values.registry_config() == {"url": "https://sr:8081", "timeout": 10.0, "max.retries": 0,
+                                        "basic.auth.user.info": f"svc:{PASSWORD}", "ssl.ca.location": "/ca.pem"}
+    assert PASSWORD not in repr(settings) and PASSWORD not in str(values)
+    from_env = from_args(REQUIRED_FLAGS, {"ANOMALY_VALUE_FORMAT": "json-schema", "ANOMALY_SCHEMA_REGISTRY_URL":
+                                          "http://sr:8081", "ANOMALY_SCHEMA_REGISTRY_USER": "svc",
+                                          "ANOMALY_SCHEMA_REGISTRY_PASSWORD": PASSWORD}).values
+    assert from_env.schema_registry_password == Secret(PASSWORD) and ValueSettings().value_format == "json"

@@ -13,6 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from tests.fakes import TOPIC, FakeSource
+from training.value_formats import RegistryUnavailable
 from worker.alerts import build_alert
 from worker.drift import DriftWatch, FieldDrift
 from worker.errors import DeliveryError, TransactionAborted
@@ -54,9 +55,13 @@ class FakePipeline:
         self.bundle = SimpleNamespace(version=MODEL, histogram=SimpleNamespace(edges=[0.0, 1.0, 2.0], counts=[5, 5]),
                                       schema=SimpleNamespace(fields=()), field_histograms={})
         self.stop_after_process: threading.Event | None = None
+        self.registry_down = 0  # batches that meet a schema registry that does not answer
 
     def process(self, records: Sequence[Record]) -> BatchResult:
         self.log.append(("process", len(records)))
+        if self.registry_down:
+            self.registry_down -= 1
+            raise RegistryUnavailable("schema registry did not answer for schema id 1: ConnectError")
         dead = [DeadLetter(r, "invalid_json", "not JSON", MODEL) for r in records if r.value == b"bad"]
         good = [r for r in records if r.value != b"bad"]
         alerts = [build_alert(r, {}, 5.0, 1.0, MODEL, [], 0.0) for r in good if r.value and r.value.startswith(b"A")]
@@ -150,6 +155,31 @@ def test_delivery_failure_commits_nothing_rewinds_and_replays_with_the_same_ids(
     ids = [a.alert_id for a in sink.alerts]
     assert ids == [f"{MODEL}/{TOPIC}/0/0", f"{MODEL}/{TOPIC}/0/2", f"{MODEL}/{TOPIC}/0/4", f"{MODEL}/{TOPIC}/1/0"]
     assert worker.broker.ok is True
+
+
+def test_a_registry_that_does_not_answer_decides_nothing_of_the_batch_until_it_does(
+        log: list[tuple], registry: CollectorRegistry) -> None:
+    """A peer's fault, not the records': no dead letter, no alert, no commit; rewound, not ready, read again."""
+    from worker.wiring import readiness
+
+    worker, source, sink, pipeline = make_worker(log, {0: [b"A0", b"bad", b"n"]}, registry)
+    status = BrokerStatus(ok=True)
+    worker.registry = status
+    readiness(worker.health, worker.broker, worker.metrics, source, registry=status)
+    pipeline.registry_down = 2
+    for _ in range(2):
+        del log[:]
+        assert worker.run_once() is None
+        assert kinds(log) == ["poll", "process", "rewind"]
+        assert log[2] == ("rewind", {(TOPIC, 0): 0})
+    assert sink.alerts == [] and sink.dead_letters == [] and source.committed == {}
+    assert "schema_registry_ok" in worker.health.failing_readiness()
+    assert registry.get_sample_value("anomaly_schema_registry_failures_total") == 2
+    del log[:]
+    assert worker.run_once() is not None  # the registry answers again: the same records, decided once
+    assert kinds(log) == ["poll", "process", "publish", "commit"]
+    assert [a.alert_id for a in sink.alerts] == [f"{MODEL}/{TOPIC}/0/0"] and len(sink.dead_letters) == 1
+    assert source.committed == {(TOPIC, 0): 3} and status.ok
 
 
 def test_commit_failure_keeps_offsets_pending_until_the_next_batch(

@@ -91,7 +91,8 @@ BAD = [
     (b'{"amount": null, "latency": null, "method": null}', NO_FEATURES),
     (b'{"amount": "NA", "method": "n/a"}', NO_FEATURES),
     (b'{"amount": "12 ms"}', WRONG_TYPE),
-    (b'{"amount": {"value": 1}, "latency": 1}', WRONG_TYPE),
+    (b'{"amount": {"value": 1}}', NO_FEATURES),  # an object is its members' fields (amount.value), amount is absent
+    (b'{"amount": 1, "x": {"amount": 2}, "x.amount": 3}', Reason.FIELD_CLASH),
     (b'{"method": ["GET"]}', WRONG_TYPE),
     (b'{"latency": 1e999}', NON_FINITE),
     (b'{"latency": NaN, "amount": 1}', NON_FINITE),
