@@ -10,23 +10,38 @@ from tests.kafka_broker import create_topics, unique_topic
 from tests.kafka_broker import kafka_bootstrap as _kafka_bootstrap
 
 BROKER_FIXTURES = {"kafka_bootstrap", "topic_factory"}
+#: Markers of tests left out of the default run (CI), each with the option that runs them.
+OUTSIDE_CI = {"faults_full": "--all-faults", "slow_integration": "--all-slow"}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--all-faults", action="store_true",
                      help="run every case of the 3-node fault suite (tests/faults), not only its CI subset")
+    parser.addoption("--all-slow", action="store_true",
+                     help="also run the integration tests marked `slow_integration` (scripts/slow.sh)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Without --all-faults, fault cases marked `faults_full` are deselected (they do not fit CI's budget)."""
-    if config.getoption("--all-faults"):
-        return
+    """Tests marked with one of `OUTSIDE_CI` are deselected unless its option is given (they do not fit CI's budget).
+
+    A marker with arguments leaves out only the parametrized cases with one of them as a parameter value:
+    `@pytest.mark.slow_integration("kafka-python")` keeps the case of the other client in CI.
+    """
+    left_out = [marker for marker, option in OUTSIDE_CI.items() if not config.getoption(option)]
     kept, left = [], []
     for item in items:
-        (left if item.get_closest_marker("faults_full") else kept).append(item)
+        (left if any(_marked(item, m) for m in left_out) else kept).append(item)
     if left:
         config.hook.pytest_deselected(items=left)
         items[:] = kept
+
+
+def _marked(item: pytest.Item, name: str) -> bool:
+    marker = item.get_closest_marker(name)
+    if marker is None or not marker.args:
+        return marker is not None
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and bool(set(marker.args) & {str(v) for v in callspec.params.values()})
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -30,7 +30,9 @@ from tests.integration.test_worker_e2e import (
 )
 from tests.kafka_broker import create_topics, unique_topic, wait_for
 
-pytestmark = pytest.mark.integration
+#: Left out of CI for time (scripts/slow.sh runs it): CI keeps the same guarantee, a worker SIGKILLed three
+#: times mid-stream with exactly-once, in the fault suite's case 1, and test_window_restore's exactly-once case.
+pytestmark = [pytest.mark.integration, pytest.mark.slow_integration]
 
 COPIES = 15  # x 200 sample events = 3,000 events, in batches of 50: 60 transactions or more
 

@@ -57,6 +57,7 @@ class Load:
         self.thread.join(60)
 
 
+@pytest.mark.slow_integration("kafka-python")  # for time: CI runs the confluent case (scripts/slow.sh both)
 def test_a_member_joins_and_one_leaves_under_load_without_loss_or_stall(
         kafka_bootstrap: str, sample_events: list[bytes], launch_worker: Callable[..., WorkerProcess]) -> None:
     t = topics(kafka_bootstrap, partitions=PARTITIONS)

@@ -11,6 +11,9 @@ Each test sends the first half of the stream, interrupts the worker that reads i
 joining so partitions move), sends the second half and lets the group finish. The alerts, as the set of
 (partition, offset) they are for, must equal those of one uninterrupted worker on the same stream (module
 fixture). At-least-once may repeat an alert (same id); with exactly-once none may repeat.
+
+CI runs the exactly-once case (a window restore after a SIGKILL); the SIGKILL cases of both clients and the
+rebalance case are marked `slow_integration` for time and run with scripts/slow.sh.
 """
 
 from __future__ import annotations
@@ -210,6 +213,7 @@ def compare(name: str, got: Counter[tuple[int, int]], expected: set[tuple[int, i
     assert not missing and not extra, f"missing {sorted(missing)[:10]}, unexpected {sorted(extra)[:10]}"
 
 
+@pytest.mark.slow_integration
 @pytest.mark.parametrize("client", ["confluent", "kafka-python"])
 def test_sigkill_and_restart_give_the_alerts_of_an_uninterrupted_run(
         kafka_bootstrap: str, stream: list[dict[str, object]], uninterrupted: set[tuple[int, int]], launch: Launch,
@@ -227,6 +231,7 @@ def test_sigkill_and_restart_give_the_alerts_of_an_uninterrupted_run(
     assert restored_events(worker) > 0, "the restarted worker replayed records into its window state"
 
 
+@pytest.mark.slow_integration
 def test_a_partition_moved_by_a_rebalance_keeps_its_window_state(
         kafka_bootstrap: str, stream: list[dict[str, object]], uninterrupted: set[tuple[int, int]],
         launch: Launch) -> None:
