@@ -328,7 +328,7 @@ class Worker:
         """The schema registry did not answer: nothing of the batch is decided, so it is read again after a
         backoff, as after a failed delivery; readiness fails until the registry answers."""
         log.warning("batch of %d records not decoded, will be read again: %s", len(records), exc)
-        self.metrics.record_registry_failure()
+        self.metrics.registry_failures.inc()
         if self.registry is not None:
             self.registry.set(False)
         self.source.rewind(self.restorer.rewind_points(first_offsets(records)))

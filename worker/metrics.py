@@ -1,10 +1,7 @@
-"""Every Prometheus metric the worker exports, behind typed helpers the pipeline calls.
-
-Nothing else in the worker creates metrics: it receives a `WorkerMetrics` built on an injected
-`CollectorRegistry`, so tests use a fresh registry and read values with `get_sample_value`.
+"""Every Prometheus metric the worker exports, behind typed helpers the pipeline calls. Nothing else creates
+metrics: a `WorkerMetrics` is built on an injected `CollectorRegistry` (tests: a fresh one, `get_sample_value`).
 Labels stay low-cardinality: topic, partition, dead-letter and feedback reason, schema field, Kafka operation,
-window outcome and the current model version.
-"""
+window and schema outcome and the current model version."""
 
 from __future__ import annotations
 
@@ -26,7 +23,6 @@ from worker.histogram import ArrayHistogram
 DEAD_LETTER_REASONS: tuple[str, ...] = tuple(reason.value for reason in Reason)
 FEEDBACK_REJECTIONS: tuple[str, ...] = tuple(reason.value for reason in Rejection)
 KAFKA_OPERATIONS: tuple[str, ...] = ("poll", "produce", "commit")
-#: How a writer schema first seen on the input topic compares with the fields the model reads (worker/values.py).
 VALUE_SCHEMA_OUTCOMES: tuple[str, ...] = ("complete", "lacks_fields", "open")
 MODEL_RELOAD_RESULTS: tuple[str, ...] = ("loaded", "refused")
 TRANSACTION_RESULTS: tuple[str, ...] = ("committed", "aborted")
@@ -38,15 +34,12 @@ TRANSACTION_BUCKETS: tuple[float, ...] = (
 )
 
 BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
-BATCH_DURATION_BUCKETS: tuple[float, ...] = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-)
-END_TO_END_LATENCY_BUCKETS: tuple[float, ...] = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
-)
-SCORE_RATIO_BUCKETS: tuple[float, ...] = (
-    0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.85, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 50.0,
-)
+BATCH_DURATION_BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                                             10.0, 30.0)
+END_TO_END_LATENCY_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                                                 60.0, 120.0, 300.0)
+SCORE_RATIO_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.85, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0,
+                                          50.0)
 
 
 class WorkerMetrics:
@@ -250,13 +243,11 @@ class WorkerMetrics:
                                        "window features missing; their partitions' state restarted).",
                                        registry=registry)
 
-        self.registry_failures = Counter(
-            "anomaly_schema_registry_failures", "Batches read again because the schema registry did not answer "
-            "(value formats avro, protobuf, json-schema); nothing of them was committed.", registry=registry)
-        self.value_schemas = Counter(
-            "anomaly_value_schemas", "Writer schemas seen on the input topic, by whether they carry every field the "
-            "model reads (complete, lacks_fields: a producer's schema dropped one; open: maps or open JSON Schema).",
-            ["outcome"], registry=registry)
+        self.registry_failures = Counter("anomaly_schema_registry_failures", "Batches read again because the schema "
+                                         "registry did not answer; nothing of them was committed.", registry=registry)
+        self.value_schemas = Counter("anomaly_value_schemas", "Writer schemas first seen on the input topic: complete, "
+                                     "lacks_fields (lacks fields the model reads), open (maps).", ["outcome"],
+                                     registry=registry)
 
         for operation in KAFKA_OPERATIONS:
             self.kafka_errors.labels(operation=operation)
@@ -482,16 +473,6 @@ class WorkerMetrics:
         """
         self.commit_failures.inc()
         self.kafka_errors.labels(operation="commit").inc()
-
-    def record_registry_failure(self) -> None:
-        """Count a batch left undecided because the schema registry did not answer."""
-        self.registry_failures.inc()
-
-    def record_value_schema(self, outcome: str) -> None:
-        """Count a writer schema seen for the first time, by `VALUE_SCHEMA_OUTCOMES`."""
-        if outcome not in VALUE_SCHEMA_OUTCOMES:
-            raise ValueError(f"unknown schema outcome {outcome!r}; expected one of {VALUE_SCHEMA_OUTCOMES}")
-        self.value_schemas.labels(outcome=outcome).inc()
 
     def record_kafka_error(self, operation: str) -> None:
         """Count a Kafka client error on `operation` (poll, produce or commit)."""

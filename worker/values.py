@@ -58,7 +58,7 @@ class ValueDecoding:
         else:
             lacking = [name for name in self.needed() if name not in paths]
             outcome = "lacks_fields" if lacking else "complete"
-        self.metrics.record_value_schema(outcome)
+        self.metrics.value_schemas.labels(outcome=outcome).inc()
         if lacking:
             log.warning("writer schema %d of the input topic lacks %d field(s) the model reads: %s; its records are "
                         "scored with them missing (imputed). Retrain on the new schema, or restore the field(s) "
