@@ -1,5 +1,5 @@
 .DEFAULT_GOAL := help
-.PHONY: help setup run test unit integration faults lint bench-quality bench-throughput bench-compression kafka-start kafka-stop
+.PHONY: help setup run test unit integration faults slow lint bench-quality bench-throughput bench-compression kafka-start kafka-stop
 
 help:  ## list the everyday commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -21,6 +21,9 @@ integration:  ## integration tests (starts real Kafka and Prometheus on 127.0.0.
 
 faults:  ## the whole 3-node fault suite, both delivery modes (docs/faults.md; CI runs a subset)
 	bash scripts/faults.sh
+
+slow:  ## the integration cases CI leaves out for time (slow_integration: the other client's case, exactly-once)
+	bash scripts/slow.sh
 
 lint:  ## ruff and mypy
 	.venv/bin/ruff check training worker tests benchmarks scripts && .venv/bin/mypy

@@ -9,7 +9,7 @@ import pytest
 from tests.kafka_broker import create_topics, unique_topic
 from tests.kafka_broker import kafka_bootstrap as _kafka_bootstrap
 
-BROKER_FIXTURES = {"kafka_bootstrap", "topic_factory"}
+BROKER_FIXTURES = {"kafka_bootstrap", "topic_factory", "schema_registry"}
 #: Markers of tests left out of the default run (CI), each with the option that runs them.
 OUTSIDE_CI = {"faults_full": "--all-faults", "slow_integration": "--all-slow"}
 

@@ -129,6 +129,7 @@ def start_worker(model: Model, bootstrap: str, t: Topics, log_path: Path, kafka_
     return WorkerProcess(cmd, log_path, port)
 
 
+@pytest.mark.slow_integration("kafka-python")  # for time: CI runs the confluent case (scripts/slow.sh both)
 @pytest.mark.parametrize("kafka_client", KAFKA_CLIENTS)
 def test_broker_outage_reports_not_ready_keeps_running_and_resumes_without_loss(
         model: Model, broker: LocalBroker, worker_for: list[WorkerProcess], tmp_path: Path, kafka_client: str) -> None:

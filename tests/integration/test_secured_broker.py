@@ -318,6 +318,7 @@ def run_cli(cmd: list[str | Path], env: dict[str, str] | None = None) -> subproc
                           env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow_integration("kafka-python")  # for time: CI runs the confluent case (scripts/slow.sh both)
 def test_replay_then_train_from_kafka_on_least_privilege(
         kafka: SecuredKafka, names: Names, new_principal: Callable[[list[Acl]], Principal], kafka_client: str,
         tmp_path: Path) -> None:

@@ -376,6 +376,7 @@ def _wait_partly_committed(kafka_bootstrap: str, t: Topics, worker: WorkerProces
     return done
 
 
+@pytest.mark.slow_integration("kafka-python")  # for time: CI runs the confluent case (scripts/slow.sh both)
 def test_sigkill_mid_stream_loses_nothing(model: Model, kafka_bootstrap: str, backlog: tuple[str, list[Sent]],
                                          start_worker: Callable[[Topics], WorkerProcess]) -> None:
     topic, sent = backlog
