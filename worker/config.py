@@ -25,6 +25,7 @@ from training.value_formats import VALUE_FORMATS
 from training.window_state import DEFAULT_MAX_ENTITIES
 from worker.config_decl import (
     ENV_PREFIX,
+    Option,
     add_arguments,
     at_least,
     markdown_table,
@@ -371,16 +372,24 @@ def add_value_arguments(add: Callable[..., object]) -> None:
 def values_from_args(get: Callable[[str], Any]) -> ValueSettings:
     """ValueSettings from the flags of `add_value_arguments` (`get`: from `env_fallback`). The password: the file
     `--schema-registry-password-file` names, else `ANOMALY_SCHEMA_REGISTRY_PASSWORD`."""
-    values = {option.attr: value for option in VALUES if (value := get(option.name)) is not None}
-    password_file = get(REGISTRY_PASSWORD_FILE.name)
-    if password_file is not None:
+    return ValueSettings(**_with_password(get, VALUES, "schema_registry_password", REGISTRY_PASSWORD_FILE,
+                                          "schema registry"))
+
+
+def _with_password(get: Callable[[str], Any], declared: Sequence[Option], attr: str, password_file: Option,
+                   what: str) -> dict[str, Any]:
+    """The values of `declared` options, the password `attr` read from the file `password_file` names when it is
+    set (surrounding whitespace stripped; it wins over the variable); an empty password counts as unset."""
+    values = {option.attr: value for option in declared if (value := get(option.name)) is not None}
+    path = get(password_file.name)
+    if path is not None:
         try:
-            values["schema_registry_password"] = Secret(Path(password_file).read_text().strip())
+            values[attr] = Secret(Path(path).read_text().strip())
         except OSError as exc:
-            raise ConfigError(f"cannot read schema registry password file {password_file}: {exc.strerror}") from None
-    if "schema_registry_password" in values and not values["schema_registry_password"].reveal():
-        del values["schema_registry_password"]
-    return ValueSettings(**values)
+            raise ConfigError(f"cannot read {what} password file {path}: {exc.strerror}") from None
+    if attr in values and not values[attr].reveal():
+        del values[attr]
+    return values
 
 
 def env_fallback(args: argparse.Namespace, environ: Mapping[str, str]) -> Callable[[str], Any]:
@@ -394,16 +403,7 @@ def security_from_args(get: Callable[[str], Any], environ: Mapping[str, str] | N
     The password: the file `--sasl-password-file` names (surrounding whitespace stripped), else
     `ANOMALY_SASL_PASSWORD`. (`environ` is unused, kept for callers of the earlier signature.)
     """
-    values = {option.attr: value for option in SECURITY if (value := get(option.name)) is not None}
-    password_file = get(PASSWORD_FILE.name)
-    if password_file is not None:
-        try:
-            values["sasl_password"] = Secret(Path(password_file).read_text().strip())
-        except OSError as exc:
-            raise ConfigError(f"cannot read SASL password file {password_file}: {exc.strerror}") from None
-    if "sasl_password" in values and not values["sasl_password"].reveal():
-        del values["sasl_password"]
-    return KafkaSecurity(**values)
+    return KafkaSecurity(**_with_password(get, SECURITY, "sasl_password", PASSWORD_FILE, "SASL"))
 
 
 def from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
