@@ -307,31 +307,41 @@ def _protobuf(schema: WriterSchema) -> tuple[Read, frozenset[str] | None]:
     return read, frozenset().union(*(paths for paths in messages if paths is not None))
 
 
+#: How long protoc may take to compile one writer schema.
+PROTOC_TIMEOUT_S = 60.0
+
+
 def _file_descriptor(text: str) -> Any:
     """A registry's Protobuf schema as a FileDescriptorProto: confluent-kafka's serializers register it base64
     encoded; Java's, and registries that ignore ``format=serialized`` (Apicurio), serve ``.proto`` text,
-    compiled here by protoc (grpcio-tools), which also knows the well-known types it may import."""
+    compiled here by protoc (grpcio-tools), which also knows the well-known types it may import.
+
+    protoc runs in a child process: in this process it crashed (SIGSEGV) next to the protobuf runtime, and
+    nothing a producer registers may take the worker down."""
     from google.protobuf import descriptor_pb2
 
     try:
         return descriptor_pb2.FileDescriptorProto.FromString(base64.b64decode(text, validate=True))
     except (binascii.Error, ValueError):
         pass
+    import subprocess
+    import sys
     import tempfile
     from pathlib import Path
 
     import grpc_tools
-    from grpc_tools import protoc
 
     with tempfile.TemporaryDirectory(prefix="anomaly-proto-") as folder:
         source, compiled = Path(folder, "schema.proto"), Path(folder, "schema.pb")
         source.write_text(text)
         include = Path(grpc_tools.__file__).parent / "_proto"
-        code = protoc.main(["protoc", f"-I{folder}", f"-I{include}", f"--descriptor_set_out={compiled}",
-                            "schema.proto"])
-        if code != 0:
-            raise ValueError("the writer schema is neither a serialized nor a compilable .proto file (it may "
-                             "import another subject's schema: references are not supported)")
+        done = subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{folder}", f"-I{include}",
+                               f"--descriptor_set_out={compiled}", "schema.proto"], capture_output=True, text=True,
+                              timeout=PROTOC_TIMEOUT_S, check=False)
+        if done.returncode != 0:
+            why = (done.stderr.strip().splitlines() or [f"protoc exited with {done.returncode}"])[-1]
+            raise ValueError(f"the writer schema is neither a serialized nor a compilable .proto file ({why}; "
+                             f"imports of another subject's schema are not supported)")
         return descriptor_pb2.FileDescriptorSet.FromString(compiled.read_bytes()).file[0]
 
 
