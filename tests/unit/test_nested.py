@@ -142,3 +142,41 @@ def test_an_avro_file_that_is_not_avro_is_one_line(tmp_path: Path) -> None:
     path.write_bytes(b"not avro at all")
     with pytest.raises(DataError, match="x.avro: .*avro"):
         read_frame(path)
+
+
+def test_a_model_trained_on_nested_json_lines_scores_the_same_rows_from_avro_and_parquet_alike(tmp_path: Path) -> None:
+    """anomaly-train on nested JSON Lines, then anomaly-score on the same rows as .jsonl, .parquet and .avro."""
+    import csv
+
+    from tests.unit.conftest import TRAIN_ARGS, synthetic_events
+    from training.cli import score_main, train_main
+
+    frame = synthetic_events(300)
+    numeric = [c for c in frame.columns if c not in ("event_id", "label") and frame[c].dtype.kind in "if"]
+    categorical = [c for c in frame.columns if c not in ("event_id", "label", *numeric)]
+    events = [{"event_id": str(row["event_id"]), "flow": {n: float(row[n]) for n in numeric},
+               "meta": {"tags": ["x"], **{c: str(row[c]) for c in categorical}}} for row in frame.to_dict("records")]
+    jsonl = tmp_path / "events.jsonl"
+    jsonl.write_text("\n".join(json.dumps(event) for event in events))
+    assert train_main(["--data", str(jsonl), "--out", str(tmp_path / "bundle"), "--drop", "event_id",
+                       *TRAIN_ARGS]) == 0
+    parquet, avro = tmp_path / "events.parquet", tmp_path / "events.avro"
+    pq.write_table(pa.Table.from_pylist(events), parquet)
+    schema = fastavro.parse_schema({"type": "record", "name": "E", "fields": [
+        {"name": "event_id", "type": "string"},
+        {"name": "flow", "type": {"type": "record", "name": "F", "fields": [{"name": n, "type": "double"}
+                                                                           for n in numeric]}},
+        {"name": "meta", "type": {"type": "record", "name": "M", "fields": [
+            {"name": "tags", "type": {"type": "array", "items": "string"}},
+            *({"name": c, "type": "string"} for c in categorical)]}}]})
+    with avro.open("wb") as fh:
+        fastavro.writer(fh, schema, events)
+    scores = {}
+    for path in (jsonl, parquet, avro):
+        out = path.with_suffix(".scores.csv")
+        assert score_main(["--model", str(tmp_path / "bundle"), "--data", str(path), "--out", str(out),
+                           "--passthrough", "event_id"]) == 0
+        with out.open() as fh:
+            scores[path.suffix] = [(row["event_id"], row["score"]) for row in csv.DictReader(fh)]
+    assert len(scores[".jsonl"]) == len(events)
+    assert scores[".jsonl"] == scores[".parquet"] == scores[".avro"]
