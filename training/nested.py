@@ -52,31 +52,36 @@ class FieldClash(ValueError):
 
 
 def flatten(event: dict[str, Any]) -> dict[str, Any]:
-    """The fields of a decoded object under the nested rule (the object itself when nothing is nested).
-
-    Raises `FieldClash` when a name is reached twice."""
+    """The fields of a decoded object under the nested rule (the object itself when nothing is nested), in the
+    order the object names them. Raises `FieldClash` when a name is reached twice."""
     if not is_nested(event):
         return event
     out: dict[str, Any] = {}
-    clash = _into(out, event, "")
-    if clash is not None:
-        raise FieldClash(clash)
+    _into(out, event, "")
     return out
 
 
-def _into(out: dict[str, Any], event: Mapping[str, Any], prefix: str) -> str | None:
-    """Add `event`'s fields under `prefix` to `out`; the first name reached twice, or None."""
+def _into(out: dict[str, Any], event: Mapping[str, Any], prefix: str) -> None:
+    """Add `event`'s fields under `prefix` to `out`."""
     for key, value in event.items():
-        name = prefix + key
         if type(value) is dict:
-            clash = _into(out, value, name + SEPARATOR)
-            if clash is not None:
-                return clash
-        elif name in out:
-            return name
+            _merge(out, value, prefix + key + SEPARATOR)
+        elif (name := prefix + key) in out:
+            raise FieldClash(name)
         else:
             out[name] = value
-    return None
+
+
+def _merge(out: dict[str, Any], members: dict[str, Any], prefix: str) -> None:
+    """Add an object's members under `prefix`: a flat object (the common case: Zeek's `conn`, Suricata's `flow`)
+    in one comprehension, a clash found by one set comparison; a deeper one member by member."""
+    if is_nested(members):
+        _into(out, members, prefix)
+        return
+    fields = {prefix + key: value for key, value in members.items()}
+    if not out.keys().isdisjoint(fields):
+        raise FieldClash(next(name for name in fields if name in out))
+    out.update(fields)
 
 
 def plain_record(record: Mapping[str, Any]) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 import orjson
+from confluent_kafka.schema_registry.common.serde import SchemaId
 
 from training.contract import Invalid, Reason, decode_events, fields, instant
 from training.nested import FieldClash, plain_record
@@ -108,35 +109,46 @@ class RegistryDecoder:
         self.schemas = schemas
         self.on_schema = on_schema
         self._readers: OrderedDict[int, Read] = OrderedDict()
+        self._framing = "PROTOBUF" if value_format is ValueFormat.PROTOBUF else value_format.name
+        self._last: tuple[int, Read] | None = None  # the previous record's schema: a batch mostly has one
 
     def decode(self, values: Sequence[bytes | None], max_bytes: int) -> list[dict[str, Any] | Invalid]:
         unknown: set[int] = set()  # ids the registry said it lacks, asked once per batch
         return [self._decode(value, max_bytes, unknown) for value in values]
 
     def _decode(self, value: bytes | None, max_bytes: int, unknown: set[int]) -> dict[str, Any] | Invalid:
-        from confluent_kafka.schema_registry.common.serde import SchemaId
-
         if value is None:
             return Invalid(Reason.TOMBSTONE, f"record has no value (tombstone); expected a {self.value_format} record")
         if len(value) > max_bytes:
             return Invalid(Reason.OVERSIZED, f"record value is {len(value)} bytes, the limit is {max_bytes}")
-        framing = SchemaId("PROTOBUF" if self.value_format is ValueFormat.PROTOBUF else self.value_format.name)
+        indexes: list[int] | None = None
+        if self._framing != "PROTOBUF" and len(value) >= 5 and value[0] == 0:
+            schema_id = int.from_bytes(value[1:5], "big")  # the common case, read as SchemaId.from_bytes reads it
+            payload = io.BytesIO(value)
+            payload.seek(5)
+        else:
+            framing = SchemaId(self._framing)
+            try:
+                payload = framing.from_bytes(io.BytesIO(value))
+            except Exception:  # noqa: BLE001 - short, another magic byte, bad message indexes: all the record's
+                return Invalid(Reason.NO_SCHEMA_ID, f"record value does not start with a schema registry's magic "
+                                                    f"byte 0 and schema id (first byte {value[:1].hex() or 'none'}); "
+                                                    f"expected {self.value_format} from a registry serializer")
+            if framing.id is None:
+                return Invalid(Reason.NO_SCHEMA_ID, "record value names its schema by GUID (magic byte 1); only "
+                                                    "schema ids (magic byte 0) are supported")
+            schema_id, indexes = framing.id, framing.message_indexes
+        if self._last is not None and self._last[0] == schema_id:
+            read = self._last[1]
+        else:
+            found = None if schema_id in unknown else self._reader(schema_id)
+            if found is None:
+                unknown.add(schema_id)
+                return Invalid(Reason.UNKNOWN_SCHEMA, f"schema id {schema_id} does not exist in the schema registry")
+            read = found
+            self._last = (schema_id, read)
         try:
-            payload = framing.from_bytes(io.BytesIO(value))
-        except Exception:  # noqa: BLE001 - short, another magic byte, bad message indexes: all the record's
-            return Invalid(Reason.NO_SCHEMA_ID, f"record value does not start with a schema registry's magic byte 0 "
-                                                f"and schema id (first byte {value[:1].hex() or 'none'}); expected "
-                                                f"{self.value_format} from a registry serializer")
-        if framing.id is None:
-            return Invalid(Reason.NO_SCHEMA_ID, "record value names its schema by GUID (magic byte 1); only "
-                                                "schema ids (magic byte 0) are supported")
-        schema_id = framing.id
-        read = None if schema_id in unknown else self._reader(schema_id)
-        if read is None:
-            unknown.add(schema_id)
-            return Invalid(Reason.UNKNOWN_SCHEMA, f"schema id {schema_id} does not exist in the schema registry")
-        try:
-            return read(payload, framing.message_indexes)
+            return read(payload, indexes)
         except FieldClash as exc:
             return Invalid(Reason.FIELD_CLASH, str(exc), exc.field)
         except Exception as exc:  # noqa: BLE001 - whatever the payload provokes in the decoder is the record's
