@@ -228,8 +228,13 @@ def test_text_that_is_not_a_strict_iso_instant_is_wrong_type(text: str) -> None:
     assert isinstance(got, Invalid) and got.reason == Reason.WRONG_TYPE
 
 
-def test_iso_text_stays_text_in_a_categorical_field() -> None:
-    assert category(" 2024-05-01 ", "day") == "2024-05-01"
+def test_an_instant_is_one_category_whatever_its_form() -> None:
+    """ISO text in a categorical field is the category of its epoch seconds, as a Parquet or Avro timestamp of the
+    same instant is (issue 22: the text used to differ from a typed timestamp's)."""
+    assert category(" 2024-05-01 ", "day") == category(1714521600.0, "day") == "1714521600"
+    assert category("2024-05-01T12:00:00.5+00:00", "at") == category("2024-05-01T12:00:00.500Z", "at") == \
+        category(1714564800.5, "at") == "1714564800.5"
+    assert category("2024-13-01", "day") == "2024-13-01"  # not a date: text
 
 
 @settings(max_examples=300, deadline=None)
