@@ -54,13 +54,10 @@ from benchmarks.throughput import (
     sample_rows,
 )
 from benchmarks.throughput_windows import commit_measured
-from training.contract import Invalid
 from training.value_formats import Decoder, JsonDecoder, RegistryDecoder, ValueFormat
 
 REPO = Path(__file__).resolve().parents[1]
 FORMATS = ("json", "json-nested", "avro", "protobuf", "json-schema")
-#: Not a product format: the Avro decoder with the framing read by hand (`LeanAvro`), on the avro records.
-PROTOTYPE = "avro-lean-framing"
 NEST = "conn"
 MAX_EVENT_BYTES = 1_048_576
 
@@ -132,35 +129,7 @@ def decoders(client: Any) -> dict[str, Decoder]:
 
     schemas = RegistrySchemas(client)
     return {"json": JsonDecoder(), "json-nested": JsonDecoder(),
-            **{fmt: RegistryDecoder(ValueFormat(fmt), schemas) for fmt in ("avro", "protobuf", "json-schema")},
-            PROTOTYPE: LeanAvro(schemas)}
-
-
-class LeanAvro(RegistryDecoder):
-    """Prototype, not the product: `RegistryDecoder`'s Avro path with the framing read by hand (magic byte 0 and a
-    big-endian id, no `SchemaId` and no import per record) and the batch's last reader reused; a record it does
-    not read that way gets the product's answer."""
-
-    def __init__(self, schemas: Any) -> None:
-        super().__init__(ValueFormat.AVRO, schemas)
-
-    def decode(self, values: Sequence[bytes | None], max_bytes: int) -> list[dict[str, Any] | Invalid]:
-        out: list[dict[str, Any] | Invalid] = []
-        last_id, read = -1, None
-        for value in values:
-            if value is None or not 5 <= len(value) <= max_bytes or value[0] != 0:
-                out.extend(super().decode([value], max_bytes))
-                continue
-            schema_id = int.from_bytes(value[1:5], "big")
-            if schema_id != last_id:
-                last_id, read = schema_id, self._reader(schema_id)
-            payload = io.BytesIO(value)
-            payload.seek(5)
-            try:
-                out.append(read(payload, None))  # type: ignore[misc]  # None: the product's answer, below
-            except Exception:  # noqa: BLE001 - whatever it is, the product's path says which dead letter
-                out.extend(super().decode([value], max_bytes))
-        return out
+            **{fmt: RegistryDecoder(ValueFormat(fmt), schemas) for fmt in ("avro", "protobuf", "json-schema")}}
 
 
 # --- bundles ----------------------------------------------------------------------------------------------
@@ -314,8 +283,7 @@ def render_markdown(report: dict[str, Any]) -> str:
            "| format | decode events/s | vs json | scoring path events/s | vs json | bytes per record |",
            "|---|---:|---:|---:|---:|---:|"]
     for fmt, r in m.items():
-        name = f"{fmt} (prototype in this benchmark, not the product)" if fmt == PROTOTYPE else fmt
-        out.append(f"| {name} | **{r['decode_events_per_s']:,.0f}** | {r['decode_ratio']:.2f} | "
+        out.append(f"| {fmt} | **{r['decode_events_per_s']:,.0f}** | {r['decode_ratio']:.2f} | "
                    f"**{r['scoring_events_per_s']:,.0f}** | {r['scoring_ratio']:.2f} | {r['bytes_per_record']:.0f} |")
     verdict = "met" if avro >= 1.0 else "NOT met"
     out += ["", f"- Avro decode / JSON decode = **{avro:.2f}**: \"Avro should not be slower than JSON\" **{verdict}**; "
@@ -340,17 +308,12 @@ def render_markdown(report: dict[str, Any]) -> str:
             for p in report["profiles"]["avro"]]
     fastavro_alone = report["floors"]["fastavro.schemaless_reader (avro payload)"]
     orjson_alone = report["floors"]["orjson.loads (json)"]
-    lean = m[PROTOTYPE]
     out += ["", f"- fastavro alone reads {fastavro_alone / orjson_alone:.2f}x as many records a second as orjson alone "
                 f"(one call per record, {s['fields per record']} fields, in compiled code either way): with fastavro, "
                 "Avro decode cannot reach JSON's on these records however little the decoder adds around it.",
             f"- The product's Avro decoder reaches {m['avro']['decode_events_per_s'] / fastavro_alone:.2f} of fastavro "
-            "alone; the rest is per-record bookkeeping around it (`_decode`, confluent-kafka's `SchemaId` framing, "
-            "the enum lookups). The prototype `avro-lean-framing` (benchmarks/value_formats.py `LeanAvro`: the "
-            "framing read by hand, the batch's last reader reused) reaches "
-            f"{lean['decode_events_per_s'] / fastavro_alone:.2f} of fastavro alone: decode "
-            f"{lean['decode_events_per_s'] / m['avro']['decode_events_per_s']:.2f}x the product's, scoring path "
-            f"{lean['scoring_events_per_s'] / m['avro']['scoring_events_per_s']:.2f}x.",
+            "alone; the rest is per-record bookkeeping around it (`_decode`: the framing, read in place, and the "
+            "batch's reader).",
             f"- On the scoring path Avro runs {m['avro']['scoring_ratio']:.2f} of JSON (features and the model "
             f"dominate), with records {m['avro']['bytes_per_record'] / m['json']['bytes_per_record']:.2f} the size "
             "of JSON's (the writer schema holds the names), which the broker, the network and the consumer's "
@@ -392,7 +355,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     client = MockSchemaRegistryClient({"url": "mock://"})
     values = encode_all(sample_rows(), args.events, client)
     coders = decoders(client)
-    values[PROTOTYPE] = values["avro"]
     measured = measure(values, coders, {fmt: bundles["nested" if fmt == "json-nested" else "flat"]
                                         for fmt in values}, args.passes)
     profiles = {fmt: profile_decode(coders[fmt], values[fmt]) for fmt in FORMATS if fmt != "json"}

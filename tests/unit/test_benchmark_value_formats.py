@@ -10,7 +10,7 @@ import orjson
 from confluent_kafka.schema_registry._sync.mock_schema_registry_client import MockSchemaRegistryClient
 
 from benchmarks.throughput import sample_rows
-from benchmarks.value_formats import FORMATS, NEST, PROTOTYPE, decoders, encode_all, main
+from benchmarks.value_formats import FORMATS, NEST, decoders, encode_all, main
 
 #: A tiny model: the benchmark's bundles only have to exist, not to be good.
 TINY = "--epochs 1 --hidden 8,3 --batch-size 256 --seed 7"
@@ -25,27 +25,18 @@ def test_every_format_decodes_to_the_json_events() -> None:
     assert coders["json"].decode(values["json"], 1 << 20) == expected
     assert coders["json-nested"].decode(values["json-nested"], 1 << 20) == [
         {f"{NEST}.{name}": value for name, value in event.items()} for event in expected]
-    for fmt in ("avro", PROTOTYPE):
-        assert coders[fmt].decode(values["avro"], 1 << 20) == expected
+    assert coders["avro"].decode(values["avro"], 1 << 20) == expected
     assert coders["json-schema"].decode(values["json-schema"], 1 << 20) == expected
     protobuf = coders["protobuf"].decode(values["protobuf"], 1 << 20)
     assert all(set(p) == set(e) for p, e in zip(protobuf, expected, strict=True))  # int64 is text in its JSON form
     assert len(values["avro"][0]) < len(values["json"][0]) / 3  # the writer schema holds the names, not the record
 
 
-def test_prototype_gives_the_products_dead_letters() -> None:
-    client = MockSchemaRegistryClient({"url": "mock://"})
-    values = encode_all(sample_rows(), 2, client)
-    coders = decoders(client)
-    odd = [None, b"{}", values["avro"][0][:9], b"\0\0\0\x7f\x7f" + values["avro"][0][5:], values["avro"][1]]
-    assert coders[PROTOTYPE].decode(odd, 1 << 20) == coders["avro"].decode(odd, 1 << 20)
-
-
 def test_benchmark_writes_every_formats_figures(tmp_path: Path) -> None:
     assert main(["--events", "300", "--passes", "1", "--cache-dir", str(tmp_path), "--train-args", TINY,
                  "--out", str(tmp_path / "out")]) == 0
     report = json.loads((tmp_path / "out" / "value-formats.json").read_text())
-    assert list(report["formats"]) == [*FORMATS, PROTOTYPE]
+    assert list(report["formats"]) == list(FORMATS)
     for fmt, figures in report["formats"].items():
         assert figures["decode_events_per_s"] > 0 and figures["scoring_events_per_s"] > 0, fmt
         assert figures["dead_letters"] == 0, fmt
