@@ -1,5 +1,5 @@
 .DEFAULT_GOAL := help
-.PHONY: help setup run test unit integration faults slow lint bench-quality bench-throughput bench-compression kafka-start kafka-stop
+.PHONY: help setup run test unit integration faults slow lint bench-quality bench-throughput bench-value-formats bench-compression kafka-start kafka-stop
 
 help:  ## list the everyday commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ bench-quality:  ## detection quality vs IsolationForest and PyOD KNN (writes ben
 
 bench-throughput:  ## worker throughput and latency on a local broker (writes benchmarks/results/throughput.md)
 	.venv/bin/python -m benchmarks.throughput
+
+bench-value-formats:  ## decode and scoring-path throughput per value format (writes benchmarks/results/value-formats.md)
+	.venv/bin/python -m benchmarks.value_formats --out benchmarks/results
 
 bench-compression:  ## bytes and publish time of alerts/dead letters per codec (writes benchmarks/results/output_compression.md)
 	.venv/bin/python -m benchmarks.output_compression
