@@ -79,13 +79,20 @@ def _hidden(text: str) -> tuple[int, ...]:
 
 
 def train_parser() -> argparse.ArgumentParser:
+    from training.sample import DEFAULT_MAX_ROWS
+
     p = argparse.ArgumentParser(prog="anomaly-train", description="Train an autoencoder bundle from an event file.")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", type=Path, help="CSV (with header), JSON Lines or Parquet file")
+    source.add_argument("--data", type=Path,
+                        help="CSV (with header), JSON Lines, Parquet or Avro file, a quoted glob of such files "
+                             "('flows/*.parquet'), or a partitioned Parquet folder (name=value subfolders)")
     source.add_argument("--from-kafka", action="store_true",
                         help="train on a bounded window of JSON events from --topic (same data contract as files)")
     p.add_argument("--topic", help="with --from-kafka: the topic to read")
     p.add_argument("--max-events", type=int, default=100_000, help="with --from-kafka: at most this many events")
+    p.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS,
+                   help=f"with --data: train on a seeded uniform sample of at most this many normal rows, read in "
+                        f"chunks (default {DEFAULT_MAX_ROWS:,}; docs/training.md)")
     p.add_argument("--since", help="with --from-kafka: start at this time (ISO-8601) or this long ago (24h, 7d)")
     from worker.config import add_security_arguments, add_value_arguments
 
@@ -166,7 +173,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                                  if (value := getattr(args, name)) is not None}),
             categorical=tuple(args.categorical), drop=tuple(args.drop), weighting=args.weighting,
             labels=Labels(args.label_column, args.normal_value) if args.label_column else None,
-            windows=window_options(args.entity, args.window, args.event_time, args.window_field, args.window_grace))
+            windows=window_options(args.entity, args.window, args.event_time, args.window_field, args.window_grace),
+            max_rows=args.max_rows)
         log = lambda line: print(line, flush=True)  # noqa: E731
         if args.from_kafka:
             result = train_from_kafka(args, destination, config, log)

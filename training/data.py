@@ -8,6 +8,7 @@ as in an event).
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -100,14 +101,20 @@ def _read_parquet(path: Path, chunk_rows: int | None) -> Iterator[pd.DataFrame]:
     parquet = pq.ParquetFile(path)
     _unique(parquet.schema_arrow.names, path)
     for batch in parquet.iter_batches(batch_size=chunk_rows or 65_536):
-        table = pa.Table.from_batches([batch])
-        while any(pa.types.is_struct(column.type) for column in table.schema):
-            nested = {str(column.name) for column in table.schema if pa.types.is_struct(column.type)}
-            table = table.flatten()  # one level: "a" -> "a.b" (pyarrow names members as the rule does)
-            clashes = [name for name, count in Counter(table.column_names).items() if count > 1]
-            if clashes:
-                raise DataError(f"{path}: {FieldClash(clashes[0])} (struct {', '.join(sorted(nested))})")
-        yield table.to_pandas(date_as_object=False)  # dates as datetime64, instants like timestamps
+        yield _flat_frame(pa.Table.from_batches([batch]), path)
+
+
+def _flat_frame(table: Any, path: Path) -> pd.DataFrame:
+    """An Arrow table as a frame, struct columns as one column per member (training/nested.py's rule)."""
+    import pyarrow as pa
+
+    while any(pa.types.is_struct(column.type) for column in table.schema):
+        nested = {str(column.name) for column in table.schema if pa.types.is_struct(column.type)}
+        table = table.flatten()  # one level: "a" -> "a.b" (pyarrow names members as the rule does)
+        clashes = [name for name, count in Counter(table.column_names).items() if count > 1]
+        if clashes:
+            raise DataError(f"{path}: {FieldClash(clashes[0])} (struct {', '.join(sorted(nested))})")
+    return cast(pd.DataFrame, table.to_pandas(date_as_object=False))  # dates as datetime64, like timestamps
 
 
 def _read_avro(path: Path, chunk_rows: int | None) -> Iterator[pd.DataFrame]:
@@ -197,6 +204,81 @@ def iter_frames(path: Path, chunk_rows: int) -> Iterator[tuple[int, pd.DataFrame
         first += len(chunk)
     if not seen:
         raise DataError(f"{path}: file has no data rows")
+
+
+#: Characters that make `--data` a glob pattern rather than a path.
+GLOB_CHARACTERS = frozenset("*?[")
+
+
+@dataclass(frozen=True)
+class Source:
+    """What `anomaly-train --data` names: one file, the files a glob matches, or a partitioned Parquet folder
+    (as Spark writes one: hive-style `name=value` folders, whose names and values become columns)."""
+
+    name: str
+    files: tuple[Path, ...]
+    folder: Path | None = None
+
+    @property
+    def single(self) -> bool:
+        return self.folder is None and len(self.files) == 1 and str(self.files[0]) == self.name
+
+
+def resolve_source(data: Path) -> Source:
+    """The files behind `--data` (sorted, so a seeded sample reads rows in one order), or a DataError."""
+    text = str(data)
+    if data.is_dir():
+        import pyarrow.dataset as ds
+
+        try:
+            dataset = ds.dataset(data, format="parquet", partitioning="hive")
+        except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataError(f"{data}: not a partitioned Parquet folder: {str(exc).splitlines()[0]}") from exc
+        if not dataset.files:
+            raise DataError(f"{data}: folder holds no Parquet files")
+        return Source(text, tuple(sorted(Path(name) for name in dataset.files)), data)
+    if not data.exists() and GLOB_CHARACTERS & set(text):
+        import glob
+
+        files = tuple(Path(name) for name in sorted(glob.glob(text)) if Path(name).is_file())
+        if not files:
+            raise DataError(f"{text}: the pattern matches no file")
+        for path in files:
+            file_format(path)
+        return Source(text, files)
+    file_format(data)
+    return Source(text, (data,))
+
+
+def source_sha256(source: Source) -> str:
+    """One file's sha256, as before; for several, the sha256 of each file's name (relative to the folder or
+    the pattern's fixed part) and sha256, one per line in sorted order: the whole input, streamed."""
+    if source.single:
+        return file_sha256(source.files[0])
+    base = source.folder or Path(os.path.commonpath([path.parent for path in source.files]))
+    lines = "".join(f"{path.relative_to(base).as_posix()}  {file_sha256(path)}\n" for path in source.files)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def iter_source(source: Source, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """The source's rows in chunks of at most `chunk_rows`, file after file in sorted order."""
+    if source.folder is None:
+        for path in source.files:
+            yield from _read_chunks(path, chunk_rows)
+        return
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    dataset = ds.dataset(list(map(str, source.files)), format="parquet",
+                         partitioning=ds.HivePartitioning.discover(), partition_base_dir=str(source.folder))
+    _unique(dataset.schema.names, source.folder)  # a partition named like a column is one name twice
+    fragments = {fragment.path: fragment for fragment in dataset.get_fragments()}
+    for path in source.files:
+        try:
+            for batch in fragments[str(path)].to_batches(schema=dataset.schema, batch_size=chunk_rows):
+                yield _flat_frame(pa.Table.from_batches([batch]), path)
+        except (ValueError, OSError) as exc:
+            raise DataError(f"{path}: cannot be read as parquet: {str(exc).splitlines()[0]}") from exc
 
 
 #: Ticks per second of each pandas datetime unit.
@@ -334,21 +416,26 @@ class Labels:
     normal_value: str
 
     def is_normal(self, frame: pd.DataFrame, path: Path) -> np.ndarray:
+        """The normal rows of a whole data set, which must hold at least one."""
+        normal = self.normal_rows(frame, path)
+        if not normal.any():
+            labels = categorical_column(raw_values(frame[self.column]), self.column).values
+            seen = sorted({str(v) for v in labels})[:5]
+            raise DataError(f"{path}: label column {self.column!r} has no row equal to {self.normal_value!r} "
+                            f"(values seen: {', '.join(seen)}); set --normal-value to the label of normal rows")
+        return normal
+
+    def normal_rows(self, frame: pd.DataFrame, path: Path, first_row: int = 1) -> np.ndarray:
+        """Which of a chunk's rows are normal (a chunk may hold none); `first_row` numbers them in messages."""
         if self.column not in frame.columns:
             raise DataError(f"{path}: label column {self.column!r} not found; columns are "
                             f"{', '.join(map(str, frame.columns[:10]))}")
         column = categorical_column(raw_values(frame[self.column]), self.column)
         missing = column.missing()
         if missing.any():
-            row = int(np.flatnonzero(missing)[0]) + 1
+            row = int(np.flatnonzero(missing)[0]) + first_row
             raise DataError(f"{path}: label column {self.column!r}, row {row}: label is missing")
-        as_text = column.values
-        normal = np.asarray([v == self.normal_value for v in as_text], dtype=bool)
-        if not normal.any():
-            seen = sorted({str(v) for v in as_text})[:5]
-            raise DataError(f"{path}: label column {self.column!r} has no row equal to {self.normal_value!r} "
-                            f"(values seen: {', '.join(seen)}); set --normal-value to the label of normal rows")
-        return normal
+        return np.asarray(np.asarray(column.values, dtype=object) == self.normal_value, dtype=bool)
 
 
 def encode_frame(schema: FeatureSchema, frame: pd.DataFrame, source: Path, first_row: int = 1,

@@ -23,12 +23,13 @@ from training.bundle import BundleContents, Manifest
 from training.data import (
     Labels,
     array_columns,
-    file_sha256,
     frame_window_inputs,
     infer_kinds,
     instant_warnings,
+    iter_source,
     raw_columns,
-    read_frame,
+    resolve_source,
+    source_sha256,
     with_windows,
 )
 from training.errors import ConfigError, DataError
@@ -36,6 +37,7 @@ from training.evaluate import Evaluation, evaluate
 from training.features import CATEGORICAL, field_histograms, fit_schema
 from training.model import Combination, FitConfig, ScoreConfig, export_saved_model, fit, neighbour_bank, typical
 from training.repository import Destination
+from training.sample import CHUNK_ROWS, DEFAULT_MAX_ROWS, Sample, sample_rows
 from training.scoring import Scorer
 from training.threshold import Threshold, ThresholdConfig, calibrate, score_histogram
 from training.window_state import WindowInputs, window_features
@@ -92,8 +94,12 @@ class TrainConfig:
     labels: Labels | None = None
     weighting: str = "normalized"
     windows: WindowOptions | None = None
+    max_rows: int = DEFAULT_MAX_ROWS
 
     def __post_init__(self) -> None:
+        if self.max_rows < MIN_NORMAL_ROWS:
+            raise ConfigError(f"--max-rows must be at least {MIN_NORMAL_ROWS} (rows to train and calibrate on), "
+                              f"got {self.max_rows}")
         if self.weighting not in WEIGHTINGS:
             raise ConfigError(f"score weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
 
@@ -206,10 +212,11 @@ def window_columns(spec: WindowSpec, frame: pd.DataFrame, columns: dict[str, np.
 
 def train_frame(frame: pd.DataFrame, out_dir: Path | Destination, config: TrainConfig, data_sha256: str,
                 source: Path = Path("<data>"), log: Callable[[str], None] = print,
-                stream: StreamOrder | None = None) -> TrainResult:
+                stream: StreamOrder | None = None, sample: Sample | None = None) -> TrainResult:
     """Train a bundle from an in-memory frame (the CLI and the benchmarks both come through here).
 
-    `stream`: the frame's rows came from Kafka (windows are then computed per partition, in offset order)."""
+    `stream`: the frame's rows came from Kafka (windows are then computed per partition, in offset order).
+    `sample`: the frame is a sample of what was read (`train_file`); the manifest and report say of what."""
     started = time.perf_counter()
     destination = out_dir if isinstance(out_dir, Destination) else Destination(out_dir)
     destination.check()
@@ -332,7 +339,7 @@ def train_frame(frame: pd.DataFrame, out_dir: Path | Destination, config: TrainC
             "neighbours": neighbours.k if neighbours is not None else 0,
             "bank_rows": len(neighbours.bank) if neighbours is not None else 0,
             "reconstruction_scale": combination.reconstruction_scale, "distance_scale": combination.distance_scale,
-            "score_part_shares": shares, **window_facts,
+            "score_part_shares": shares, **window_facts, **_sample_facts(sample),
             "seconds": round(seconds, 2),
         }
 
@@ -378,8 +385,30 @@ def train_frame(frame: pd.DataFrame, out_dir: Path | Destination, config: TrainC
                        seconds=time.perf_counter() - started)
 
 
+def _sample_facts(sample: Sample | None) -> dict[str, Any]:
+    """What a sampled frame was drawn from; nothing for data kept whole (its facts are the data's own)."""
+    if sample is None or sample.whole:
+        return {}
+    return {"rows_read": sample.rows_read, "normal_rows_read": sample.normal_rows_read,
+            "sampled_rows": len(sample.frame), "sample": sample.describe()}
+
+
 def train_file(data: Path, out_dir: Path | Destination, config: TrainConfig,
                log: Callable[[str], None] = print) -> TrainResult:
-    """Train from a CSV/JSONL/Parquet file."""
-    frame = read_frame(data)
-    return train_frame(frame, out_dir, config, file_sha256(data), source=data, log=log)
+    """Train from a CSV/JSONL/Parquet/Avro file, the files a glob matches, or a partitioned Parquet folder.
+
+    The data is read once, in chunks, keeping a seeded uniform sample of at most `config.max_rows` normal
+    rows (training/sample.py); data within that is kept whole and trains as if read in one piece. Window
+    features need every row in event order, so with windows more rows than that are refused.
+    """
+    source = resolve_source(data)
+    where = Path(source.name)
+    labels = config.labels
+    sample = sample_rows(
+        iter_source(source, CHUNK_ROWS), config.max_rows, config.fit.seed,
+        normal_rows=(lambda chunk, first: labels.normal_rows(chunk, where, first)) if labels is not None else None,
+        refuse_over="window features need every row in event order" if config.windows is not None else None)
+    if sample.frame.empty or len(sample.frame.columns) == 0:
+        raise DataError(f"{source.name}: {'file has' if source.single else 'files have'} no data rows")
+    log(f"{source.name}: read {sample.rows_read} rows in {len(source.files)} file(s); {sample.describe()}")
+    return train_frame(sample.frame, out_dir, config, source_sha256(source), source=where, log=log, sample=sample)
