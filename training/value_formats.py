@@ -34,7 +34,6 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 import orjson
-from confluent_kafka.schema_registry.common.serde import SchemaId
 
 from training.contract import Invalid, Reason, decode_events, fields, instant
 from training.nested import FieldClash, plain_record
@@ -126,7 +125,10 @@ class RegistryDecoder:
             schema_id = int.from_bytes(value[1:5], "big")  # the common case, read as SchemaId.from_bytes reads it
             payload = io.BytesIO(value)
             payload.seek(5)
-        else:
+        else:  # Protobuf's message indexes, GUIDs and odd records: confluent-kafka's reader of the framing
+            from confluent_kafka.schema_registry.common.serde import SchemaId  # not at import: the kafka-python
+            # worker loads no confluent-kafka module (tests/unit/test_kafka_imports.py)
+
             framing = SchemaId(self._framing)
             try:
                 payload = framing.from_bytes(io.BytesIO(value))

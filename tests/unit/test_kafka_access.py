@@ -185,7 +185,44 @@ class FatalInFlushProducer(FatallyRefusedProducer):
         raise SystemError("<method 'flush' of 'cimpl.Producer' objects> returned NULL without setting an exception")
 
 
-@pytest.mark.parametrize("refused", [FatallyRefusedProducer, FatalInFlushProducer])
+class KafkaErrorRaisedInFlushProducer(FatallyRefusedProducer):
+    """The same refusal as the binding raised it in one CI run: the `KafkaError` object itself, which is no
+    exception class (only a bare `except` catches it; it ended the worker)."""
+
+    def produce(self, topic: str, value: bytes | None, key: bytes | None, headers: list, on_delivery: Any) -> None:
+        pass
+
+    def flush(self, timeout: float) -> int:
+        raise_object(KafkaError(KafkaError.CLUSTER_AUTHORIZATION_FAILED, "Failed to acquire idempotence PID from "
+                                "broker: Broker: Cluster authorization failed", fatal=True))
+        return 0
+
+
+def raise_object(error: KafkaError) -> None:
+    """Raise `error` as the C binding does (Python's `raise` refuses a non-exception: set it as C code can)."""
+    import ctypes
+
+    restore = ctypes.pythonapi.PyErr_Restore
+    restore.argtypes = [ctypes.py_object, ctypes.py_object, ctypes.c_void_p]
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(KafkaError))  # PyErr_Restore steals both references
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(error))
+    restore(KafkaError, error, None)
+
+
+def test_a_kafka_error_object_raised_by_the_binding_is_not_caught_by_except_exception() -> None:
+    """Why the producer is `Guarded`: this is what happened in the binding, and what `except Exception` misses."""
+    caught = None
+    try:
+        try:
+            raise_object(KafkaError(KafkaError._FATAL, "x", fatal=True))
+        except Exception:  # noqa: BLE001 - shows what this clause misses
+            caught = "except Exception"
+    except:  # noqa: E722
+        caught = "only a bare except"
+    assert caught == "only a bare except"
+
+
+@pytest.mark.parametrize("refused", [FatallyRefusedProducer, FatalInFlushProducer, KafkaErrorRaisedInFlushProducer])
 def test_confluent_producer_that_failed_fatally_names_the_acls_and_is_replaced(refused: type) -> None:
     made: list[Any] = []
 

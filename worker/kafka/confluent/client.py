@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -84,3 +86,35 @@ def denied(settings: Settings, error: KafkaError, topic: str | None, operation: 
 
 def kafka_error(exc: BaseException) -> KafkaError | None:
     return exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+
+
+class Guarded:
+    """A librdkafka client whose calls never raise a bare `KafkaError`.
+
+    The binding can raise the `KafkaError` object itself: seen from `Producer.flush` after a fatal
+    idempotence error (no WRITE on any topic: CLUSTER_AUTHORIZATION_FAILED). It is no exception class, so no
+    `except` clause but a bare one catches it, and it ended the worker. Every call through this proxy turns it
+    into the `KafkaException` the sinks already handle (a fatal one replaces the producer).
+    """
+
+    __slots__ = ("_client",)
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        return _guarded(attribute) if callable(attribute) else attribute
+
+
+def _guarded(call: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(call)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return call(*args, **kwargs)
+        except:  # noqa: E722 - the only clause that catches a raised KafkaError object (see Guarded)
+            raised = sys.exc_info()[1]
+            if isinstance(raised, KafkaError):
+                raise KafkaException(raised) from None
+            raise
+    return guarded

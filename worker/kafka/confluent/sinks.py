@@ -15,6 +15,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from worker.config import Settings
 from worker.errors import BrokerUnavailable, DeliveryError, TransactionAborted, WorkerError
 from worker.kafka.confluent.client import (
+    Guarded,
     LoginWatch,
     check_reachable,
     denied,
@@ -45,7 +46,7 @@ class ConfluentSink:
 
     def _start_producer(self) -> Any:
         login = LoginWatch()
-        producer = self._factory({**producer_config(self.settings), "error_cb": login})
+        producer = Guarded(self._factory({**producer_config(self.settings), "error_cb": login}))
         check_reachable(producer, self.settings, login)
         return producer
 
@@ -174,9 +175,9 @@ class ConfluentTransactionalSink:
         """A transactional producer; `init_transactions` fences an earlier one with this id and aborts (or
         completes) its open transaction."""
         login = LoginWatch()
-        producer = self._factory({
+        producer = Guarded(self._factory({
             **producer_config(self.settings), "transactional.id": self.transactional_id,
-            "transaction.timeout.ms": int(self.settings.transaction_timeout_s * 1000), "error_cb": login})
+            "transaction.timeout.ms": int(self.settings.transaction_timeout_s * 1000), "error_cb": login}))
         check_reachable(producer, self.settings, login)
         producer.init_transactions(self.settings.kafka_timeout_s)
         return producer
