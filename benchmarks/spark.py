@@ -67,9 +67,10 @@ def spark_run(model: Path, data: Path, out: Path, cores: int) -> dict[str, Any]:
         score(df, model, ["event_id"]).write.csv(str(out / attempt), header=True)
         seconds.append(time.perf_counter() - started)
     partitions = df.rdd.getNumPartitions()
+    batch_rows = int(spark.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch") or 0)
     spark.stop()
     return {"session_seconds": session_s, "job_seconds": seconds[0], "warm_job_seconds": seconds[1],
-            "partitions": partitions}
+            "partitions": partitions, "arrow_batch_rows": batch_rows}
 
 
 WORKER_RSS = """
@@ -131,11 +132,13 @@ def main() -> None:
         "anomaly_score_rows_per_s": round(rows / score_s),
         "anomaly_score_rows_per_s_reported": round(rows / float(inner.group(2))),
         "spark_session_seconds": round(run["session_seconds"], 2), "spark_job_seconds": round(run["job_seconds"], 2),
-        "spark_partitions": run["partitions"], "spark_rows_per_s": round(rows / run["job_seconds"]),
+        "spark_partitions": run["partitions"], "arrow_batch_rows": run["arrow_batch_rows"],
+        "spark_rows_per_s": round(rows / run["job_seconds"]),
         "spark_rows_per_s_with_session": round(rows / (run["job_seconds"] + run["session_seconds"])),
         "spark_warm_job_seconds": round(run["warm_job_seconds"], 2),
         "spark_warm_rows_per_s": round(rows / run["warm_job_seconds"]),
         "python_worker_peak_rss_mib": round(rss), "parity": same, "parity_warm": warm_same,
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2),
     }
     write_report(result, args)
     print(json.dumps(result, indent=2))
@@ -163,13 +166,14 @@ def write_report(r: dict[str, Any], args: argparse.Namespace) -> None:
     table = "\n".join(f"| {what} | {seconds:.2f} | {rate} |" for what, seconds, rate in lines)
     (args.out / "spark.md").write_text(f"""# training.spark.score against anomaly-score
 
-Run {r['date']} on {r['nproc']} CPUs; `python -m benchmarks.spark --copies {args.copies} --cores {r['cores']}`.
+Run {r['date']} on {r['nproc']} CPUs (1-minute load average {r['load_average_1m_at_end']} at the end);
+`python -m benchmarks.spark --copies {args.copies} --cores {r['cores']}`.
 File: NSL-KDD 20 % repeated {args.copies} times with an `event_id`, {r['rows']:,} rows, CSV; the bundle is
 {'given by --model' if r['train_seconds'] is None else
 f"trained on NSL-KDD with the product defaults (ensemble of 3, {r['train_seconds']:.0f} s)"}.
 Both score every row with `event_id` passed through and write CSV.
 Spark reads the CSV with the bundle's types (numeric fields double, the others string) in
-{r['spark_partitions']} partitions, Arrow batches of 10,000 rows (Spark's default).
+{r['spark_partitions']} partitions, Arrow batches of {r['arrow_batch_rows']:,} rows (Spark's default).
 
 | | seconds | rows/s |
 |---|---:|---:|
