@@ -14,6 +14,7 @@ events in order through one state, which a DataFrame's partitions do not give.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -55,7 +56,8 @@ def score(df: DataFrame, model: str | Path, passthrough: Sequence[str] = (), *, 
         scored = score(spark.read.parquet("s3a://flows/2026-q3/"), "/mnt/models/flows", ["flow_id"])
         scored.where("is_anomaly = 1").write.parquet("s3a://audits/flows-q3/")
     """
-    bundle = load_bundle(resolve_model(Path(model)))
+    # Absolute, links kept: the executors' working folder is not the driver's, and a mount point is a name.
+    bundle = load_bundle(resolve_model(Path(os.path.abspath(model))))
     if bundle.windows is not None:
         raise BundleError(f"{bundle.path}: model {bundle.version} has window features "
                           f"({bundle.windows.names[0]}, ...), which need each entity's events in order through "

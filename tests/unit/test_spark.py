@@ -101,10 +101,12 @@ def test_scores_equal_anomaly_score_with_passthrough_missing_values_and_categori
     assert out["score"].to_numpy().dtype == np.float64
 
 
-def test_a_repository_scores_with_its_current_version_here_or_shipped(spark: SparkSession, scored: Scored) -> None:
+def test_a_repository_scores_with_its_current_version_here_or_shipped(
+        spark: SparkSession, scored: Scored, monkeypatch: pytest.MonkeyPatch) -> None:
     df = spark_rows(spark, scored.rows)
+    monkeypatch.chdir(scored.repo.parent)  # a relative path is the driver's: the Python workers started elsewhere
     for ship in (False, True):
-        out = score(df, scored.repo, ["event_id"], ship=ship).toPandas()
+        out = score(df, Path(scored.repo.name), ["event_id"], ship=ship).toPandas()
         assert list(out.columns) == ["event_id", *SCORE_COLUMNS]
         assert_same_scores(out, scored.cli, SCORE_COLUMNS)
     # Shipped: the current version's folder is one of the job's files (the executors read it from SparkFiles).
