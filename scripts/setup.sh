@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything the project needs on a fresh Debian/Ubuntu machine (idempotent):
 #   1. Java 17 + Maven (Debian packages) if missing, for the local Kafka broker
-#   2. .venv with the project and its dev/bench dependencies (pinned by constraints.txt)
+#   2. .venv with the project and its dev/bench/spark dependencies (pinned by constraints.txt)
 #   3. Kafka jars from Maven Central into deploy/kafka/libs/
 #   4. Prometheus + promtool (Debian package) when WITH_PROMETHEUS=1
 #   5. kcat (Debian package), an independent Kafka client for the interoperability tests, when WITH_KCAT=1
@@ -33,7 +33,7 @@ stamp=.venv/.installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c
 if [ ! -e "$stamp" ]; then
     echo "setup: installing Python dependencies (first time: a few minutes, TensorFlow is large)" >&2
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev,bench]"
+    .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev,bench,spark]"
     rm -f .venv/.installed-*
     touch "$stamp"
 fi
