@@ -196,6 +196,7 @@ def test_commit_stores_exactly_the_given_offsets_rewind_re_reads_and_lag_counts_
     assert source.reachable()
 
 
+@pytest.mark.slow_integration("kafka-python")  # for time: CI runs the fake and confluent cases (scripts/slow.sh all)
 def test_a_joining_member_takes_partitions_through_revocation(
         client: str, kafka_bootstrap: str, opened: list, topic_factory: Callable[..., str]) -> None:
     topic = topic_factory("contract-revoke", partitions=4)
