@@ -10,4 +10,4 @@ echo "== ruff"
 echo "== mypy"
 .venv/bin/mypy
 echo "== pytest (unit, then integration: real Kafka + Prometheus on 127.0.0.1)"
-.venv/bin/python -m pytest -p no:cacheprovider "$@"
+.venv/bin/python -m pytest -p no:cacheprovider --durations=25 "$@"  # the slowest: where CI time goes
