@@ -101,14 +101,14 @@ class SchemaRegistry:
                 ["bash", str(LAUNCHER), "start", str(self.port), "--data", str(self.data_dir / "storage")],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
-        deadline = time.monotonic() + self.start_timeout
+        deadline, poll_s = time.monotonic() + self.start_timeout, 0.1
         while not self._ready():
             if self._proc.poll() is not None:
                 raise RegistryError(f"registry exited {self._proc.returncode} while starting:\n{self.log_tail()}")
             if time.monotonic() >= deadline:
                 self.stop()
                 raise RegistryError(f"registry not ready after {self.start_timeout:g}s:\n{self.log_tail()}")
-            time.sleep(0.1)
+            time.sleep(poll_s)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the registry (SIGTERM, then SIGKILL after `timeout` s); a no-op if it is not running."""

@@ -17,11 +17,9 @@ categorical field  text with surrounding whitespace removed; NA-like text, null,
 a row or event     with no schema field present (all absent or missing) -> ``no_features``.
 =================  ==========================================================================
 
-NA-like text is `NA_STRINGS` after stripping whitespace: the list pandas reads as missing by
-default, so files that were read that way keep their meaning. An instant is a number in every format:
-epoch seconds (UTC), from ISO 8601 text here and from Parquet timestamps and dates in
-`training.data.raw_values`, both through `epoch_seconds`'s rounding. docs/preprocessing.md states the
-contract for users.
+NA-like text is `NA_STRINGS` after stripping whitespace: the list pandas reads as missing by default. An instant is
+epoch seconds (UTC) in every format: from ISO 8601 text here, from Parquet timestamps and dates in
+`training.data.raw_values` (both through `epoch_seconds`'s rounding). Users: docs/preprocessing.md.
 """
 
 from __future__ import annotations
