@@ -59,7 +59,7 @@ from benchmarks.throughput import (
     sample_rows,
     worker_settings,
 )
-from benchmarks.throughput_windows import commit_measured, quiet
+from benchmarks.throughput_windows import commit_measured, load_text, quiet, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 WORKLOADS = ("today", "realistic")
@@ -296,14 +296,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "python": platform.python_version(),
             "confluent-kafka / librdkafka": f"{confluent_kafka.__version__} / {confluent_kafka.libversion()[0]}",
             "broker": args.bootstrap_servers or "started by the benchmark (deploy/kafka/kafka-local.sh, 1 node)",
-            "load average (1, 5, 15 min) before / after": (
-                f"{', '.join(f'{x:.2f}' for x in load_before)} / {', '.join(f'{x:.2f}' for x in load_after)}"),
+            "load average (1, 5, 15 min) before / after": load_text(load_before, load_after),
         },
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "throughput-feeds.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (args.out / "throughput-feeds.md").write_text(render_markdown(report))
-    print(render_markdown(report))
+    write_report(args.out, "throughput-feeds", report, render_markdown)
     return 0
 
 

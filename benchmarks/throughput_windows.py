@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -160,6 +160,20 @@ def commit_measured() -> str:
     return out.stdout.strip() + (" (training/ or worker/ with uncommitted changes)" if dirty else "")
 
 
+def load_text(before: tuple[float, float, float], after: tuple[float, float, float]) -> str:
+    """The load averages before and after a run, as the results files say them."""
+    return f"{', '.join(f'{x:.2f}' for x in before)} / {', '.join(f'{x:.2f}' for x in after)}"
+
+
+def write_report(out: Path, name: str, report: dict[str, Any], render: Callable[[dict[str, Any]], str]) -> None:
+    """`out/<name>.json` and `out/<name>.md` (`render` of the report), and the Markdown on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    text = render(report)
+    (out / f"{name}.md").write_text(text)
+    print(text)
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     m = report["measure"]
     s = report["settings"]
@@ -263,14 +277,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "python": platform.python_version(),
             "confluent-kafka / librdkafka": f"{confluent_kafka.__version__} / {confluent_kafka.libversion()[0]}",
             "broker": args.bootstrap_servers or "started by the benchmark (deploy/kafka/kafka-local.sh, 1 node)",
-            "load average (1, 5, 15 min) before / after": (
-                f"{', '.join(f'{x:.2f}' for x in load_before)} / {', '.join(f'{x:.2f}' for x in load_after)}"),
+            "load average (1, 5, 15 min) before / after": load_text(load_before, load_after),
         },
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "windows-throughput.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (args.out / "windows-throughput.md").write_text(render_markdown(report))
-    print(render_markdown(report))
+    write_report(args.out, "windows-throughput", report, render_markdown)
     return 0
 
 

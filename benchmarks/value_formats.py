@@ -53,7 +53,7 @@ from benchmarks.throughput import (
     make_events,
     sample_rows,
 )
-from benchmarks.throughput_windows import commit_measured
+from benchmarks.throughput_windows import commit_measured, load_text, write_report
 from training.value_formats import Decoder, JsonDecoder, RegistryDecoder, ValueFormat
 
 REPO = Path(__file__).resolve().parents[1]
@@ -371,14 +371,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "confluent-kafka": confluent_kafka.__version__, "fastavro": fastavro.__version__,
             "protobuf": f"{protobuf_version} ({api_implementation.Type()})",
             "orjson": orjson.__version__,
-            "load average (1, 5, 15 min) before / after": (
-                f"{', '.join(f'{x:.2f}' for x in load_before)} / {', '.join(f'{x:.2f}' for x in load_after)}"),
+            "load average (1, 5, 15 min) before / after": load_text(load_before, load_after),
         },
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "value-formats.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (args.out / "value-formats.md").write_text(render_markdown(report))
-    print(render_markdown(report))
+    write_report(args.out, "value-formats", report, render_markdown)
     return 0
 
 
